@@ -1,0 +1,274 @@
+"""Physics checks against independent computations (brute force, scipy, adjoint identities)."""
+
+import numpy as np
+import pytest
+import scipy.ndimage
+import torch
+
+import physics
+from physics import (BLUR_MODES, BOUNDARIES, FORMS, INTERPOLATIONS, SVBlurOperator, SVBlurSimulator,
+                     TrueSVBlurOperator, build_operators, compute_eigen_decomposition, create_sv_blur_system,
+                     operator_relative_error)
+
+SMALL = {  # parameters that fit a 7×7 kernel
+    "motion": dict(max_length=6), "defocus": dict(max_radius=3), "mixed": dict(max_length=6, max_radius=3),
+    "correlated": dict(sigma_scale=0.6, mu_scale=0.3), "random_iid": dict(max_length=6, max_radius=3, sigma_scale=0.6),
+}
+
+
+def small_grid(mode="motion", H=20, W=26, k=7, G=3, seed=1):
+    sim = SVBlurSimulator(H, W, k, G, dtype=torch.float64)
+    return sim.simulate_sv_kernel_grid(mode, seed=seed, **SMALL[mode])
+
+
+def cfg(n, form="gather", boundary="reflect", interpolation="bilinear"):
+    return dict(blur_mode="motion", n_eigen_psfs=n, form=form, boundary=boundary, interpolation=interpolation)
+
+
+# --- adjointness and full rank -----------------------------------------------------------
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("boundary", BOUNDARIES)
+@pytest.mark.parametrize("interpolation", INTERPOLATIONS)
+def test_adjoint_identity_both_operators(form, boundary, interpolation):
+    grid = small_grid("mixed")
+    eig, true, _ = build_operators(grid, 20, 26, cfg(4, form, boundary, interpolation))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 20, 26, generator=g, dtype=torch.float64)
+    y = torch.randn(2, 3, 20, 26, generator=g, dtype=torch.float64)
+    for op in (eig, true):
+        lhs, rhs = (op(x) * y).sum(), (x * op.adjoint(y)).sum()
+        assert abs(lhs - rhs) <= 1e-10 * abs(lhs), (type(op).__name__, lhs.item(), rhs.item())
+
+
+@pytest.mark.parametrize("mode", BLUR_MODES)
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("boundary", BOUNDARIES)
+def test_full_rank_eigen_equals_true(mode, form, boundary):
+    grid = small_grid(mode)
+    eig, true, dec = build_operators(grid, 20, 26, cfg(9, form, boundary))
+    x = torch.rand(1, 2, 20, 26, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    assert operator_relative_error(eig, true, x) < 1e-12
+    y = torch.rand_like(x)
+    assert torch.allclose(eig.adjoint(y), true.adjoint(y), atol=1e-12, rtol=0)
+
+
+def test_reconstructed_psfs_sum_to_one_for_every_k():
+    grid = small_grid("random_iid", G=4)
+    for K in (1, 2, 5, 16):
+        dec = compute_eigen_decomposition(grid, K, 20, 26)
+        psf_at_pixels = torch.einsum("khw,kij->hwij", dec.coefficient_maps, dec.basis_kernels)
+        assert torch.allclose(psf_at_pixels.sum((-2, -1)), torch.ones(20, 26, dtype=torch.float64), atol=1e-12)
+
+
+# --- independent brute force ---------------------------------------------------------------
+
+def brute_force(grid, x, form, boundary):
+    """Direct per-pixel double loop; the PSF of each pixel interpolated bilinearly, in numpy."""
+    G, _, k, _ = grid.shape
+    r = k // 2
+    C, H, W = x.shape
+    P = grid.numpy() / grid.numpy().sum((-2, -1), keepdims=True)
+    Wy = physics.interpolation_matrix(physics.grid_node_coords(G, H), H, "bilinear").numpy()
+    Wx = physics.interpolation_matrix(physics.grid_node_coords(G, W), W, "bilinear").numpy()
+
+    def psf(py, px):
+        return np.einsum("i,j,ijab->ab", Wy[py], Wx[px], P)
+
+    def src(i, n):  # padded coordinate -> source pixel or None (zero)
+        if 0 <= i < n:
+            return i
+        if boundary == "circular":
+            return i % n
+        if boundary == "reflect":
+            i = abs(i)
+            return 2 * (n - 1) - i if i > n - 1 else i
+        return None
+
+    y = np.zeros((C, H, W))
+    for py in range(H):
+        for px in range(W):
+            for dy in range(-r, r + 1):
+                for dx in range(-r, r + 1):
+                    sy, sx = src(py - dy, H), src(px - dx, W)
+                    if sy is None or sx is None:
+                        continue
+                    h = psf(py, px) if form == "gather" else psf(sy, sx)
+                    y[:, py, px] += h[dy + r, dx + r] * x[:, sy, sx].numpy()
+    return y
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("boundary", BOUNDARIES)
+def test_true_operator_matches_brute_force(form, boundary):
+    grid = SVBlurSimulator(11, 13, 5, 3, dtype=torch.float64).simulate_sv_kernel_grid(
+        "random_iid", seed=4, max_length=4, max_radius=2, sigma_scale=0.4)
+    true = TrueSVBlurOperator(grid, 11, 13, form, boundary)
+    x = torch.rand(2, 11, 13, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    np.testing.assert_allclose(true(x[None])[0].numpy(), brute_force(grid, x, form, boundary), atol=1e-12)
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("boundary,mode", [("reflect", "mirror"), ("zeros", "constant"), ("circular", "wrap")])
+def test_identical_psfs_match_scipy_convolve(form, boundary, mode):
+    k, H, W = 7, 18, 21
+    one = small_grid("motion", H, W, k, G=1)[0, 0]
+    grid = one.expand(4, 4, k, k).contiguous()
+    eig, true, _ = build_operators(grid, H, W, cfg(3, form, boundary))
+    x = torch.rand(1, 3, H, W, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    ref = np.stack([scipy.ndimage.convolve(c, one.numpy(), mode=mode) for c in x[0].numpy()])
+    for op in (eig, true):
+        np.testing.assert_allclose(op(x)[0].numpy(), ref, atol=1e-12)
+
+
+# --- physical properties -------------------------------------------------------------------
+
+@pytest.mark.parametrize("boundary", BOUNDARIES)
+def test_gather_keeps_constant_image_constant(boundary):
+    eig, true, _ = build_operators(small_grid("correlated"), 20, 26, cfg(4, "gather", boundary))
+    x = torch.full((1, 3, 20, 26), 0.7, dtype=torch.float64)
+    for op in (eig, true):
+        out = op(x)
+        if boundary == "zeros":  # only away from the zero padding
+            out = out[..., 3:-3, 3:-3]
+        assert torch.allclose(out, torch.full_like(out, 0.7), atol=1e-12)
+
+
+def test_scatter_circular_conserves_flux():
+    eig, true, _ = build_operators(small_grid("random_iid"), 20, 26, cfg(5, "scatter", "circular"))
+    x = torch.rand(2, 3, 20, 26, dtype=torch.float64)
+    for op in (eig, true):
+        assert torch.allclose(op(x).sum((-2, -1)), x.sum((-2, -1)), rtol=1e-12)
+
+
+def test_approximation_error_falls_with_k():
+    H = W = 48
+    sim = SVBlurSimulator(H, W, 11, 6, dtype=torch.float64)
+    grid = sim.simulate_sv_kernel_grid("correlated", seed=0, sigma_scale=1.0, mu_scale=0.5, correlation_length=2.0)
+    x = torch.rand(1, 3, H, W, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    errs = []
+    for K in (1, 3, 6, 12, 36):
+        eig, true, _ = build_operators(grid, H, W, cfg(K))
+        errs.append(operator_relative_error(eig, true, x))
+    assert all(a > b for a, b in zip(errs, errs[1:])), errs
+    assert errs[-1] < 1e-12
+
+
+def test_defocus_radius_grows_outward():
+    sim = SVBlurSimulator(128, 128, 15, 7, dtype=torch.float64)
+    grid = sim.simulate_sv_kernel_grid("defocus", seed=0, min_radius=1, max_radius=6)
+    support = (grid > 1e-12).sum((-2, -1)).double()
+    assert support[3, 3] < support[3, 5] < support[3, 6]
+    assert support[3, 3] < support[0, 0]
+
+
+def test_random_iid_neighbours_differ_and_default_grid():
+    assert physics.resolve_grid_size({"blur_mode": "random_iid"}) == 64
+    grid = SVBlurSimulator(64, 64, 21, 16).simulate_sv_kernel_grid("random_iid", seed=0)
+    diff = (grid[1:] - grid[:-1]).abs().sum((-2, -1))
+    assert (diff > 1e-3).float().mean() > 0.95
+
+
+@pytest.mark.parametrize("mode", BLUR_MODES)
+def test_psfs_nonnegative_normalised_deterministic(mode):
+    sim = SVBlurSimulator(64, 64, 21, 8)
+    a = sim.simulate_sv_kernel_grid(mode, seed=7)
+    b = sim.simulate_sv_kernel_grid(mode, generator=torch.Generator().manual_seed(7))
+    c = sim.simulate_sv_kernel_grid(mode, seed=8)
+    assert a.shape == (8, 8, 21, 21) and (a >= 0).all()
+    assert torch.allclose(a.sum((-2, -1)), torch.ones(8, 8), atol=1e-5)
+    assert torch.equal(a, b)
+    if mode != "defocus":  # defocus is deterministic by design (radius follows the field position)
+        assert not torch.equal(a, c)
+
+
+def test_motion_is_subpixel():
+    sim = SVBlurSimulator(32, 32, 15, 1, dtype=torch.float64)
+    a = sim.simulate_sv_kernel_grid("motion", seed=0, min_length=6.0, max_length=6.0)
+    b = sim.simulate_sv_kernel_grid("motion", seed=0, min_length=6.3, max_length=6.3)
+    assert not torch.equal(a, b)  # a fractional length changes the PSF
+
+
+def test_create_system_is_deterministic():
+    pc = dict(blur_mode="mixed", kernel_size=9, grid_size=4, n_eigen_psfs=5, form="gather", boundary="reflect",
+              interpolation="bilinear", motion=dict(max_length=8), defocus=dict(max_radius=4))
+    e1, t1, d1 = create_sv_blur_system(32, 32, pc, seed=3)
+    e2, t2, d2 = create_sv_blur_system(32, 32, pc, seed=3)
+    x = torch.rand(1, 3, 32, 32)
+    assert torch.equal(e1(x), e2(x)) and torch.equal(t1(x), t2(x))
+    assert torch.equal(d1.basis_kernels, d2.basis_kernels)
+
+
+def test_true_operator_memory_bounded_chunks():
+    grid = small_grid("motion", 40, 40, 7, 3)
+    a = TrueSVBlurOperator(grid, 40, 40)
+    b = TrueSVBlurOperator(grid, 40, 40, max_chunk_bytes=1)  # one row per chunk
+    x = torch.rand(1, 3, 40, 40, dtype=torch.float64)
+    assert torch.allclose(a(x), b(x), atol=1e-14) and torch.allclose(a.adjoint(x), b.adjoint(x), atol=1e-14)
+
+
+def test_explained_variance_warning(caplog):
+    grid = SVBlurSimulator(64, 64, 21, 8).simulate_sv_kernel_grid("random_iid", seed=0)
+    with caplog.at_level("WARNING"):
+        compute_eigen_decomposition(grid, 2, 64, 64)
+    assert "explains only" in caplog.text
+
+
+def test_float32_operator_stays_float32():
+    eig, _, _ = build_operators(small_grid().float(), 20, 26, cfg(4))
+    x = torch.rand(1, 3, 20, 26)
+    assert eig(x).dtype == torch.float32 and eig.adjoint(x).dtype == torch.float32
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(kernel_size=8), "kernel_size"), (dict(kernel_size=-3), "kernel_size"),
+    (dict(grid_size=0), "grid_size"), (dict(img_height=5), "smaller|at least"),
+])
+def test_simulator_bad_input(kwargs, match):
+    args = {**dict(img_height=32, img_width=32, kernel_size=7, grid_size=2), **kwargs}
+    with pytest.raises(ValueError, match=match):
+        SVBlurSimulator(**args)
+
+
+def test_bad_mode_and_psf_not_fitting():
+    sim = SVBlurSimulator(32, 32, 7, 2)
+    with pytest.raises(ValueError, match="blur_mode"):
+        sim.simulate_sv_kernel_grid("swirl")
+    with pytest.raises(ValueError, match="kernel_size"):
+        sim.simulate_sv_kernel_grid("motion", max_length=15)
+    with pytest.raises(ValueError, match="kernel_size"):
+        sim.simulate_sv_kernel_grid("defocus", max_radius=5)
+    with pytest.raises(ValueError, match="unknown parameter"):
+        sim.simulate_sv_kernel_grid("defocus", max_length=5)
+
+
+def test_decomposition_and_operator_bad_input():
+    grid = small_grid()
+    with pytest.raises(ValueError, match=r"n_eigen_psfs.*1\.\.9"):
+        compute_eigen_decomposition(grid, 10, 20, 26)
+    with pytest.raises(ValueError, match="n_eigen_psfs"):
+        compute_eigen_decomposition(grid, 0, 20, 26)
+    with pytest.raises(ValueError, match="interpolation"):
+        compute_eigen_decomposition(grid, 2, 20, 26, "cubic")
+    with pytest.raises(ValueError, match="smaller than the kernel"):
+        compute_eigen_decomposition(grid, 2, 5, 26)
+    dec = compute_eigen_decomposition(grid, 2, 20, 26)
+    with pytest.raises(ValueError, match="form"):
+        SVBlurOperator(dec, form="sideways")
+    with pytest.raises(ValueError, match="boundary"):
+        SVBlurOperator(dec, boundary="periodic")
+    with pytest.raises(ValueError, match="shape"):
+        compute_eigen_decomposition(grid[0], 2, 20, 26)
+    bad = grid.clone()
+    bad[0, 0, 0, 0] = -1
+    with pytest.raises(ValueError, match="negative"):
+        TrueSVBlurOperator(bad, 20, 26)
+    bad = grid.clone()
+    bad[1, 1] = 0
+    with pytest.raises(ValueError, match="all-zero"):
+        compute_eigen_decomposition(bad, 2, 20, 26)
+    bad[1, 1, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        compute_eigen_decomposition(bad, 2, 20, 26)

@@ -1,0 +1,403 @@
+"""Config, image I/O, metrics and plots for EigenPSF-DPS.
+
+Images cross this boundary once: files -> float tensors (1, C, H, W) in [0, 1], and back.
+Metrics use that fixed [0, 1] range (data_range=1); nothing is min-max rescaled.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import math
+import os
+from datetime import datetime
+
+import numpy as np
+import torch
+import yaml
+
+MAX_URL_BYTES = 50 * 2 ** 20
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+
+
+class UserError(ValueError):
+    """Bad input from the user: reported as one line, exit code 2."""
+
+
+# ----------------------------------------------------------------------------
+# 1. Config: load, merge, validate, save
+# ----------------------------------------------------------------------------
+
+# Values a key may take besides the type of its default in config.yaml.
+ALTERNATIVES = {
+    "physics.grid_size": ("auto",),
+    "physics.n_eigen_psfs": ("all",),
+    "data.sigma_noise": ("auto",),
+    "sampler.clip_denoised": ("auto", True, False),
+}
+CHOICES = {
+    "physics.blur_mode": ("motion", "defocus", "mixed", "correlated", "random_iid"),
+    "physics.form": ("gather", "scatter"),
+    "physics.boundary": ("reflect", "zeros", "circular"),
+    "physics.interpolation": ("bilinear", "nearest"),
+    "run.dtype": ("float32", "bfloat16", "float16"),
+    "run.compile": ("off", "default", "reduce-overhead", "max-autotune"),
+}
+# (low, high) inclusive; None = unbounded.
+RANGES = {
+    "data.img_size": (8, 4096), "data.sigma_noise": (0.0, 1.0),
+    "physics.kernel_size": (1, 255), "physics.grid_size": (1, 256), "physics.n_eigen_psfs": (1, None),
+    "model.max_retries": (1, 100),
+    "sampler.num_inference_steps": (1, None), "sampler.step_size": (0.0, None), "sampler.gradient_clip": (0.0, None),
+    "sampler.num_samples": (1, 1024), "sampler.intermediate_freq": (0, None), "sampler.log_every": (1, None),
+    "run.seed": (0, 2 ** 63 - 1),
+}
+
+
+def load_config(path: str) -> dict:
+    try:
+        with open(path) as f:
+            cfg = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise UserError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"config file {path} must be a mapping of sections")
+    return cfg
+
+
+def flatten(cfg: dict, prefix="") -> dict:
+    out = {}
+    for k, v in cfg.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def set_key(cfg: dict, dotted: str, value, schema: dict) -> None:
+    """Sets cfg[a][b]... = value after checking that the key exists in the schema config."""
+    flat = flatten(schema)
+    if dotted not in flat:
+        near = [k for k in flat if k.split(".")[-1] == dotted.split(".")[-1]]
+        hint = f"; did you mean {near[0]}?" if near else ""
+        raise UserError(f"unknown config key {dotted!r}{hint}")
+    node = cfg
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[leaf] = value
+
+
+def parse_set(item: str):
+    """'section.key=value' -> (key, value); the value is parsed as YAML (numbers, booleans, lists)."""
+    if "=" not in item:
+        raise UserError(f"--set expects section.key=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _type_ok(value, default) -> bool:
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, str):
+        return isinstance(value, str)
+    return type(value) is type(default)
+
+
+def validate_config(cfg: dict, schema: dict) -> dict:
+    """Unknown keys, wrong types and out-of-range values raise UserError. Returns cfg."""
+    flat, ref = flatten(cfg), flatten(schema)
+    for key, value in flat.items():
+        if key not in ref:
+            raise UserError(f"unknown config key {key!r}")
+        alts = ALTERNATIVES.get(key, ())
+        if any(value == a and type(value) is type(a) for a in alts):
+            continue
+        default = ref[key]
+        if not _type_ok(value, default):
+            allowed = type(default).__name__ + "".join(f" or {a!r}" for a in alts)
+            raise UserError(f"{key} must be {allowed}, got {value!r}")
+        if key in CHOICES and value not in CHOICES[key]:
+            raise UserError(f"{key} must be one of {list(CHOICES[key])}, got {value!r}")
+        if key in RANGES:
+            lo, hi = RANGES[key]
+            if (lo is not None and value < lo) or (hi is not None and value > hi):
+                rng = f"[{lo}, {hi if hi is not None else '∞'}]"
+                raise UserError(f"{key} must be in {rng}, got {value!r}")
+    ks = flat.get("physics.kernel_size")
+    if isinstance(ks, int) and ks % 2 == 0:
+        raise UserError(f"physics.kernel_size must be odd (the PSF centre is a pixel), got {ks}")
+    return cfg
+
+
+def merged(schema: dict) -> dict:
+    return copy.deepcopy(schema)
+
+
+def save_yaml(path: str, data: dict) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(data, f, sort_keys=False)
+
+
+# ----------------------------------------------------------------------------
+# 2. Images
+# ----------------------------------------------------------------------------
+
+def sample_image() -> np.ndarray:
+    """The astronaut portrait (public domain, ships with scikit-image), cropped around the face."""
+    from skimage import data
+    return data.astronaut()[10:250, 120:360]
+
+
+def _fetch_url(url: str) -> bytes:
+    import requests
+    try:
+        with requests.get(url, stream=True, timeout=(10, 30)) as r:
+            r.raise_for_status()
+            ctype = r.headers.get("Content-Type", "")
+            if not ctype.startswith("image/"):
+                raise UserError(f"{url} is not an image (Content-Type {ctype or 'missing'!r})")
+            if int(r.headers.get("Content-Length") or 0) > MAX_URL_BYTES:
+                raise UserError(f"{url} is larger than {MAX_URL_BYTES // 2 ** 20} MB")
+            buf = bytearray()
+            for chunk in r.iter_content(1 << 16):
+                buf += chunk
+                if len(buf) > MAX_URL_BYTES:
+                    raise UserError(f"{url} is larger than {MAX_URL_BYTES // 2 ** 20} MB")
+            return bytes(buf)
+    except requests.RequestException as e:
+        raise UserError(f"could not download image {url}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+
+
+def decode_image(raw, name: str) -> np.ndarray:
+    """Bytes or a path -> float64 (H, W, 3) in [0, 1]. 16-bit is scaled by 65535; alpha dropped;
+    grayscale broadcast to RGB."""
+    import imageio.v3 as iio
+    try:
+        arr = iio.imread(raw if not isinstance(raw, bytes) else io.BytesIO(raw))
+    except Exception as e:  # imageio raises many types for undecodable files
+        raise UserError(f"cannot decode image {name}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from None
+    return to_float_rgb(np.asarray(arr), name)
+
+
+def to_float_rgb(arr: np.ndarray, name: str) -> np.ndarray:
+    if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
+        arr = np.moveaxis(arr, 0, -1)  # channel-first TIFF
+    if arr.dtype == np.uint8:
+        x = arr.astype(np.float64) / 255.0
+    elif arr.dtype == np.uint16:
+        x = arr.astype(np.float64) / 65535.0
+    elif np.issubdtype(arr.dtype, np.floating):
+        x = arr.astype(np.float64)
+        if x.size and (np.nanmin(x) < 0 or np.nanmax(x) > 1):
+            raise UserError(f"{name}: floating-point image values must lie in [0, 1] "
+                            f"(got {np.nanmin(x):.3g}..{np.nanmax(x):.3g})")
+    elif arr.dtype == bool:
+        x = arr.astype(np.float64)
+    else:
+        raise UserError(f"{name}: unsupported pixel type {arr.dtype}")
+    if x.ndim == 2:
+        x = x[..., None]
+    if x.ndim != 3 or x.shape[-1] not in (1, 2, 3, 4):
+        raise UserError(f"{name}: unsupported image shape {arr.shape}")
+    if x.shape[-1] in (2, 4):  # drop alpha
+        x = x[..., :-1]
+    if x.shape[-1] == 1:
+        x = np.repeat(x, 3, -1)
+    if not np.isfinite(x).all():
+        raise UserError(f"{name}: image contains NaN or Inf")
+    return x
+
+
+def read_image(spec: str) -> np.ndarray:
+    """'sample', a file path or an http(s) URL -> (H, W, 3) float64 in [0, 1]."""
+    if spec == "sample":
+        return sample_image().astype(np.float64) / 255.0
+    if spec.startswith(("http://", "https://")):
+        return decode_image(_fetch_url(spec), spec)
+    if not os.path.exists(spec):
+        raise UserError(f"image not found: {spec}")
+    if os.path.isdir(spec):
+        raise UserError(f"image path is a directory: {spec}")
+    if not spec.lower().endswith(IMAGE_EXTS):
+        raise UserError(f"unsupported image format {os.path.splitext(spec)[1] or '(none)'} for {spec}; "
+                        f"use PNG, JPEG or TIFF")
+    return decode_image(spec, spec)
+
+
+def center_crop_resize(img: np.ndarray, size: int) -> np.ndarray:
+    from skimage.transform import resize
+    h, w = img.shape[:2]
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    img = img[top:top + s, left:left + s]
+    return np.clip(resize(img, (size, size), anti_aliasing=s > size, order=3), 0, 1)
+
+
+def to_tensor(img: np.ndarray, device="cpu") -> torch.Tensor:
+    """(H, W, C) [0, 1] -> (1, C, H, W) float32."""
+    return torch.from_numpy(np.ascontiguousarray(img)).float().permute(2, 0, 1)[None].to(device)
+
+
+def to_numpy(x: torch.Tensor) -> np.ndarray:
+    """(1, C, H, W) or (C, H, W) -> (H, W, C) float64 in [0, 1] (clamped, never rescaled)."""
+    if x.ndim == 4:
+        x = x[0]
+    return x.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy().astype(np.float64)
+
+
+def save_image(path: str, img) -> None:
+    from PIL import Image
+    arr = to_numpy(img) if torch.is_tensor(img) else np.clip(img, 0, 1)
+    Image.fromarray(np.round(arr * 255).astype(np.uint8)).save(path)
+
+
+# ----------------------------------------------------------------------------
+# 3. Metrics on the fixed [0, 1] range
+# ----------------------------------------------------------------------------
+
+def psnr(ref: np.ndarray, est: np.ndarray) -> float:
+    from skimage.metrics import peak_signal_noise_ratio
+    return float(peak_signal_noise_ratio(ref, np.clip(est, 0, 1), data_range=1.0))
+
+
+def ssim(ref: np.ndarray, est: np.ndarray) -> float:
+    from skimage.metrics import structural_similarity
+    return float(structural_similarity(ref, np.clip(est, 0, 1), data_range=1.0, channel_axis=-1))
+
+
+# ----------------------------------------------------------------------------
+# 4. Run folders and plots
+# ----------------------------------------------------------------------------
+
+def check_writable(save_dir: str) -> None:
+    try:
+        os.makedirs(save_dir, exist_ok=True)
+        probe = os.path.join(save_dir, f".write_test_{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"save_dir {save_dir!r} is not writable: {e.strerror or e}") from None
+
+
+def make_run_dir(save_dir: str, prefix="run") -> str:
+    """Creates results/run_YYYYMMDD_HHMMSS[_N] atomically (os.mkdir fails if it exists)."""
+    base = os.path.join(save_dir, f"{prefix}_{datetime.now().strftime('%Y%m%d_%H%M%S')}")
+    for n in range(10000):
+        path = base if n == 0 else f"{base}_{n}"
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            continue
+    raise UserError(f"could not create a unique run folder under {save_dir}")
+
+
+def write_json(path: str, data: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, default=float)
+    os.replace(tmp, path)
+
+
+def write_metrics_txt(path: str, m: dict) -> None:
+    lines = [f"{k:28s} {v:.4f}" if isinstance(v, float) else f"{k:28s} {v}" for k, v in m.items()]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_comparison(path, panels):
+    """panels: list of (title, (H, W, 3) image)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4.4))
+    for ax, (title, img) in zip(np.atleast_1d(axes), panels):
+        ax.imshow(np.clip(img, 0, 1))
+        ax.set_title(title, fontsize=10)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_eigenpsfs(path, basis, maps, explained, max_k=8):
+    """Top row: basis kernels Bₖ; bottom row: coefficient maps Cₖ (diverging colormap)."""
+    plt = _plt()
+    K = min(basis.shape[0], max_k)
+    fig, axes = plt.subplots(2, K, figsize=(2.2 * K, 4.6), squeeze=False)
+    for k in range(K):
+        b = basis[k].cpu().numpy()
+        m = maps[k].cpu().numpy()
+        lim = np.abs(b).max() or 1.0
+        axes[0, k].imshow(b, cmap="magma" if k == 0 else "RdBu_r", vmin=0 if k == 0 else -lim, vmax=lim)
+        title = "B0 (mean PSF)" if k == 0 else f"B{k} ({100 * float(explained[k - 1]):.1f}% var)"
+        axes[0, k].set_title(title, fontsize=8)
+        mlim = np.abs(m).max() or 1.0
+        axes[1, k].imshow(m, cmap="RdBu_r", vmin=-mlim, vmax=mlim)
+        axes[1, k].set_title(f"C{k}", fontsize=8)
+        for a in axes[:, k]:
+            a.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_psf_grid(path, grid, max_side=16):
+    """The PSF field as a mosaic (each PSF scaled to its own max); large grids are subsampled."""
+    plt = _plt()
+    Gy, Gx, k, _ = grid.shape
+    sy, sx = max(1, math.ceil(Gy / max_side)), max(1, math.ceil(Gx / max_side))
+    g = grid[::sy, ::sx].cpu().numpy()
+    g = g / np.maximum(g.max(axis=(-2, -1), keepdims=True), 1e-12)
+    ny, nx = g.shape[:2]
+    mosaic = np.ones((ny * (k + 1) + 1, nx * (k + 1) + 1))
+    for i in range(ny):
+        for j in range(nx):  # plotting only: a few hundred tiles at most
+            mosaic[1 + i * (k + 1):1 + i * (k + 1) + k, 1 + j * (k + 1):1 + j * (k + 1) + k] = g[i, j]
+    fig, ax = plt.subplots(figsize=(7, 7 * mosaic.shape[0] / mosaic.shape[1]))
+    ax.imshow(mosaic, cmap="gray", interpolation="nearest")
+    sub = f" (every {sy}th row / {sx}th column)" if sy > 1 or sx > 1 else ""
+    ax.set_title(f"PSF grid {Gy}x{Gx}, {k}x{k} kernels{sub}", fontsize=10)
+    ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_progress(path, steps, images, residuals, max_panels=8):
+    """x̂₀ across steps (first image of the batch) and the residual curve."""
+    plt = _plt()
+    if not steps:
+        return
+    idx = np.unique(np.linspace(0, len(steps) - 1, min(max_panels, len(steps))).round().astype(int))
+    fig, axes = plt.subplots(1, len(idx) + 1, figsize=(2.4 * (len(idx) + 1) + 1.5, 2.8))
+    for ax, i in zip(axes[:-1], idx):
+        ax.imshow(to_numpy(images[i][:1]))
+        ax.set_title(f"step {steps[i]}", fontsize=8)
+        ax.axis("off")
+    axes[-1].semilogy(steps, [float(r[0]) for r in residuals])
+    axes[-1].set_xlabel("step")
+    axes[-1].set_title("‖y − A(x̂₀)‖", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
