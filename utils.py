@@ -6,7 +6,6 @@ Metrics use that fixed [0, 1] range (data_range=1); nothing is min-max rescaled.
 
 from __future__ import annotations
 
-import copy
 import io
 import json
 import math
@@ -29,6 +28,8 @@ class UserError(ValueError):
 # 1. Config: load, merge, validate, save
 # ----------------------------------------------------------------------------
 
+# Keys whose config.yaml default is a keyword: the type of their other values.
+TYPES = {"physics.grid_size": int, "data.sigma_noise": float, "sampler.clip_denoised": bool}
 # Values a key may take besides the type of its default in config.yaml.
 ALTERNATIVES = {
     "physics.grid_size": ("auto",),
@@ -105,16 +106,14 @@ def parse_set(item: str):
     return key.strip(), value
 
 
-def _type_ok(value, default) -> bool:
-    if isinstance(default, bool):
+def _type_ok(value, typ) -> bool:
+    if typ is bool:
         return isinstance(value, bool)
-    if isinstance(default, int):
+    if typ is int:
         return isinstance(value, int) and not isinstance(value, bool)
-    if isinstance(default, float):
+    if typ is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if isinstance(default, str):
-        return isinstance(value, str)
-    return type(value) is type(default)
+    return isinstance(value, typ)
 
 
 def validate_config(cfg: dict, schema: dict) -> dict:
@@ -126,9 +125,9 @@ def validate_config(cfg: dict, schema: dict) -> dict:
         alts = ALTERNATIVES.get(key, ())
         if any(value == a and type(value) is type(a) for a in alts):
             continue
-        default = ref[key]
-        if not _type_ok(value, default):
-            allowed = type(default).__name__ + "".join(f" or {a!r}" for a in alts)
+        typ = TYPES.get(key, type(ref[key]))
+        if not _type_ok(value, typ):
+            allowed = typ.__name__ + "".join(f" or {a!r}" for a in alts if not isinstance(a, bool))
             raise UserError(f"{key} must be {allowed}, got {value!r}")
         if key in CHOICES and value not in CHOICES[key]:
             raise UserError(f"{key} must be one of {list(CHOICES[key])}, got {value!r}")
@@ -141,10 +140,6 @@ def validate_config(cfg: dict, schema: dict) -> dict:
     if isinstance(ks, int) and ks % 2 == 0:
         raise UserError(f"physics.kernel_size must be odd (the PSF centre is a pixel), got {ks}")
     return cfg
-
-
-def merged(schema: dict) -> dict:
-    return copy.deepcopy(schema)
 
 
 def save_yaml(path: str, data: dict) -> None:

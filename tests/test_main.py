@@ -1,0 +1,224 @@
+"""The CLI as researchers run it: end to end, bad input, concurrency, help."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+import main
+import utils
+from helpers import save_tiny_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ["--img_size", "32", "--kernel_size", "7", "--set", "physics.motion.max_length=6", "--set",
+        "physics.defocus.max_radius=3", "--grid_size", "4", "--n_eigen_psfs", "4", "--num_inference_steps", "5"]
+
+
+def run_cli(args, cwd=ROOT, timeout=600, env=None):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def run_dirs(save_dir):
+    return sorted(d for d in os.listdir(save_dir) if d.startswith("run_")) if os.path.isdir(save_dir) else []
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
+
+
+def test_end_to_end_tiny_unet_writes_every_output(tmp_path, tiny_model):
+    save = tmp_path / "results"
+    r = run_cli(["--model_id", tiny_model, "--img_size", "64", "--num_inference_steps", "5", "--num_samples", "2",
+                 "--set", "sampler.intermediate_freq=2", "--save_dir", str(save), "--seed", "7"])
+    assert r.returncode == 0, r.stderr
+    (run,) = run_dirs(save)
+    d = save / run
+    for f in ["config.yaml", "metrics.txt", "metrics.json", "images/clean.png", "images/blurred.png",
+              "images/restored.png", "images/comparison.png", "images/eigenpsfs.png", "images/psf_grid.png",
+              "images/progress.png", "images/mean.png", "images/std.png", "intermediates/step_0000.png",
+              "intermediates/step_0002.png", "intermediates/step_0004.png"]:
+        assert (d / f).is_file() and (d / f).stat().st_size > 0, f
+    assert Image.open(d / "images/restored.png").size == (64, 64)
+    m = json.loads((d / "metrics.json").read_text())
+    for key in ["status", "psnr_blurred", "ssim_blurred", "psnr_restored", "ssim_restored", "explained_variance",
+                "operator_relative_error", "runtime_s", "steps_per_s", "model_id", "device"]:
+        assert key in m, key
+    assert m["status"] == "complete" and m["device"] == "cpu" and m["model_id"] == tiny_model
+    assert 0 < m["ssim_restored"] <= 1 and m["psnr_blurred"] > 10 and m["steps_completed"] == 5
+    saved = yaml.safe_load((d / "config.yaml").read_text())
+    assert saved["run"]["seed"] == 7 and saved["sampler"]["num_inference_steps"] == 5
+    assert saved["resolved"]["versions"]["torch"] and saved["resolved"]["device"] == "cpu"
+    assert saved["sampler"]["intermediate_freq"] == 2  # --set reached the saved config
+
+
+def readme_quickstart():
+    text = open(os.path.join(ROOT, "README.md")).read()
+    block = re.search(r"<!-- offline-quickstart -->\s*```bash\n(.*?)```", text, re.S).group(1)
+    cmd = " ".join(line.rstrip("\\").strip() for line in block.strip().splitlines())
+    assert cmd.startswith("python main.py ")
+    return cmd.split()[2:]
+
+
+def test_offline_quickstart_from_readme_beats_blurred(tmp_path):
+    """Runs the README's offline command verbatim (plus --save_dir)."""
+    r = run_cli(readme_quickstart() + ["--save_dir", str(tmp_path)], timeout=900)
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / run_dirs(tmp_path)[0] / "metrics.json").read_text())
+    assert m["psnr_restored"] > m["psnr_blurred"], m
+
+
+def test_same_seed_same_result(tmp_path):
+    outs = []
+    for i in range(2):
+        r = run_cli(["--model_id", "analytic", *FAST, "--save_dir", str(tmp_path / str(i)), "--no_intermediates"])
+        assert r.returncode == 0, r.stderr
+        d = tmp_path / str(i) / run_dirs(tmp_path / str(i))[0]
+        outs.append(np.asarray(Image.open(d / "images/restored.png")))
+        assert not (d / "intermediates").exists()
+    assert np.array_equal(*outs)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("files")
+    (d / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
+    (d / "notes.txt").write_text("hello")
+    (d / "img.bmp").write_bytes(b"BM")
+    (d / "afile").write_text("x")
+    return d
+
+
+@pytest.fixture(scope="module")
+def http_server(files):
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), partial(SimpleHTTPRequestHandler, directory=str(files)))
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+
+
+BAD = {
+    "missing image": (["--image", "{files}/nope.png"], "image not found"),
+    "corrupt image": (["--image", "{files}/corrupt.png"], "cannot decode image"),
+    "unsupported image": (["--image", "{files}/img.bmp"], "unsupported image format"),
+    "url not an image": (["--image", "{url}/notes.txt"], "not an image"),
+    "url fails": (["--image", "{url}/missing.png"], "could not download"),
+    "unknown blur mode": (["--blur_mode", "swirl"], "physics.blur_mode must be one of"),
+    "even kernel": (["--kernel_size", "8"], "kernel_size must be odd"),
+    "n_eigen too large": (["--n_eigen_psfs", "17"], r"n_eigen_psfs must be in 1\.\.16"),
+    "n_eigen zero": (["--n_eigen_psfs", "0"], "n_eigen_psfs must be in"),
+    "negative sigma": (["--sigma_noise", "-0.1"], "sigma_noise must be in"),
+    "negative step": (["--step_size", "-1"], "step_size must be in"),
+    "steps zero": (["--num_inference_steps", "0"], "num_inference_steps must be in"),
+    "steps too many": (["--num_inference_steps", "5000"], r"num_inference_steps must be in 1\.\.1000"),
+    "unknown set key": (["--set", "physics.blurr_mode=motion"], "unknown config key 'physics.blurr_mode'"),
+    "wrong set type": (["--set", "sampler.num_samples=many"], "sampler.num_samples must be int"),
+    "unwritable save_dir": (["--save_dir", "{files}/afile/sub"], "not writable"),
+    "model unreachable": (["--model_id", "acme/not-cached"], "--download_only"),
+    "missing model dir": (["--model_id", "./no/such/dir"], "does not exist"),
+    "psf too big": (["--set", "physics.motion.max_length=30"], "increase kernel_size"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_one_line_exit_2_no_folder(case, tmp_path, files, http_server):
+    args, pattern = BAD[case]
+    args = [a.format(files=files, url=http_server) for a in args]
+    save = tmp_path / "results"
+    base = ["--model_id", "analytic", *FAST]
+    if "--save_dir" not in args:
+        base += ["--save_dir", str(save)]
+    env = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_CACHE": str(tmp_path / "cache")}
+    r = run_cli(base + args, env=env, timeout=120)
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and re.search(pattern, lines[0]), r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert run_dirs(save) == []
+
+
+def test_divergence_keeps_partial_results_and_exits_3(tmp_path, tiny_model):
+    r = run_cli(["--model_id", tiny_model, *FAST, "--step_size", "1e38", "--set", "sampler.clip_denoised=false",
+                 "--set", "sampler.log_every=1", "--save_dir", str(tmp_path)])
+    assert r.returncode == 3, r.stderr[-2000:]
+    assert "diverged at step" in r.stderr and "Traceback" not in r.stderr
+    m = json.loads((tmp_path / run_dirs(tmp_path)[0] / "metrics.json").read_text())
+    assert m["status"] == "diverged" and "step_size" in m["error"]
+
+
+def test_concurrent_runs_get_distinct_folders(tmp_path):
+    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), "--model_id", "analytic", *FAST,
+                               "--save_dir", str(tmp_path), "--no_intermediates"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-1000:] for o in outs]
+    assert len(run_dirs(tmp_path)) == 2
+
+
+def test_make_run_dir_is_unique_under_contention(tmp_path):
+    made = []
+    threads = [threading.Thread(target=lambda: made.append(utils.make_run_dir(str(tmp_path)))) for _ in range(16)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert len(set(made)) == 16 and len(run_dirs(tmp_path)) == 16
+
+
+def test_help_lists_every_flag():
+    r = run_cli(["--help"])
+    assert r.returncode == 0
+    for flag in ["--config", "--set", "--no_intermediates", "--download_only", *[f"--{n}" for n in main.FLAGS]]:
+        assert flag in r.stdout, flag
+    assert "default: 'google/ddpm-celebahq-256'" in r.stdout and "default: 1000" in r.stdout
+
+
+def test_flags_override_set_override_config(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("sampler:\n  step_size: 3.0\n  num_samples: 2\n")
+    args = main.build_parser(utils.load_config(main.DEFAULT_CONFIG)).parse_args(
+        ["--config", str(cfg), "--set", "sampler.step_size=4.0", "--set", "sampler.num_samples=3", "--num_samples", "5"])
+    r = main.resolve_config(args, ["num_samples"])
+    assert r["sampler"]["step_size"] == 4.0 and r["sampler"]["num_samples"] == 5
+    assert r["physics"]["blur_mode"] == "motion"  # untouched keys keep config.yaml's value
+    cfg.write_text("sampler:\n  stepsize: 3.0\n")
+    with pytest.raises(utils.UserError, match="unknown config key 'sampler.stepsize'"):
+        main.resolve_config(main.build_parser({}).parse_args(["--config", str(cfg)]), [])
+
+
+# --- image loading ---------------------------------------------------------------------------
+
+def test_image_formats_gray_rgba_16bit(tmp_path):
+    rgb = (np.random.default_rng(0).random((20, 30, 3)) * 255).astype(np.uint8)
+    Image.fromarray(rgb[..., 0]).save(tmp_path / "g.png")
+    Image.fromarray(np.dstack([rgb, np.full((20, 30), 7, np.uint8)])).save(tmp_path / "a.png")
+    yy, xx = np.mgrid[0:20, 0:30]
+    smooth = np.dstack([xx * 8, yy * 12, xx * 4 + yy * 4]).astype(np.uint8)
+    Image.fromarray(smooth).save(tmp_path / "c.jpg", quality=95)
+    import tifffile
+    tifffile.imwrite(tmp_path / "d.tif", (rgb.astype(np.uint16) * 257))
+    g = utils.read_image(str(tmp_path / "g.png"))
+    assert g.shape == (20, 30, 3) and np.allclose(g[..., 0], g[..., 2]) and np.allclose(g[..., 0], rgb[..., 0] / 255)
+    a = utils.read_image(str(tmp_path / "a.png"))
+    assert a.shape == (20, 30, 3) and np.allclose(a, rgb / 255)
+    d = utils.read_image(str(tmp_path / "d.tif"))
+    assert np.allclose(d, rgb / 255)  # 16-bit scaled by 65535
+    c = utils.read_image(str(tmp_path / "c.jpg"))
+    assert c.shape == (20, 30, 3) and np.abs(c - smooth / 255).mean() < 0.02
+    out = utils.center_crop_resize(a, 16)
+    assert out.shape == (16, 16, 3) and out.min() >= 0 and out.max() <= 1
+
+
+def test_metrics_use_fixed_range():
+    ref = np.full((16, 16, 3), 0.5)
+    est = ref + 0.1
+    assert abs(utils.psnr(ref, est) - 20.0) < 1e-9  # MSE 0.01 on a [0, 1] range: exactly 20 dB
+    assert abs(utils.psnr(ref * 0.1, est * 0.1) - 40.0) < 1e-9  # no per-image rescaling
