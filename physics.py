@@ -442,7 +442,10 @@ class SVBlurOperator(torch.nn.Module):
             kern = F.pad(kern, (0, self.fft_shape[1] - self.k, 0, self.fft_shape[0] - self.k))
             kern = torch.roll(kern, (-self.r, -self.r), (-2, -1))
             C = self.coefficient_maps.to(x.device, x.dtype)
-            self._cache = {key: (pad, torch.fft.rfft2(kern), C)}  # spectra: (K, Fh, Fw//2+1)
+            # Padding is a gather, so Pad(Cₖ ⊙ x) = Pad(Cₖ) ⊙ Pad(x) and Padᵀ(Pad(Cₖ) ⊙ z) = Cₖ ⊙ Padᵀ(z):
+            # the scatter form pads (and un-pads) one image instead of K weighted copies.
+            C_pad = pad.forward(C) if self.form == "scatter" else None                  # (K, Hp, Wp)
+            self._cache = {key: (pad, torch.fft.rfft2(kern), C, C_pad)}  # spectra: (K, Fh, Fw//2+1)
         return self._cache[key]
 
 
@@ -470,27 +473,28 @@ class SVBlurOperator(torch.nn.Module):
         return self._adjoint(y).to(in_dtype)
 
     def _forward(self, x):
-        pad, spec, C = self._setup(x)
+        pad, spec, C, C_pad = self._setup(x)
         if self.form == "gather":
             # 1. one FFT of the padded image (B, C, 1, Fh, Fw'); 2. K inverse FFTs; 3. weight and sum.
             X = self._conv(pad.forward(x)[:, :, None], spec, transpose=False)
             return (self._irfft_crop(X, self.r) * C).sum(2)
-        # scatter: 1. K FFTs of padded Cₖ⊙x; 2. sum spectra over K; 3. one inverse FFT.
-        Z = self._conv(pad.forward(x[:, :, None] * C), spec, transpose=False).sum(2)
+        # scatter: 1. K FFTs of Pad(Cₖ) ⊙ Pad(x) = Pad(Cₖ ⊙ x); 2. sum spectra over K; 3. one inverse FFT.
+        # In-place products: these (B, C, K, ...) temporaries dominate the memory traffic.
+        Z = torch.fft.rfft2(pad.forward(x)[:, :, None] * C_pad, s=self.fft_shape).mul_(spec).sum(2)
         return self._irfft_crop(Z, self.r)
 
     def _adjoint(self, y):
-        pad, spec, C = self._setup(y)
+        pad, spec, C, C_pad = self._setup(y)
         pad_y = (self.fft_shape[0] - self.H - self.r, self.fft_shape[1] - self.W - self.r)
         if self.form == "gather":
             # Aᵀ = Padᵀ Σₖ Convₖᵀ Embed (Cₖ ⊙ ·): K FFTs, sum spectra, one inverse FFT.
             z = F.pad(y[:, :, None] * C, (self.r, pad_y[1], self.r, pad_y[0]))
-            Z = self._conv(z, spec, transpose=True).sum(2)
+            Z = torch.fft.rfft2(z, s=self.fft_shape).mul_(spec.conj()).sum(2)
             return pad.adjoint(torch.fft.irfft2(Z, s=self.fft_shape)[..., : self.Hp, : self.Wp])
         # scatter: Aᵀ = Σₖ Cₖ ⊙ Padᵀ Convₖᵀ Embed(·): one FFT, K inverse FFTs.
         z = F.pad(y[:, :, None], (self.r, pad_y[1], self.r, pad_y[0]))
         zk = torch.fft.irfft2(self._conv(z, spec, transpose=True), s=self.fft_shape)[..., : self.Hp, : self.Wp]
-        return (pad.adjoint(zk) * C).sum(2)
+        return pad.adjoint((zk * C_pad).sum(2))
 
 
 # ----------------------------------------------------------------------------
