@@ -106,7 +106,7 @@ class EigenPSFDPSPipeline:
 
     def __call__(self, y, num_inference_steps=1000, step_size=0.5, generator=None, gradient_clip=0.0,
                  callback=None, num_samples=1, intermediate_freq=0, clip_denoised=None, dtype=torch.float32,
-                 gradient_checkpointing=False, check_every=10, x_T=None, start_index=0):
+                 gradient_checkpointing=False, check_every=10, x_T=None, start_index=0, x_size=None):
         """Runs Alg. 1 of DPS. See the module docstring for the update.
 
         generator: a torch.Generator, or a list of B·num_samples generators (one per image, as in
@@ -116,6 +116,8 @@ class EigenPSFDPSPipeline:
         check_every: how often (steps) to check x_t for NaN/Inf on the host.
         x_T, start_index: resume from a saved x_t before step `start_index` (with the generator
             restored to its state at that point).
+        x_size: (H, W) of the image x when the operator maps a larger domain onto y
+            (physics.CroppedOperator); default y's size.
         """
         # 1. Validate and set up the schedule.
         if y.ndim != 4:
@@ -136,7 +138,7 @@ class EigenPSFDPSPipeline:
         # 2. x_T ~ N(0, I), drawn exactly as DDPMPipeline draws it. y_rep: (B·S, C, H, W).
         B = y.shape[0]
         y_rep = y.repeat_interleave(num_samples, 0).float()
-        shape = tuple(y_rep.shape)
+        shape = tuple(y_rep.shape[:2]) + tuple(x_size or y_rep.shape[-2:])
         x_t = randn_tensor(shape, generator=generator, device=y.device, dtype=torch.float32) if x_T is None \
             else x_T.to(y.device, torch.float32)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import dataclass, field
 import os
 import platform
 import signal
@@ -25,11 +26,20 @@ EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_INTERRUPTED = 2, 3, 75, 130
 
 log = logging.getLogger("eigenpsf_dps")
 
+def float_or_auto(text):
+    return "auto" if text == "auto" else float(text)
+
+
 # flag -> config key. Each flag's help shows the config.yaml default.
 FLAGS = {
     "image": ("data.image", str, "clean image: path (PNG/JPEG/TIFF), http(s) URL, or 'sample'"),
     "img_size": ("data.img_size", int, "side of the square working image"),
-    "sigma_noise": ("data.sigma_noise", float, "measurement noise std on the [0, 1] scale"),
+    "sigma_noise": ("data.sigma_noise", float_or_auto, "measurement noise std on the [0, 1] scale, or 'auto' (real data)"),
+    "image_dir": ("data.image_dir", str, "simulate and restore every image in this folder"),
+    "blurred": ("data.blurred", str, "real data: an already blurred image (needs --psf_grid)"),
+    "blurred_dir": ("data.blurred_dir", str, "real data: restore every image in this folder (needs --psf_grid)"),
+    "psf_grid": ("data.psf_grid", str, "measured PSFs: .npy (G,G,k,k) or .npz with psfs [+ positions (G,G,2)]"),
+    "save_psf_grid": ("data.save_psf_grid", str, "export the PSF grid used (.npz/.npy)"),
     "blur_mode": ("physics.blur_mode", str, "motion | defocus | mixed | correlated | random_iid"),
     "kernel_size": ("physics.kernel_size", int, "odd PSF size in pixels"),
     "grid_size": ("physics.grid_size", int, "PSFs per image side (default auto: 8, or 64 for random_iid)"),
@@ -138,25 +148,221 @@ def versions(device) -> dict:
     return out
 
 
-class Preempted(Exception):
-    pass
+@dataclass
+class Problem:
+    """One image to restore: the measurement, its operators and what is known about it."""
+    name: str
+    y: object                      # (1, 3, H, W) measurement in [0, 1]
+    clean: object                  # (H, W, 3) numpy clean image, or None for real data
+    grid: object                   # (G, G, k, k) PSFs
+    coords: tuple                  # PSF positions (ys, xs) in pixels of y
+    eig_op: object                 # EigenPSF operator at y's size
+    true_op: object                # exact operator at y's size
+    decomp: object
+    info: dict = field(default_factory=dict)  # logged facts that go into metrics.json
 
 
-def run(argv=None) -> int:
+def prepare(path, cfg, device, gen, measured) -> Problem:
+    """Loads one input and builds its operators; every failure here is a UserError (exit 2)."""
     import numpy as np
     import torch
 
-    import dps
     import physics
     import utils
+    d, pc = cfg["data"], cfg["physics"]
+    real = bool(d["blurred"] or d["blurred_dir"])
+    info = {}
+    if real:
+        y_np = utils.read_image(path)                           # native size: resizing would change the blur
+        H, W = y_np.shape[:2]
+        clean = None
+    else:
+        clean = utils.center_crop_resize(utils.read_image(path), d["img_size"])
+        H = W = d["img_size"]
+    # 1. PSF grid: measured (file) or simulated from the seeded generator.
+    if measured is not None:
+        psfs, coords, sums = measured
+        if psfs.shape[-1] > min(H, W):
+            raise utils.UserError(f"PSF size {psfs.shape[-1]} is larger than the image ({H}x{W})")
+        grid = torch.tensor(psfs, dtype=torch.float32, device=device)
+        coords = coords or (physics.grid_node_coords(grid.shape[0], H).numpy(), physics.grid_node_coords(grid.shape[1], W).numpy())
+        info["psf_sums_before_normalisation"] = [float(sums.min()), float(sums.max())]
+    else:
+        grid_size = physics.resolve_grid_size(pc)
+        if pc["n_eigen_psfs"] != "all" and pc["n_eigen_psfs"] > grid_size ** 2:
+            raise utils.UserError(f"n_eigen_psfs must be in 1..{grid_size ** 2} (grid_size² PSFs), got {pc['n_eigen_psfs']}")
+        sim = physics.SVBlurSimulator(H, W, pc["kernel_size"], grid_size, device)
+        grid = sim.simulate_sv_kernel_grid(pc["blur_mode"], generator=gen, **physics.mode_params(pc))
+        coords = (physics.grid_node_coords(grid.shape[0], H).numpy(), physics.grid_node_coords(grid.shape[1], W).numpy())
+    n = pc["n_eigen_psfs"]
+    if n != "all" and n > grid.shape[0] * grid.shape[1]:
+        raise utils.UserError(f"n_eigen_psfs must be in 1..{grid.shape[0] * grid.shape[1]} (PSFs in the grid), got {n}")
+    eig_op, true_op, decomp = physics.build_operators(grid, H, W, pc, tuple(torch.as_tensor(c) for c in coords))
+    eig_op, true_op = eig_op.to(device), true_op.to(device)
+    # 2. Measurement: exact operator + noise (simulation), or the file (real data).
+    if real:
+        y = utils.to_tensor(y_np, device)
+        if d["sigma_noise"] == "auto":
+            info["sigma_noise_estimated"] = utils.estimate_noise_sigma(y_np)
+            log.info("%s: estimated noise sigma %.4f (wavelet MAD)", os.path.basename(path), info["sigma_noise_estimated"])
+    else:
+        if d["sigma_noise"] == "auto":
+            raise utils.UserError("sigma_noise=auto estimates the noise of a real measurement (--blurred); "
+                                  "give a number when simulating")
+        x = utils.to_tensor(clean, device)
+        info["operator_relative_error"] = physics.operator_relative_error(eig_op, true_op, x)
+        with torch.no_grad():  # measured with the exact operator; restored with the EigenPSF one
+            y = true_op(x) + d["sigma_noise"] * torch.randn(x.shape, generator=gen, device=device)
+    info["explained_variance"] = decomp.total_explained_variance
+    log.info("%s: %dx%d, EigenPSF K=%d explains %.2f%% of the PSF variance%s", os.path.basename(path), H, W,
+             decomp.n_components, 100 * decomp.total_explained_variance,
+             f", operator error on this image {info['operator_relative_error']:.3e}" if "operator_relative_error" in info else "")
+    return Problem(os.path.splitext(os.path.basename(path))[0], y, clean, grid, coords, eig_op, true_op, decomp, info)
 
-    # ---- 1. Config, device, dtype, seed: resolved once, here. ------------------------------
+
+def reconstruction_operator(p: Problem, cfg, multiple: int, device):
+    """EigenPSF operator for DPS. When y's size is not a multiple the UNet accepts, x lives on a
+    centred, larger domain and the operator crops to the measured window (CroppedOperator)."""
+    import torch
+
+    import physics
+    H, W = p.y.shape[-2:]
+    Hx, Wx = -(-H // multiple) * multiple, -(-W // multiple) * multiple
+    if (Hx, Wx) == (H, W):
+        return p.eig_op, (H, W), (0, 0)
+    top, left = (Hx - H) // 2, (Wx - W) // 2
+    coords = (torch.as_tensor(p.coords[0]) + top, torch.as_tensor(p.coords[1]) + left)
+    op, _, _ = physics.build_operators(p.grid, Hx, Wx, cfg["physics"], coords)
+    log.info("%s: %dx%d is not a multiple of %d; sampling on %dx%d and cropping back (%.0f%% more compute)",
+             p.name, H, W, multiple, Hx, Wx, 100 * (Hx * Wx / (H * W) - 1))
+    return physics.CroppedOperator(op.to(device), top, left, H, W), (Hx, Wx), (top, left)
+
+
+def restore(p: Problem, run_dir, cfg, device, dtype, gen, pipe, multiple, extra_config) -> tuple:
+    """DPS on one problem, writing the documented run folder. Returns (exit_code, metrics)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    import dps
+    import utils
+    sc, rc = cfg["sampler"], cfg["run"]
+    op, x_size, (top, left) = reconstruction_operator(p, cfg, multiple, device)
+    pipe.operator = op
+    H, W = p.y.shape[-2:]
+    crop = lambda z: z[..., top:top + H, left:left + W]  # noqa: E731
+    images_dir, inter_dir = os.path.join(run_dir, "images"), os.path.join(run_dir, "intermediates")
+    os.makedirs(images_dir)
+    if rc["save_intermediates"] and sc["intermediate_freq"]:
+        os.makedirs(inter_dir)
+    utils.save_yaml(os.path.join(run_dir, "config.yaml"), {**cfg, "resolved": extra_config})
+    utils.save_psf_grid(os.path.join(run_dir, "psf_grid.npz"), p.grid, p.coords)
+    if p.clean is not None:
+        utils.save_image(os.path.join(images_dir, "clean.png"), p.clean)
+    utils.save_image(os.path.join(images_dir, "blurred.png"), p.y)
+    utils.plot_psf_grid(os.path.join(images_dir, "psf_grid.png"), p.grid)
+    utils.plot_eigenpsfs(os.path.join(images_dir, "eigenpsfs.png"), p.decomp.basis_kernels,
+                         p.decomp.coefficient_maps, p.decomp.explained_variance_ratio)
+    y_np = utils.to_numpy(p.y)
+    metrics = {"status": "running", "image": p.name, "model_id": cfg["model"]["model_id"], "device": str(device),
+               **p.info, "n_eigen_psfs": p.decomp.n_components, "num_inference_steps": sc["num_inference_steps"],
+               "step_size": sc["step_size"], "num_samples": sc["num_samples"], "seed": rc["seed"]}
+    if p.clean is not None:
+        metrics.update(psnr_blurred=utils.psnr(p.clean, y_np), ssim_blurred=utils.ssim(p.clean, y_np))
+    else:
+        metrics["note"] = "real measurement: no clean image, so PSNR/SSIM are omitted"
+
+    # DPS with a progress bar; intermediates and divergence checks every few steps.
+    bar = tqdm(total=sc["num_inference_steps"], desc=f"DPS {p.name}", unit="step", dynamic_ncols=True)
+    t0 = time.time()
+    state = {"steps_done": 0}
+
+    def callback(i, t, x_t, x0_hat, res):
+        state["steps_done"] = i + 1
+        bar.update(1)
+        if (i + 1) % sc["log_every"] == 0:
+            bar.set_postfix(residual=f"{float(res.mean()):.4g}")  # the only host sync, every log_every steps
+            if device.type == "cpu" and i + 1 == sc["log_every"]:
+                eta = (time.time() - t0) / (i + 1) * sc["num_inference_steps"]
+                log.warning("CPU run: estimated %.1f min for %d steps", eta / 60, sc["num_inference_steps"])
+        if rc["save_intermediates"] and sc["intermediate_freq"] and i % sc["intermediate_freq"] == 0:
+            utils.save_image(os.path.join(inter_dir, f"step_{i:04d}.png"), crop((x0_hat[:1] + 1) / 2))
+
+    exit_code, error, out, inter, full = 0, None, None, None, None
+    try:
+        out, inter = pipe(p.y, num_inference_steps=sc["num_inference_steps"], step_size=sc["step_size"],
+                          generator=gen, gradient_clip=sc["gradient_clip"], callback=callback,
+                          num_samples=sc["num_samples"], intermediate_freq=sc["intermediate_freq"] or 0,
+                          clip_denoised=None if sc["clip_denoised"] == "auto" else sc["clip_denoised"], dtype=dtype,
+                          gradient_checkpointing=rc["gradient_checkpointing"], check_every=sc["log_every"],
+                          x_size=x_size)
+        metrics["status"] = "complete"
+    except dps.DivergenceError as e:
+        inter, exit_code, error = e.intermediates, EXIT_DIVERGED, str(e)
+        full = e.partial[:1] if e.partial is not None else None
+        metrics["status"] = "diverged"
+    except KeyboardInterrupt:
+        exit_code, error = EXIT_INTERRUPTED, "interrupted by the user (Ctrl-C)"
+        metrics["status"] = "interrupted"
+    finally:
+        bar.close()
+    runtime = time.time() - t0
+
+    # Outputs and metrics; the restoration is cropped back to the measured window.
+    if out is not None:
+        if sc["num_samples"] > 1:
+            full = out["mean"]
+            std = crop(out["std"][0])
+            utils.save_image(os.path.join(images_dir, "mean.png"), crop(out["mean"]))
+            utils.save_image(os.path.join(images_dir, "std.png"), (std / std.max().clamp_min(1e-12))[None])
+            for s in range(sc["num_samples"]):
+                utils.save_image(os.path.join(images_dir, f"sample_{s:02d}.png"), crop(out["samples"][:, s]))
+            metrics["mean_posterior_std"] = float(std.mean())
+        else:
+            full = out
+    if full is not None:
+        restored = crop(full)
+        r = utils.to_numpy(restored)
+        utils.save_image(os.path.join(images_dir, "restored.png"), restored)
+        with torch.no_grad():
+            fit = torch.linalg.vector_norm(p.y - op(full[:1].to(device))) / torch.linalg.vector_norm(p.y)
+        metrics["data_residual_relative"] = float(fit)
+        title = "restored" if sc["num_samples"] == 1 else f"posterior mean of {sc['num_samples']}"
+        panels = [("blurred (measurement)", y_np), (title, r)]
+        if p.clean is not None:
+            metrics.update(psnr_restored=utils.psnr(p.clean, r), ssim_restored=utils.ssim(p.clean, r))
+            panels = [("clean", p.clean),
+                      (f"blurred  PSNR {metrics['psnr_blurred']:.2f} dB  SSIM {metrics['ssim_blurred']:.3f}", y_np),
+                      (f"{title}  PSNR {metrics['psnr_restored']:.2f} dB  SSIM {metrics['ssim_restored']:.3f}", r)]
+        else:
+            import physics
+            metrics["operator_relative_error_on_restoration"] = physics.operator_relative_error(
+                p.eig_op, p.true_op, restored.to(device))
+        utils.plot_comparison(os.path.join(images_dir, "comparison.png"), panels)
+    if inter and inter["steps"]:
+        utils.plot_progress(os.path.join(images_dir, "progress.png"), inter["steps"],
+                            [crop(z) for z in inter["x0_hat"]], inter["residual"])
+    metrics.update(runtime_s=runtime, steps_completed=state["steps_done"],
+                   steps_per_s=state["steps_done"] / runtime if runtime > 0 else 0.0)
+    if error:
+        metrics["error"] = error
+    utils.write_json(os.path.join(run_dir, "metrics.json"), metrics)
+    utils.write_metrics_txt(os.path.join(run_dir, "metrics.txt"), metrics)
+    return exit_code, metrics
+
+
+def run(argv=None) -> int:
+    import torch
+
+    import dps
+    import utils
+
+    # 1. Config, device, dtype, seed: resolved once, here.
     schema = utils.load_config(DEFAULT_CONFIG)
     parser = build_parser(schema)
     args = parser.parse_args(argv)
     given = [n for n in FLAGS if getattr(args, n) is not None]
     cfg = resolve_config(args, given)
-    d, pc, mc, sc, rc = cfg["data"], cfg["physics"], cfg["model"], cfg["sampler"], cfg["run"]
+    d, mc, sc, rc = cfg["data"], cfg["model"], cfg["sampler"], cfg["run"]
     cache = mc["model_cache"] or None
 
     if args.download_only:
@@ -173,130 +379,75 @@ def run(argv=None) -> int:
     gen = torch.Generator(device=device).manual_seed(rc["seed"])
     utils.check_writable(rc["save_dir"])
 
-    # ---- 2. Inputs: image, PSF field, operators, measurement. -------------------------------
-    img = utils.center_crop_resize(utils.read_image(d["image"]), d["img_size"])
-    x = utils.to_tensor(img, device)                                        # (1, 3, H, W) in [0, 1]
-    H = W = d["img_size"]
-    if pc["n_eigen_psfs"] != "all" and pc["n_eigen_psfs"] > physics.resolve_grid_size(pc) ** 2:
-        raise utils.UserError(f"n_eigen_psfs must be in 1..{physics.resolve_grid_size(pc) ** 2} "
-                              f"(grid_size² PSFs), got {pc['n_eigen_psfs']}")
-    eig_op, true_op, decomp = physics.create_sv_blur_system(H, W, pc, device, generator=gen)
-    op_err = physics.operator_relative_error(eig_op, true_op, x)
-    log.info("EigenPSF K=%d: explained variance %.2f%%, operator error on this image %.3e",
-             decomp.n_components, 100 * decomp.total_explained_variance, op_err)
-    if d["sigma_noise"] == "auto":
-        raise utils.UserError("sigma_noise=auto estimates noise from a real measurement; give a number when simulating")
-    # Measurement from the exact operator; reconstruction uses the EigenPSF one (no inverse crime).
-    with torch.no_grad():
-        y = true_op(x) + d["sigma_noise"] * torch.randn(x.shape, generator=gen, device=device)
+    # 2. Inputs: validated before the model loads and before any folder exists.
+    if d["image_dir"] and d["blurred_dir"]:
+        raise utils.UserError("give either image_dir (simulation) or blurred_dir (real data), not both")
+    real = bool(d["blurred"] or d["blurred_dir"])
+    batch = bool(d["image_dir"] or d["blurred_dir"])
+    if real and not d["psf_grid"]:
+        raise utils.UserError("real measurements (--blurred/--blurred_dir) need the PSFs: pass --psf_grid FILE")
+    measured = utils.load_psf_grid(d["psf_grid"]) if d["psf_grid"] else None
+    if measured is not None:
+        log.info("PSF grid %s: %s, normalised to sum 1 (sums were %.4g..%.4g)", d["psf_grid"],
+                 "x".join(map(str, measured[0].shape)), measured[2].min(), measured[2].max())
+    inputs = utils.list_images(d["image_dir"] or d["blurred_dir"]) if batch else [d["blurred"] if real else d["image"]]
+    first = None if batch else prepare(inputs[0], cfg, device, gen, measured)
+    if first is not None and d["save_psf_grid"]:
+        utils.save_psf_grid(d["save_psf_grid"], first.grid, first.coords)
+        log.info("PSF grid saved to %s", d["save_psf_grid"])
 
-    # ---- 3. Prior. ---------------------------------------------------------------------------
+    # 3. Prior.
     unet, scheduler = dps.load_model(mc["model_id"], cache, device)
     if not 1 <= sc["num_inference_steps"] <= scheduler.config.num_train_timesteps:
         raise utils.UserError(f"num_inference_steps must be in 1..{scheduler.config.num_train_timesteps}, "
                               f"got {sc['num_inference_steps']}")
+    blocks = getattr(unet.config, "block_out_channels", None)
+    multiple = 2 ** (len(blocks) - 1) if blocks else 1  # the UNet downsamples len-1 times
     unet = setup_accelerators(cfg, device, unet)
-    pipe = dps.EigenPSFDPSPipeline(unet, scheduler, eig_op)
+    pipe = dps.EigenPSFDPSPipeline(unet, scheduler, None)
+    extra = {"device": str(device), "seed": rc["seed"], "argv": sys.argv[1:] if argv is None else list(argv),
+             "versions": versions(device)}
 
-    # ---- 4. Results folder (only now: bad input never leaves one behind). --------------------
-    run_dir = utils.make_run_dir(rc["save_dir"])
-    images_dir = os.path.join(run_dir, "images")
-    inter_dir = os.path.join(run_dir, "intermediates")
-    os.makedirs(images_dir)
-    if rc["save_intermediates"] and sc["intermediate_freq"]:
-        os.makedirs(inter_dir)
-    log.info("results: %s", run_dir)
-    utils.save_yaml(os.path.join(run_dir, "config.yaml"),
-                    {**cfg, "resolved": {"device": str(device), "seed": rc["seed"], "argv": sys.argv[1:] if argv is None else list(argv),
-                                         "versions": versions(device)}})
-    utils.save_image(os.path.join(images_dir, "clean.png"), x)
-    utils.save_image(os.path.join(images_dir, "blurred.png"), y)
-    utils.plot_psf_grid(os.path.join(images_dir, "psf_grid.png"), true_op.kernel_grid)
-    utils.plot_eigenpsfs(os.path.join(images_dir, "eigenpsfs.png"), decomp.basis_kernels, decomp.coefficient_maps,
-                         decomp.explained_variance_ratio)
-
-    metrics = {"status": "running", "model_id": mc["model_id"], "device": str(device),
-               "psnr_blurred": utils.psnr(img, utils.to_numpy(y)), "ssim_blurred": utils.ssim(img, utils.to_numpy(y)),
-               "explained_variance": decomp.total_explained_variance, "operator_relative_error": op_err,
-               "n_eigen_psfs": decomp.n_components, "num_inference_steps": sc["num_inference_steps"],
-               "step_size": sc["step_size"], "num_samples": sc["num_samples"], "seed": rc["seed"]}
-
-    # ---- 5. DPS with a progress bar; intermediates and divergence checks every few steps. -----
-    from tqdm.auto import tqdm
-    bar = tqdm(total=sc["num_inference_steps"], desc="DPS", unit="step", dynamic_ncols=True)
-    t0 = time.time()
-    state = {"steps_done": 0}
-
-    def callback(i, t, x_t, x0_hat, res):
-        state["steps_done"] = i + 1
-        bar.update(1)
-        if (i + 1) % sc["log_every"] == 0:
-            bar.set_postfix(residual=f"{float(res.mean()):.4g}")  # the only host sync, every log_every steps
-            if device.type == "cpu" and i + 1 == sc["log_every"]:
-                eta = (time.time() - t0) / (i + 1) * sc["num_inference_steps"]
-                log.warning("CPU run: estimated %.1f min for %d steps", eta / 60, sc["num_inference_steps"])
-        if rc["save_intermediates"] and sc["intermediate_freq"] and i % sc["intermediate_freq"] == 0:
-            utils.save_image(os.path.join(inter_dir, f"step_{i:04d}.png"), ((x0_hat[:1] + 1) / 2))
-
-    exit_code, error = 0, None
-    restored = None
-    try:
-        out, inter = pipe(y, num_inference_steps=sc["num_inference_steps"], step_size=sc["step_size"], generator=gen,
-                          gradient_clip=sc["gradient_clip"], callback=callback, num_samples=sc["num_samples"],
-                          intermediate_freq=sc["intermediate_freq"] or 0,
-                          clip_denoised=None if sc["clip_denoised"] == "auto" else sc["clip_denoised"], dtype=dtype,
-                          gradient_checkpointing=rc["gradient_checkpointing"], check_every=sc["log_every"])
-        metrics["status"] = "complete"
-    except dps.DivergenceError as e:
-        out, inter, exit_code, error = None, e.intermediates, EXIT_DIVERGED, str(e)
-        restored = e.partial[:1] if e.partial is not None else None
-        metrics["status"] = "diverged"
-    except KeyboardInterrupt:
-        out, inter, exit_code, error = None, None, EXIT_INTERRUPTED, "interrupted by the user (Ctrl-C)"
-        metrics["status"] = "interrupted"
-    finally:
-        bar.close()
-    runtime = time.time() - t0
-
-    # ---- 6. Outputs and metrics. -------------------------------------------------------------
-    if out is not None:
-        if sc["num_samples"] > 1:
-            restored = out["mean"]
-            utils.save_image(os.path.join(images_dir, "mean.png"), out["mean"])
-            std = out["std"][0]
-            utils.save_image(os.path.join(images_dir, "std.png"), (std / std.max().clamp_min(1e-12))[None])
-            for s in range(sc["num_samples"]):
-                utils.save_image(os.path.join(images_dir, f"sample_{s:02d}.png"), out["samples"][:, s])
-            metrics["mean_posterior_std"] = float(std.mean())
-        else:
-            restored = out
-    if restored is not None:
-        r = utils.to_numpy(restored)
-        utils.save_image(os.path.join(images_dir, "restored.png"), restored)
-        metrics.update(psnr_restored=utils.psnr(img, r), ssim_restored=utils.ssim(img, r))
-        with torch.no_grad():
-            res = torch.linalg.vector_norm(y - eig_op(restored[:1].to(device))) / torch.linalg.vector_norm(y)
-        metrics["data_residual_relative"] = float(res)
-        title = "restored" if sc["num_samples"] == 1 else f"posterior mean of {sc['num_samples']}"
-        utils.plot_comparison(os.path.join(images_dir, "comparison.png"), [
-            ("clean", img),
-            (f"blurred  PSNR {metrics['psnr_blurred']:.2f} dB  SSIM {metrics['ssim_blurred']:.3f}", utils.to_numpy(y)),
-            (f"{title}  PSNR {metrics['psnr_restored']:.2f} dB  SSIM {metrics['ssim_restored']:.3f}", r)])
-    if inter and inter["steps"]:
-        utils.plot_progress(os.path.join(images_dir, "progress.png"), inter["steps"], inter["x0_hat"], inter["residual"])
-    metrics.update(runtime_s=runtime, steps_completed=state["steps_done"],
-                   steps_per_s=state["steps_done"] / runtime if runtime > 0 else 0.0)
-    if error:
-        metrics["error"] = error
-    utils.write_json(os.path.join(run_dir, "metrics.json"), metrics)
-    utils.write_metrics_txt(os.path.join(run_dir, "metrics.txt"), metrics)
-    if error:
-        print(f"error: {error} (partial results in {run_dir})", file=sys.stderr)
-        return exit_code
-    log.info("PSNR blurred %.2f dB -> restored %.2f dB (SSIM %.3f -> %.3f); %s", metrics["psnr_blurred"],
-             metrics["psnr_restored"], metrics["ssim_blurred"], metrics["ssim_restored"], run_dir)
-    print(run_dir)
-    return 0
+    # 4. One run folder, or a batch folder with one sub-folder per image and summary.csv.
+    if not batch:
+        run_dir = utils.make_run_dir(rc["save_dir"])
+        log.info("results: %s", run_dir)
+        code, m = restore(first, run_dir, cfg, device, dtype, gen, pipe, multiple, extra)
+        if code:
+            print(f"error: {m['error']} (partial results in {run_dir})", file=sys.stderr)
+            return code
+        if "psnr_restored" in m:
+            log.info("PSNR blurred %.2f dB -> restored %.2f dB (SSIM %.3f -> %.3f)", m["psnr_blurred"],
+                     m["psnr_restored"], m["ssim_blurred"], m["ssim_restored"])
+        log.info("data residual ||y - A(x)|| / ||y|| = %.4f", m["data_residual_relative"])
+        print(run_dir)
+        return 0
+    batch_dir = utils.make_run_dir(rc["save_dir"], prefix="batch")
+    log.info("batch of %d images: %s", len(inputs), batch_dir)
+    utils.save_yaml(os.path.join(batch_dir, "config.yaml"), {**cfg, "resolved": extra})
+    rows, worst = [], 0
+    for path in inputs:
+        row = {"file": os.path.basename(path)}
+        try:
+            p = prepare(path, cfg, device, gen, measured)
+        except (utils.UserError, ValueError) as e:  # a bad file is reported, not fatal
+            log.warning("skipping %s: %s", path, e)
+            rows.append({**row, "status": "error", "error": str(e)})
+            continue
+        sub = utils.make_run_dir(batch_dir, prefix=p.name)
+        code, m = restore(p, sub, cfg, device, dtype, gen, pipe, multiple, extra)
+        worst = worst or code
+        keys = ("status", "psnr_blurred", "psnr_restored", "ssim_blurred", "ssim_restored", "data_residual_relative",
+                "operator_relative_error", "sigma_noise_estimated", "runtime_s", "error")
+        rows.append({**row, "folder": os.path.basename(sub), **{k: m[k] for k in keys if k in m}})
+        utils.write_summary_csv(os.path.join(batch_dir, "summary.csv"), rows)  # kept current as we go
+        if code == EXIT_INTERRUPTED:
+            break
+    utils.write_summary_csv(os.path.join(batch_dir, "summary.csv"), rows)
+    n_err = sum(r["status"] != "complete" for r in rows)
+    log.info("batch done: %d/%d complete; summary in %s", len(rows) - n_err, len(inputs), batch_dir)
+    print(batch_dir)
+    return worst
 
 
 def main(argv=None) -> int:

@@ -605,6 +605,26 @@ class TrueSVBlurOperator(torch.nn.Module):
         return pad.adjoint(z)
 
 
+class CroppedOperator(torch.nn.Module):
+    """y = Crop(A x): the image lives on a larger (padded) domain than the measurement.
+
+    Used when a measurement's size is not one the prior accepts: x is sampled on the padded
+    domain, data consistency is enforced only where y was measured, and the result is cropped
+    back. No measurement is invented for the padding.
+    """
+
+    def __init__(self, op, top: int, left: int, height: int, width: int):
+        super().__init__()
+        self.op, self.top, self.left, self.H, self.W = op, top, left, height, width
+
+    def forward(self, x):
+        return self.op(x)[..., self.top:self.top + self.H, self.left:self.left + self.W]
+
+    def adjoint(self, y):
+        Hx, Wx = self.op.H, self.op.W
+        return self.op.adjoint(F.pad(y, (self.left, Wx - self.W - self.left, self.top, Hx - self.H - self.top)))
+
+
 # ----------------------------------------------------------------------------
 # 7. System construction and the honest approximation figure
 # ----------------------------------------------------------------------------

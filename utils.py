@@ -396,3 +396,97 @@ def plot_progress(path, steps, images, residuals, max_panels=8):
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------
+# 5. Measured PSF grids (.npy / .npz) and noise estimation
+# ----------------------------------------------------------------------------
+
+def load_psf_grid(path: str):
+    """Reads (G, G, k, k) PSFs and optional (G, G, 2) [row, col] pixel positions.
+
+    .npy holds the PSFs alone; .npz holds `psfs` and optionally `positions`. Returns
+    (psfs float64 array normalised to sum 1, (ys, xs) node coordinates or None, original sums).
+    """
+    if not os.path.isfile(path):
+        raise UserError(f"PSF grid file not found: {path}")
+    try:
+        if path.endswith(".npz"):
+            with np.load(path, allow_pickle=False) as z:
+                if "psfs" not in z:
+                    raise UserError(f"{path}: .npz must contain an array 'psfs' (G, G, k, k); found {list(z.keys())}")
+                psfs = z["psfs"]
+                positions = z["positions"] if "positions" in z else None
+        elif path.endswith(".npy"):
+            psfs, positions = np.load(path, allow_pickle=False), None
+        else:
+            raise UserError(f"PSF grid must be a .npy or .npz file, got {path}")
+    except (ValueError, OSError) as e:
+        raise UserError(f"cannot read PSF grid {path}: {str(e).splitlines()[0][:200]}") from None
+    psfs = np.asarray(psfs, dtype=np.float64)
+    if psfs.ndim != 4 or psfs.shape[0] < 1 or psfs.shape[1] < 1 or psfs.shape[2] != psfs.shape[3]:
+        raise UserError(f"{path}: PSF grid must have shape (G, G, k, k), got {psfs.shape}")
+    if psfs.shape[2] % 2 == 0:
+        raise UserError(f"{path}: PSF size must be odd (the centre is a pixel), got {psfs.shape[2]}")
+    if not np.isfinite(psfs).all():
+        raise UserError(f"{path}: PSF grid contains NaN or Inf")
+    if (psfs < 0).any():
+        raise UserError(f"{path}: PSF grid has negative values (min {psfs.min():.3g}); PSFs must be >= 0")
+    sums = psfs.sum((-2, -1))
+    if (sums <= 0).any():
+        bad = np.argwhere(sums <= 0)[0]
+        raise UserError(f"{path}: PSF at grid index {tuple(int(i) for i in bad)} has no mass (all zeros)")
+    coords = None
+    if positions is not None:
+        pos = np.asarray(positions, dtype=np.float64)
+        if pos.shape != psfs.shape[:2] + (2,) or not np.isfinite(pos).all():
+            raise UserError(f"{path}: positions must be finite with shape {psfs.shape[:2] + (2,)}, got {pos.shape}")
+        ys, xs = pos[:, 0, 0], pos[0, :, 1]
+        if not (np.allclose(pos[..., 0], ys[:, None], atol=1e-6) and np.allclose(pos[..., 1], xs[None, :], atol=1e-6)):
+            raise UserError(f"{path}: positions must form a rectilinear grid (rows share a y, columns share an x)")
+        if (np.diff(ys) <= 0).any() or (np.diff(xs) <= 0).any():
+            raise UserError(f"{path}: positions must increase along rows and columns")
+        coords = (ys, xs)
+    return psfs / sums[..., None, None], coords, sums
+
+
+def save_psf_grid(path: str, psfs, coords) -> None:
+    """Writes the format load_psf_grid reads: .npz with psfs and positions, or .npy with psfs."""
+    psfs = psfs.detach().cpu().numpy() if torch.is_tensor(psfs) else np.asarray(psfs)
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    if path.endswith(".npy"):
+        np.save(path, psfs)
+        return
+    if not path.endswith(".npz"):
+        raise UserError(f"--save_psf_grid must end in .npz or .npy, got {path}")
+    ys, xs = (np.asarray(c, dtype=np.float64) for c in coords)
+    positions = np.stack(np.meshgrid(ys, xs, indexing="ij"), -1)
+    np.savez(path, psfs=psfs, positions=positions)
+
+
+def estimate_noise_sigma(img: np.ndarray) -> float:
+    """Gaussian noise std of an (H, W, 3) [0, 1] image by the wavelet MAD estimator."""
+    from skimage.restoration import estimate_sigma
+    return float(estimate_sigma(img, channel_axis=-1, average_sigmas=True))
+
+
+def list_images(folder: str):
+    if not os.path.isdir(folder):
+        raise UserError(f"not a directory: {folder}")
+    files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTS) and not f.startswith("."))
+    if not files:
+        raise UserError(f"no PNG/JPEG/TIFF images in {folder}")
+    return [os.path.join(folder, f) for f in files]
+
+
+def write_summary_csv(path: str, rows) -> None:
+    import csv
+    keys = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        for r in rows:
+            w.writerow(r)

@@ -272,3 +272,22 @@ def test_decomposition_and_operator_bad_input():
     bad[1, 1, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         compute_eigen_decomposition(bad, 2, 20, 26)
+
+
+def test_true_operator_61px_psfs_stays_under_2gb():
+    """256×256 RGB with 61×61 PSFs, forward + adjoint, in a fresh process: peak RSS growth < 2 GB."""
+    import os
+    import subprocess
+    import sys
+    code = ("import resource, torch, physics\n"
+            "g = physics.SVBlurSimulator(256, 256, 61, 4).simulate_sv_kernel_grid('defocus', seed=0, max_radius=30)\n"
+            "op = physics.TrueSVBlurOperator(g, 256, 256)\n"
+            "x = torch.rand(1, 3, 256, 256)\n"
+            "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "y = op(x); z = op.adjoint(y)\n"
+            "assert y.shape == z.shape == x.shape and torch.isfinite(y).all()\n"
+            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.split()[-1]) < 2048

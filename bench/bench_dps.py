@@ -1,0 +1,110 @@
+"""DPS speed for the google/ddpm-celebahq-256 architecture (113.7 M parameters, random weights:
+speed does not depend on weight values).
+
+    python bench/bench_dps.py                 # CUDA if present, else a reduced CPU case
+    python bench/bench_dps.py --steps 20 --configs fp32,tf32,bf16,compile-bf16,graphs-bf16
+
+Prints seconds per DPS step and per 1000-step image at batch 1 and batch 8 for each
+configuration, the ratio against the fp32 eager baseline measured in the same run, and the peak
+GPU memory. A DPS step is one UNet forward, one input-gradient backward and the EigenPSF operator.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import dps  # noqa: E402
+import physics  # noqa: E402
+
+CELEBAHQ_UNET = dict(
+    sample_size=256, in_channels=3, out_channels=3, layers_per_block=2,
+    block_out_channels=(128, 128, 256, 256, 512, 512),
+    down_block_types=("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4,
+    norm_eps=1e-6, freq_shift=1, flip_sin_to_cos=False, downsample_padding=0)
+CELEBAHQ_SCHEDULER = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+                          clip_sample=True, variance_type="fixed_small")
+
+
+def build_unet(device):
+    torch.manual_seed(0)
+    unet = UNet2DModel.from_config(CELEBAHQ_UNET).to(device).eval().requires_grad_(False)
+    return unet
+
+
+def time_config(name, unet, sched, op, batch, size, steps, device):
+    """Seconds per step (after warm-up) for one configuration; returns (s_per_step, warmup_s, peak_GB)."""
+    use_tf32 = name != "fp32"
+    torch.backends.cuda.matmul.allow_tf32 = use_tf32
+    torch.backends.cudnn.allow_tf32 = use_tf32
+    dtype = torch.bfloat16 if "bf16" in name else torch.float32
+    model = unet
+    if name.startswith("compile") or name.startswith("graphs"):
+        mode = "reduce-overhead" if name.startswith("graphs") else "default"
+        model = UNet2DModel.from_config(CELEBAHQ_UNET).to(device).eval().requires_grad_(False)
+        model.load_state_dict(unet.state_dict())
+        model.forward = torch.compile(model.forward, mode=mode, dynamic=False)
+    pipe = dps.EigenPSFDPSPipeline(model, sched, op)
+    y = torch.rand(batch, 3, size, size, device=device)
+    gen = torch.Generator(device).manual_seed(0)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    pipe(y, num_inference_steps=3, step_size=1.0, generator=gen, dtype=dtype, check_every=1000)  # warm-up/compile
+    sync()
+    warm = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pipe(y, num_inference_steps=steps, step_size=1.0, generator=gen, dtype=dtype, check_every=1000)
+    sync()
+    per_step = (time.perf_counter() - t0) / steps
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
+    return per_step, warm, peak
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per configuration")
+    ap.add_argument("--configs", default=None, help="comma list of fp32,tf32,bf16,compile-bf16,graphs-bf16")
+    ap.add_argument("--batches", default=None, help="comma list of batch sizes (default 1,8)")
+    ap.add_argument("--size", type=int, default=None, help="image side (CPU default 64, CUDA 256)")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    size = args.size or (256 if cuda else 64)
+    steps = args.steps or (20 if cuda else 2)
+    configs = (args.configs or ("fp32,tf32,bf16,compile-bf16,graphs-bf16" if cuda else "fp32,bf16")).split(",")
+    batches = [int(b) for b in (args.batches or "1,8").split(",")]
+    unet = build_unet(device)
+    n_params = sum(p.numel() for p in unet.parameters()) / 1e6
+    sched = DDPMScheduler(**CELEBAHQ_SCHEDULER)
+    pc = dict(blur_mode="motion", kernel_size=21 if size >= 64 else 7, grid_size=8, n_eigen_psfs=10)
+    op, _, _ = physics.create_sv_blur_system(size, size, pc, device, seed=0)
+    card = torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"device: {card}; torch {torch.__version__}; UNet {n_params:.1f} M params; {size}x{size}; "
+          f"EigenPSF K=10; {steps} timed steps per row")
+    if not cuda:
+        print("no CUDA: reduced CPU case (smaller image, fewer steps); compile/graph rows need CUDA")
+    print(f"\n{'config':14s} {'batch':>5s} {'s/step':>8s} {'s/image@1000':>13s} {'vs fp32':>8s} {'warm-up s':>10s} {'peak GB':>8s}")
+    for batch in batches:
+        base = None
+        for name in configs:
+            try:
+                s, warm, peak = time_config(name, unet, sched, op, batch, size, steps, device)
+            except Exception as e:  # report and go on: one broken config must not hide the rest
+                print(f"{name:14s} {batch:5d} failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}")
+                continue
+            base = base or (s if name == "fp32" else None)
+            ratio = f"{base / s:7.2f}x" if base else "      -"
+            print(f"{name:14s} {batch:5d} {s:8.3f} {s * 1000 / batch:13.1f} {ratio} {warm:10.1f} {peak:8.2f}")
+
+
+if __name__ == "__main__":
+    main()
