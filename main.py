@@ -74,6 +74,8 @@ def build_parser(defaults: dict) -> argparse.ArgumentParser:
                    help="do not write intermediates/step_XXXX.png (default: written, run.save_intermediates)")
     p.add_argument("--download_only", action="store_true",
                    help="download the model into --model_cache and exit (default: off)")
+    p.add_argument("--resume", metavar="RUN_DIR", default=None,
+                   help="continue a preempted run from RUN_DIR/checkpoint.pt with its saved config (default: off)")
     return p
 
 
@@ -238,8 +240,39 @@ def reconstruction_operator(p: Problem, cfg, multiple: int, device):
     return physics.CroppedOperator(op.to(device), top, left, H, W), (Hx, Wx), (top, left)
 
 
-def restore(p: Problem, run_dir, cfg, device, dtype, gen, pipe, multiple, extra_config) -> tuple:
-    """DPS on one problem, writing the documented run folder. Returns (exit_code, metrics)."""
+class Preempted(Exception):
+    """SIGTERM/SIGUSR1 arrived; raised from the sampler callback after a completed step."""
+
+    def __init__(self, step, x_t):
+        super().__init__(f"preempted after step {step}")
+        self.step, self.x_t = step, x_t
+
+
+STOP = {"signal": None}  # set by the signal handler, read by the sampler callback
+
+
+def _request_stop(signum, frame):
+    STOP["signal"] = signum
+
+
+def save_checkpoint(path, p: Problem, x_t, next_index, gen, state):
+    """Everything needed to continue bit-identically: x_t, the step, the generator state, the
+    measurement and PSFs, and the progress so far. Written atomically."""
+    import torch
+    ckpt = {"x_t": x_t.detach().cpu(), "next_index": next_index, "generator_state": gen.get_state(),
+            "problem": {"name": p.name, "y": p.y.cpu(), "clean": p.clean, "grid": p.grid.cpu(),
+                        "coords": tuple(torch.as_tensor(c).cpu() for c in p.coords), "info": p.info},
+            "progress": state}
+    torch.save(ckpt, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def restore(p: Problem, run_dir, cfg, device, dtype, gen, pipe, multiple, extra_config, resume=None) -> tuple:
+    """DPS on one problem, writing the documented run folder. Returns (exit_code, metrics).
+
+    resume: a checkpoint dict (see save_checkpoint) to continue from instead of x_T.
+    """
+    import numpy as np
     import torch
     from tqdm.auto import tqdm
 
@@ -251,9 +284,9 @@ def restore(p: Problem, run_dir, cfg, device, dtype, gen, pipe, multiple, extra_
     H, W = p.y.shape[-2:]
     crop = lambda z: z[..., top:top + H, left:left + W]  # noqa: E731
     images_dir, inter_dir = os.path.join(run_dir, "images"), os.path.join(run_dir, "intermediates")
-    os.makedirs(images_dir)
+    os.makedirs(images_dir, exist_ok=resume is not None)
     if rc["save_intermediates"] and sc["intermediate_freq"]:
-        os.makedirs(inter_dir)
+        os.makedirs(inter_dir, exist_ok=resume is not None)
     utils.save_yaml(os.path.join(run_dir, "config.yaml"), {**cfg, "resolved": extra_config})
     utils.save_psf_grid(os.path.join(run_dir, "psf_grid.npz"), p.grid, p.coords)
     if p.clean is not None:
@@ -273,12 +306,19 @@ def restore(p: Problem, run_dir, cfg, device, dtype, gen, pipe, multiple, extra_
 
     # DPS with a progress bar; intermediates and divergence checks every few steps.
     bar = tqdm(total=sc["num_inference_steps"], desc=f"DPS {p.name}", unit="step", dynamic_ncols=True)
-    t0 = time.time()
-    state = {"steps_done": 0}
+    state = resume["progress"] if resume else {"steps_done": 0, "runtime": 0.0, "steps": [], "x0_hat": [], "residual": []}
+    bar.update(state["steps_done"])
+    t0 = time.time() - state["runtime"]
 
     def callback(i, t, x_t, x0_hat, res):
         state["steps_done"] = i + 1
         bar.update(1)
+        if sc["intermediate_freq"] and (i % sc["intermediate_freq"] == 0 or i + 1 == sc["num_inference_steps"]):
+            state["steps"].append(i)
+            state["x0_hat"].append(crop((x0_hat[:1] + 1) / 2).clamp(0, 1).cpu())
+            state["residual"].append(res.cpu())
+        if STOP["signal"] is not None:  # checked after a finished step: the state is consistent
+            raise Preempted(i, x_t)
         if (i + 1) % sc["log_every"] == 0:
             bar.set_postfix(residual=f"{float(res.mean()):.4g}")  # the only host sync, every log_every steps
             if device.type == "cpu" and i + 1 == sc["log_every"]:
@@ -287,24 +327,34 @@ def restore(p: Problem, run_dir, cfg, device, dtype, gen, pipe, multiple, extra_
         if rc["save_intermediates"] and sc["intermediate_freq"] and i % sc["intermediate_freq"] == 0:
             utils.save_image(os.path.join(inter_dir, f"step_{i:04d}.png"), crop((x0_hat[:1] + 1) / 2))
 
-    exit_code, error, out, inter, full = 0, None, None, None, None
+    exit_code, error, out, full = 0, None, None, None
+    old_handlers = {sig: signal.signal(sig, _request_stop) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     try:
         out, inter = pipe(p.y, num_inference_steps=sc["num_inference_steps"], step_size=sc["step_size"],
                           generator=gen, gradient_clip=sc["gradient_clip"], callback=callback,
-                          num_samples=sc["num_samples"], intermediate_freq=sc["intermediate_freq"] or 0,
+                          num_samples=sc["num_samples"],
                           clip_denoised=None if sc["clip_denoised"] == "auto" else sc["clip_denoised"], dtype=dtype,
                           gradient_checkpointing=rc["gradient_checkpointing"], check_every=sc["log_every"],
-                          x_size=x_size)
+                          x_size=x_size, x_T=resume["x_t"].to(device) if resume else None,
+                          start_index=resume["next_index"] if resume else 0)
         metrics["status"] = "complete"
     except dps.DivergenceError as e:
-        inter, exit_code, error = e.intermediates, EXIT_DIVERGED, str(e)
+        exit_code, error = EXIT_DIVERGED, str(e)
         full = e.partial[:1] if e.partial is not None else None
         metrics["status"] = "diverged"
+    except Preempted as e:
+        state["runtime"] = time.time() - t0
+        save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), p, e.x_t, e.step + 1, gen, state)
+        exit_code, metrics["status"] = EXIT_PREEMPTED, "preempted"
+        error = (f"stopped by signal {STOP['signal']} after step {e.step + 1}/{sc['num_inference_steps']}; "
+                 f"checkpoint saved, continue with --resume {run_dir}")
     except KeyboardInterrupt:
         exit_code, error = EXIT_INTERRUPTED, "interrupted by the user (Ctrl-C)"
         metrics["status"] = "interrupted"
     finally:
         bar.close()
+        for sig, h in old_handlers.items():
+            signal.signal(sig, h)
     runtime = time.time() - t0
 
     # Outputs and metrics; the restoration is cropped back to the measured window.
@@ -323,6 +373,7 @@ def restore(p: Problem, run_dir, cfg, device, dtype, gen, pipe, multiple, extra_
         restored = crop(full)
         r = utils.to_numpy(restored)
         utils.save_image(os.path.join(images_dir, "restored.png"), restored)
+        np.save(os.path.join(run_dir, "restored.npy"), r.astype(np.float32))  # lossless, for analysis
         with torch.no_grad():
             fit = torch.linalg.vector_norm(p.y - op(full[:1].to(device))) / torch.linalg.vector_norm(p.y)
         metrics["data_residual_relative"] = float(fit)
@@ -338,9 +389,10 @@ def restore(p: Problem, run_dir, cfg, device, dtype, gen, pipe, multiple, extra_
             metrics["operator_relative_error_on_restoration"] = physics.operator_relative_error(
                 p.eig_op, p.true_op, restored.to(device))
         utils.plot_comparison(os.path.join(images_dir, "comparison.png"), panels)
-    if inter and inter["steps"]:
-        utils.plot_progress(os.path.join(images_dir, "progress.png"), inter["steps"],
-                            [crop(z) for z in inter["x0_hat"]], inter["residual"])
+    if state["steps"]:
+        utils.plot_progress(os.path.join(images_dir, "progress.png"), state["steps"], state["x0_hat"], state["residual"])
+    if metrics["status"] == "complete" and resume:
+        os.remove(os.path.join(run_dir, "checkpoint.pt"))
     metrics.update(runtime_s=runtime, steps_completed=state["steps_done"],
                    steps_per_s=state["steps_done"] / runtime if runtime > 0 else 0.0)
     if error:
@@ -348,6 +400,59 @@ def restore(p: Problem, run_dir, cfg, device, dtype, gen, pipe, multiple, extra_
     utils.write_json(os.path.join(run_dir, "metrics.json"), metrics)
     utils.write_metrics_txt(os.path.join(run_dir, "metrics.txt"), metrics)
     return exit_code, metrics
+
+
+def load_pipeline(cfg, device):
+    """(pipeline without operator, size multiple the UNet needs)."""
+    import dps
+    import utils
+    mc, sc = cfg["model"], cfg["sampler"]
+    unet, scheduler = dps.load_model(mc["model_id"], mc["model_cache"] or None, device)
+    if not 1 <= sc["num_inference_steps"] <= scheduler.config.num_train_timesteps:
+        raise utils.UserError(f"num_inference_steps must be in 1..{scheduler.config.num_train_timesteps}, "
+                              f"got {sc['num_inference_steps']}")
+    blocks = getattr(unet.config, "block_out_channels", None)
+    multiple = 2 ** (len(blocks) - 1) if blocks else 1  # the UNet downsamples len-1 times
+    unet = setup_accelerators(cfg, device, unet)
+    return dps.EigenPSFDPSPipeline(unet, scheduler, None), multiple
+
+
+def resume_run(run_dir, schema, given) -> int:
+    """Continues RUN_DIR from its checkpoint with its own saved config; bit-identical on CPU."""
+    import torch
+
+    import physics
+    import utils
+    ckpt_path = os.path.join(run_dir, "checkpoint.pt")
+    if not os.path.isfile(ckpt_path):
+        raise utils.UserError(f"no checkpoint.pt in {run_dir}: nothing to resume")
+    if given:
+        log.warning("--resume uses the run's saved config; ignoring %s", ", ".join(f"--{g}" for g in given))
+    saved = utils.load_config(os.path.join(run_dir, "config.yaml"))
+    extra = saved.pop("resolved", {})
+    cfg = utils.validate_config(saved, schema)
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or foreign file
+        raise utils.UserError(f"cannot read {ckpt_path}: {type(e).__name__}") from None
+    device = resolve_device(cfg["run"]["device"])
+    gen = torch.Generator(device=device)
+    gen.set_state(ckpt["generator_state"])
+    q = ckpt["problem"]
+    grid = q["grid"].to(device)
+    H, W = q["y"].shape[-2:]
+    eig_op, true_op, decomp = physics.build_operators(grid, H, W, cfg["physics"], q["coords"])
+    p = Problem(q["name"], q["y"].to(device), q["clean"], grid, q["coords"], eig_op.to(device), true_op.to(device),
+                decomp, q["info"])
+    pipe, multiple = load_pipeline(cfg, device)
+    log.info("resuming %s at step %d/%d", run_dir, ckpt["next_index"], cfg["sampler"]["num_inference_steps"])
+    dtype = getattr(torch, cfg["run"]["dtype"])  # validated: float32 | bfloat16 | float16
+    code, m = restore(p, run_dir, cfg, device, dtype, gen, pipe, multiple, extra, resume=ckpt)
+    if code:
+        print(f"error: {m['error']}", file=sys.stderr)
+        return code
+    print(run_dir)
+    return 0
 
 
 def run(argv=None) -> int:
@@ -374,8 +479,10 @@ def run(argv=None) -> int:
               f"--model_cache {dps.hub_cache_dir(cache)}  (or --model_id {path})")
         return 0
 
+    if args.resume:
+        return resume_run(args.resume, schema, given)
     device = resolve_device(rc["device"])
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[rc["dtype"]]
+    dtype = getattr(torch, rc["dtype"])  # validated: float32 | bfloat16 | float16
     gen = torch.Generator(device=device).manual_seed(rc["seed"])
     utils.check_writable(rc["save_dir"])
 
@@ -397,14 +504,7 @@ def run(argv=None) -> int:
         log.info("PSF grid saved to %s", d["save_psf_grid"])
 
     # 3. Prior.
-    unet, scheduler = dps.load_model(mc["model_id"], cache, device)
-    if not 1 <= sc["num_inference_steps"] <= scheduler.config.num_train_timesteps:
-        raise utils.UserError(f"num_inference_steps must be in 1..{scheduler.config.num_train_timesteps}, "
-                              f"got {sc['num_inference_steps']}")
-    blocks = getattr(unet.config, "block_out_channels", None)
-    multiple = 2 ** (len(blocks) - 1) if blocks else 1  # the UNet downsamples len-1 times
-    unet = setup_accelerators(cfg, device, unet)
-    pipe = dps.EigenPSFDPSPipeline(unet, scheduler, None)
+    pipe, multiple = load_pipeline(cfg, device)
     extra = {"device": str(device), "seed": rc["seed"], "argv": sys.argv[1:] if argv is None else list(argv),
              "versions": versions(device)}
 

@@ -1,0 +1,235 @@
+"""HPC: preemption-safe resume, sweep make/collect, and a real single-node Slurm cluster."""
+
+import csv
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from helpers import save_tiny_model
+from test_main import ROOT, run_cli, run_dirs
+
+SWEEP_ARGS = ("--model_id analytic --img_size 32 --kernel_size 7 --grid_size 4 --n_eigen_psfs 4 "
+              "--num_inference_steps 5 --set physics.motion.max_length=6 --no_intermediates")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("m") / "tiny")
+
+
+def wait_for(cond, timeout, what):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_sigterm_then_resume_is_bit_identical(tmp_path, tiny_model):
+    args = ["--model_id", tiny_model, "--img_size", "48", "--num_inference_steps", "150", "--no_intermediates"]
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), *args, "--save_dir", str(tmp_path / "a")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: list((tmp_path / "a").glob("run_*/images/eigenpsfs.png")), 120, "the run to start sampling")
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-2000:]
+    run = tmp_path / "a" / run_dirs(tmp_path / "a")[0]
+    assert (run / "checkpoint.pt").is_file() and "--resume" in err
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["status"] == "preempted" and 0 < m["steps_completed"] < 150
+    r = run_cli(["--resume", str(run)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not (run / "checkpoint.pt").exists()
+    assert json.loads((run / "metrics.json").read_text())["status"] == "complete"
+    ref = run_cli(args + ["--save_dir", str(tmp_path / "b")])
+    assert ref.returncode == 0
+    full = tmp_path / "b" / run_dirs(tmp_path / "b")[0]
+    assert np.array_equal(np.load(run / "restored.npy"), np.load(full / "restored.npy"))
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    r = run_cli(["--resume", str(tmp_path)])
+    assert r.returncode == 2 and "no checkpoint.pt" in r.stderr and "Traceback" not in r.stderr
+
+
+def make_sweep(tmp_path, grid="sampler.step_size: [0.5, 2.0]", seeds=None):
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(f"sweep_dir: {tmp_path / 'sweep'}\nargs: \"{SWEEP_ARGS}\"\ngrid:\n  {grid}\n"
+                    + (f"seeds: {seeds}\n" if seeds else ""))
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "sweep.py"), "make", str(spec)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return tmp_path / "sweep", r.stdout
+
+
+def test_sweep_make_and_collect_without_slurm(tmp_path):
+    sweep, out = make_sweep(tmp_path, seeds="[0, 1]")
+    lines = (sweep / "tasks.txt").read_text().splitlines()
+    assert len(lines) == 4 and "sbatch --array=0-3" in out
+    assert "--set sampler.step_size=0.5 --set run.seed=1" in lines[1]
+    # Run tasks 0..2 through the job script itself (as Slurm would), leave task 3 unrun.
+    for task in range(3):
+        env = {**os.environ, "SLURM_ARRAY_TASK_ID": str(task), "EIGENPSF_DIR": ROOT, "PYTHON": sys.executable}
+        r = subprocess.run(["bash", os.path.join(ROOT, "scripts", "slurm_array.sh"), str(sweep)],
+                           capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "sweep.py"), "collect", str(sweep)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    rows = list(csv.DictReader(open(sweep / "summary.csv")))
+    assert [row["status"] for row in rows] == ["complete", "complete", "complete", "missing"]
+    assert "task 3: missing" in r.stdout
+    assert rows[0]["sampler.step_size"] == "0.5" and float(rows[0]["psnr_restored"]) > 0
+    assert (sweep / "plot_sampler_step_size.png").is_file() and (sweep / "plot_run_seed.png").is_file()
+
+
+def test_sweep_rejects_unknown_keys(tmp_path):
+    spec = tmp_path / "bad.yaml"
+    spec.write_text("grid:\n  sampler.stepsize: [1, 2]\n")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "sweep.py"), "make", str(spec)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "not a config key" in r.stderr
+
+
+# --- a real single-node Slurm cluster ----------------------------------------------------------
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """munged + slurmctld + slurmd on localhost, torn down afterwards."""
+    if not all(shutil.which(b) for b in ("munged", "slurmctld", "slurmd", "sbatch")):
+        if os.environ.get("EIGENPSF_REQUIRE_SLURM"):
+            pytest.fail("Slurm/munge are not installed but EIGENPSF_REQUIRE_SLURM is set")
+        pytest.skip("slurm-wlm and munge are not installed (.ci/run installs them)")
+    d = tmp_path_factory.mktemp("slurm")
+    for sub in ("state", "spool"):
+        (d / sub).mkdir()
+    key = d / "munge.key"
+    key.write_bytes(os.urandom(1024))
+    key.chmod(0o400)
+    sock = d / "munge.sock"
+    subprocess.run(["munged", "--force", f"--key-file={key}", f"--socket={sock}", f"--pid-file={d / 'munged.pid'}",
+                    f"--log-file={d / 'munged.log'}", f"--seed-file={d / 'munged.seed'}"], check=True)
+    conf = d / "slurm.conf"
+    conf.write_text(f"""ClusterName=eigenpsf
+SlurmctldHost=localhost
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+AuthInfo=socket={sock}
+CredType=cred/munge
+StateSaveLocation={d / 'state'}
+SlurmdSpoolDir={d / 'spool'}
+SlurmctldPidFile={d / 'slurmctld.pid'}
+SlurmdPidFile={d / 'slurmd.pid'}
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
+SlurmctldLogFile={d / 'slurmctld.log'}
+SlurmdLogFile={d / 'slurmd.log'}
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+MpiDefault=none
+ReturnToService=2
+NodeName=localhost CPUs=2 State=UNKNOWN
+PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+""")
+    env = {**os.environ, "SLURM_CONF": str(conf)}
+    daemons = [subprocess.Popen([b, "-D", "-f", str(conf)], env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL) for b in ("slurmctld", "slurmd")]
+    try:
+        def idle():
+            r = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, env=env)
+            return r.stdout.strip() == "idle"
+        wait_for(idle, 60, "the Slurm node to become idle")
+        yield env
+    finally:
+        subprocess.run(["scancel", "--full", "-u", "root"], env=env, capture_output=True)
+        for p in daemons:
+            p.terminate()
+        for p in daemons:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        pid = (d / "munged.pid").read_text().strip() if (d / "munged.pid").exists() else ""
+        if pid:
+            os.kill(int(pid), signal.SIGTERM)
+
+
+def sbatch(env, sweep, array, extra=()):
+    """Submits the real script; the test node has no GPU and 2 CPUs, so those headers are overridden."""
+    r = subprocess.run(["sbatch", "--parsable", "--gres=none", "--cpus-per-task=1", "--mem=0", f"--array={array}",
+                        f"--output={sweep}/slurm-%A_%a.out", *extra, os.path.join(ROOT, "scripts", "slurm_array.sh"),
+                        str(sweep)], capture_output=True, text=True, env={**env, "PYTHON": sys.executable}, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip().split(";")[0]
+
+
+def queue_empty(env, job):
+    r = subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True, env=env)
+    return r.returncode == 0 and r.stdout.strip() == "" or "Invalid job id" in r.stderr
+
+
+@pytest.mark.slurm
+def test_slurm_array_runs_sweep_and_collects(slurm, tmp_path):
+    sweep, _ = make_sweep(tmp_path)
+    job = sbatch(slurm, sweep, "0-1")
+    wait_for(lambda: queue_empty(slurm, job), 300, "the array job to finish")
+    for task in (0, 1):
+        (run,) = (sweep / f"task_{task:04d}").glob("run_*")
+        assert json.loads((run / "metrics.json").read_text())["status"] == "complete"
+        assert (run / "images" / "restored.png").is_file()
+        log = (sweep / f"slurm-{job}_{task}.out").read_text()
+        assert f"task {task}:" in log
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "sweep.py"), "collect", str(sweep)],
+                       capture_output=True, text=True)
+    rows = list(csv.DictReader(open(sweep / "summary.csv")))
+    assert [row["status"] for row in rows] == ["complete", "complete"], r.stdout
+    assert {row["sampler.step_size"] for row in rows} == {"0.5", "2.0"}
+
+
+@pytest.mark.slurm
+def test_slurm_preemption_requeues_and_resumes_bit_identically(slurm, tmp_path, tiny_model):
+    args = f"--model_id {tiny_model} --img_size 48 --num_inference_steps 150 --no_intermediates"
+    spec = tmp_path / "p.yaml"
+    spec.write_text(f"sweep_dir: {tmp_path / 'sweep'}\nargs: \"{args}\"\n")
+    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "sweep.py"), "make", str(spec)], check=True,
+                   capture_output=True)
+    sweep = tmp_path / "sweep"
+    job = sbatch(slurm, sweep, "0-0")
+    wait_for(lambda: list((sweep / "task_0000").glob("run_*/images/eigenpsfs.png")), 120, "sampling to start")
+    time.sleep(1.5)
+    # What Slurm does before a time limit with --signal=B:USR1@120: signal the batch shell.
+    subprocess.run(["scancel", "--batch", "--signal=USR1", f"{job}_0"], env=slurm, check=True)
+    wait_for(lambda: list((sweep / "task_0000").glob("run_*/checkpoint.pt")), 120, "the checkpoint")
+    wait_for(lambda: "requeueing" in (sweep / f"slurm-{job}_0.out").read_text(), 60, "the requeue")
+    time.sleep(2)
+    # Slurm holds requeued jobs for a while (BeginTime); release it now.
+    subprocess.run(["scontrol", "update", f"jobid={job}_0", "StartTime=now"], env=slurm, capture_output=True)
+    wait_for(lambda: queue_empty(slurm, job), 300, "the resumed task to finish")
+    (run,) = (sweep / "task_0000").glob("run_*")
+    assert json.loads((run / "metrics.json").read_text())["status"] == "complete"
+    assert "resuming" in (sweep / f"slurm-{job}_0.out").read_text()
+    ref = run_cli(args.split() + ["--save_dir", str(tmp_path / "ref")])
+    assert ref.returncode == 0
+    full = tmp_path / "ref" / run_dirs(tmp_path / "ref")[0]
+    assert np.array_equal(np.load(run / "restored.npy"), np.load(full / "restored.npy"))
