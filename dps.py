@@ -130,7 +130,8 @@ class EigenPSFDPSPipeline:
         n_train = sched.config.num_train_timesteps
         if not 1 <= num_inference_steps <= n_train:
             raise ValueError(f"num_inference_steps must be in 1..{n_train}, got {num_inference_steps}")
-        sched.set_timesteps(num_inference_steps, device=y.device)
+        # Timesteps stay on the host: the scheduler's scalar arithmetic on t then never waits for the GPU.
+        sched.set_timesteps(num_inference_steps)
         if gradient_checkpointing and hasattr(self.unet, "enable_gradient_checkpointing"):
             self.unet.enable_gradient_checkpointing()
         autocast = torch.autocast(y.device.type, dtype=dtype, enabled=dtype != torch.float32)
@@ -145,7 +146,7 @@ class EigenPSFDPSPipeline:
         inter = {"steps": [], "x0_hat": [], "residual": []}
         first_bad = torch.full((), -1, device=y.device, dtype=torch.long)  # on device: no sync per step
         last_good = None
-        timesteps = sched.timesteps
+        timesteps = sched.timesteps                                         # CPU tensor
         for i in range(start_index, len(timesteps)):
             t = timesteps[i]
             # 3. ε and the DDPM step (diffusers), with x_t tracked for the likelihood gradient.
@@ -300,6 +301,10 @@ class AnalyticPrior(torch.nn.Module):
         return self.lam.to(dtype)[:, None, None] * _spectrum_shape(H, W, self.f0, self.mu.device, dtype)[None]
 
     def forward(self, x_t, t):
+        with torch.autocast(x_t.device.type, enabled=False):  # exact in float64 whatever the caller's dtype
+            return self._eps(x_t, t)
+
+    def _eps(self, x_t, t):
         x = x_t.to(torch.float64)
         H, W = x.shape[-2:]
         a = self.alphas_cumprod[torch.as_tensor(t, device=self.alphas_cumprod.device).long()].to(x.device)

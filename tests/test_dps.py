@@ -223,6 +223,16 @@ def test_bf16_autocast_x0_close_to_fp32():
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
 
 
+def test_analytic_prior_ignores_half_precision_autocast():
+    prior, sched = dps.load_model("analytic")
+    eig, _, _ = small_system()
+    y = torch.rand(1, 3, 16, 16)
+    runs = [dps.EigenPSFDPSPipeline(prior, sched, eig)(y, num_inference_steps=20, dtype=dt,
+                                                       generator=torch.Generator().manual_seed(0))[0]
+            for dt in (torch.float32, torch.bfloat16)]
+    assert torch.equal(*runs)
+
+
 def test_resume_from_saved_state_is_bit_identical():
     unet, sched = tiny_unet(), tiny_scheduler()
     eig, _, _ = small_system()

@@ -57,6 +57,19 @@ def test_sigterm_then_resume_is_bit_identical(tmp_path, tiny_model):
     assert np.array_equal(np.load(run / "restored.npy"), np.load(full / "restored.npy"))
 
 
+def test_ctrl_c_keeps_partial_results_and_exits_130(tmp_path, tiny_model):
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), "--model_id", tiny_model, "--img_size", "48",
+                             "--num_inference_steps", "150", "--save_dir", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: list(tmp_path.glob("run_*/images/eigenpsfs.png")), 120, "sampling to start")
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
+    m = json.loads((tmp_path / run_dirs(tmp_path)[0] / "metrics.json").read_text())
+    assert m["status"] == "interrupted" and 0 < m["steps_completed"] < 150
+
+
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     r = run_cli(["--resume", str(tmp_path)])
     assert r.returncode == 2 and "no checkpoint.pt" in r.stderr and "Traceback" not in r.stderr
