@@ -330,8 +330,8 @@ def compute_eigen_decomposition(kernel_grid: torch.Tensor, n_eigen_psfs: int, im
     coeff = coeff.reshape(n_eigen_psfs, Gy, Gx)
     # 3. Interpolate coefficients to full resolution: C = Wy · c · Wxᵀ.
     ys, xs = node_coords if node_coords is not None else (grid_node_coords(Gy, img_height), grid_node_coords(Gx, img_width))
-    Wy = interpolation_matrix(torch.as_tensor(ys), img_height, interpolation)
-    Wx = interpolation_matrix(torch.as_tensor(xs), img_width, interpolation)
+    Wy = interpolation_matrix(torch.as_tensor(ys), img_height, interpolation).to(P.device)
+    Wx = interpolation_matrix(torch.as_tensor(xs), img_width, interpolation).to(P.device)
     maps = torch.einsum("hi,kij,wj->khw", Wy, coeff, Wx)
     decomp = EigenPSFDecomposition(basis.to(dtype), maps.to(dtype), S.to(dtype), evr.to(dtype), coeff.to(dtype), interpolation)
     if n_comp > 0 and total > 0 and decomp.total_explained_variance < 0.9:
@@ -528,12 +528,13 @@ class TrueSVBlurOperator(torch.nn.Module):
         self.register_buffer("psfs", psfs.reshape(Gy, Gx * k * k))
         ys, xs = node_coords if node_coords is not None else (grid_node_coords(Gy, img_height), grid_node_coords(Gx, img_width))
         dt = kernel_grid.dtype
-        self.register_buffer("Wy", interpolation_matrix(torch.as_tensor(ys), img_height, interpolation).to(dt))
-        self.register_buffer("Wx", interpolation_matrix(torch.as_tensor(xs), img_width, interpolation).to(dt))
+        dev = kernel_grid.device
+        self.register_buffer("Wy", interpolation_matrix(torch.as_tensor(ys), img_height, interpolation).to(dev, dt))
+        self.register_buffer("Wx", interpolation_matrix(torch.as_tensor(xs), img_width, interpolation).to(dev, dt))
         iy = _pad_index(img_height, self.r, boundary)
         ix = _pad_index(img_width, self.r, boundary)
-        self.register_buffer("src_y", iy.clamp_max(img_height - 1))  # zero slot's PSF is irrelevant
-        self.register_buffer("src_x", ix.clamp_max(img_width - 1))
+        self.register_buffer("src_y", iy.clamp_max(img_height - 1).to(dev))  # zero slot's PSF is irrelevant
+        self.register_buffer("src_x", ix.clamp_max(img_width - 1).to(dev))
 
     def _psfs(self, rows, cols):
         """(len(rows), len(cols), k²) per-pixel PSFs, flattened in kernel order."""

@@ -322,6 +322,12 @@ def _plt():
     return plt
 
 
+def _save(fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    _plt().close(fig)
+
+
 def plot_comparison(path, panels):
     """panels: list of (title, (H, W, 3) image)."""
     plt = _plt()
@@ -330,9 +336,7 @@ def plot_comparison(path, panels):
         ax.imshow(np.clip(img, 0, 1))
         ax.set_title(title, fontsize=10)
         ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_eigenpsfs(path, basis, maps, explained, max_k=8):
@@ -352,9 +356,7 @@ def plot_eigenpsfs(path, basis, maps, explained, max_k=8):
         axes[1, k].set_title(f"C{k}", fontsize=8)
         for a in axes[:, k]:
             a.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_psf_grid(path, grid, max_side=16):
@@ -365,18 +367,15 @@ def plot_psf_grid(path, grid, max_side=16):
     g = grid[::sy, ::sx].cpu().numpy()
     g = g / np.maximum(g.max(axis=(-2, -1), keepdims=True), 1e-12)
     ny, nx = g.shape[:2]
-    mosaic = np.ones((ny * (k + 1) + 1, nx * (k + 1) + 1))
-    for i in range(ny):
-        for j in range(nx):  # plotting only: a few hundred tiles at most
-            mosaic[1 + i * (k + 1):1 + i * (k + 1) + k, 1 + j * (k + 1):1 + j * (k + 1) + k] = g[i, j]
+    tiles = np.ones((ny, k + 1, nx, k + 1))          # each PSF with a 1-pixel white gutter
+    tiles[:, :k, :, :k] = g.transpose(0, 2, 1, 3)
+    mosaic = np.pad(tiles.reshape(ny * (k + 1), nx * (k + 1)), ((1, 0), (1, 0)), constant_values=1)
     fig, ax = plt.subplots(figsize=(7, 7 * mosaic.shape[0] / mosaic.shape[1]))
     ax.imshow(mosaic, cmap="gray", interpolation="nearest")
     sub = f" (every {sy}th row / {sx}th column)" if sy > 1 or sx > 1 else ""
     ax.set_title(f"PSF grid {Gy}x{Gx}, {k}x{k} kernels{sub}", fontsize=10)
     ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_progress(path, steps, images, residuals, max_panels=8):
@@ -393,9 +392,7 @@ def plot_progress(path, steps, images, residuals, max_panels=8):
     axes[-1].semilogy(steps, [float(r[0]) for r in residuals])
     axes[-1].set_xlabel("step")
     axes[-1].set_title("‖y − A(x̂₀)‖", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 # ----------------------------------------------------------------------------

@@ -149,9 +149,7 @@ def plot_against(sweep_dir, key, rows):
         ax.set_ylabel(metric.replace("_", " "))
         ax.grid(alpha=0.3)
     fig.suptitle(f"mean over {len(rows)} complete runs", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(os.path.join(sweep_dir, f"plot_{key.replace('.', '_')}.png"), dpi=100)
-    plt.close(fig)
+    utils._save(fig, os.path.join(sweep_dir, f"plot_{key.replace('.', '_')}.png"))
 
 
 def _sort_key(v):

@@ -222,3 +222,18 @@ def test_metrics_use_fixed_range():
     est = ref + 0.1
     assert abs(utils.psnr(ref, est) - 20.0) < 1e-9  # MSE 0.01 on a [0, 1] range: exactly 20 dB
     assert abs(utils.psnr(ref * 0.1, est * 0.1) - 40.0) < 1e-9  # no per-image rescaling
+
+
+def test_download_only_then_offline_run(tmp_path, tiny_model):
+    """The login-node / compute-node workflow against a fake hub on localhost."""
+    from fakehub import FakeHub, files_from_dir
+    cache = tmp_path / "hf-cache"
+    with FakeHub("acme/tiny-ddpm", files_from_dir(tiny_model)) as hub:
+        r = run_cli(["--download_only", "--model_id", "acme/tiny-ddpm", "--model_cache", str(cache)],
+                    env={"HF_ENDPOINT": hub.endpoint})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "HF_HUB_OFFLINE=1" in r.stdout and str(cache) in r.stdout
+    r = run_cli(["--model_id", "acme/tiny-ddpm", "--model_cache", str(cache), *FAST, "--save_dir", str(tmp_path / "res")],
+                env={"HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(run_dirs(tmp_path / "res")) == 1
