@@ -482,6 +482,8 @@ def run(argv=None) -> int:
     if args.resume:
         return resume_run(args.resume, schema, given)
     device = resolve_device(rc["device"])
+    if device.type == "cpu":
+        utils.tune_cpu_allocator()
     dtype = getattr(torch, rc["dtype"])  # validated: float32 | bfloat16 | float16
     gen = torch.Generator(device=device).manual_seed(rc["seed"])
     utils.check_writable(rc["save_dir"])

@@ -56,8 +56,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--default_allocator", action="store_true", help="skip utils.tune_cpu_allocator()")
     args = ap.parse_args()
     device = torch.device(args.device)
+    if device.type == "cpu" and not args.default_allocator:
+        import utils
+        print(f"glibc: large blocks kept on the heap, as main.py does on CPU: {utils.tune_cpu_allocator()}")
     try:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from _peer import import_space_varying_blur
