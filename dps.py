@@ -20,11 +20,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import random
 import time
-from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import torch

@@ -166,7 +166,6 @@ class Problem:
 
 def prepare(path, cfg, device, gen, measured) -> Problem:
     """Loads one input and builds its operators; every failure here is a UserError (exit 2)."""
-    import numpy as np
     import torch
 
     import physics
@@ -467,7 +466,7 @@ def run(argv=None) -> int:
     args = parser.parse_args(argv)
     given = [n for n in FLAGS if getattr(args, n) is not None]
     cfg = resolve_config(args, given)
-    d, mc, sc, rc = cfg["data"], cfg["model"], cfg["sampler"], cfg["run"]
+    d, mc, rc = cfg["data"], cfg["model"], cfg["run"]
     cache = mc["model_cache"] or None
 
     if args.download_only:

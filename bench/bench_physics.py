@@ -10,7 +10,6 @@ Needs requirements-bench.txt for the peer.
 
 import argparse
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -79,22 +78,20 @@ def main():
     print(f"\n{'form':8s} {'K':>3s} {'ours fwd+adj':>13s} {'peer fwd+adj':>13s} {'speed-up':>9s} {'max rel diff (interior)':>24s}")
     for form in ("gather", "scatter"):
         for K in (5, 25):
-            cfg = dict(blur_mode="correlated", n_eigen_psfs=K, form=form, boundary="reflect", interpolation="bilinear")
             dec = physics.compute_eigen_decomposition(grid, K, H, W)
             op = physics.SVBlurOperator(dec, form, "reflect").to(device)
-            ours = timeit(lambda: op.adjoint(op(x)), args.repeats, device)
+            ours = timeit(lambda op=op: op.adjoint(op(x)), args.repeats, device)
             line = f"{form:8s} {K:3d} {ours * 1e3:11.1f}ms"
             if SpaceVaryingBlur is not None:
                 peer = SpaceVaryingBlur(filters=dec.basis_kernels[None, None].to(device),
                                         multipliers=dec.coefficient_maps[None, None].to(device),
                                         padding="reflect", use_fft=True, mask_first=form == "scatter", device=device)
-                t_peer = timeit(lambda: peer.A_adjoint(peer.A(x)), args.repeats, device)
+                t_peer = timeit(lambda peer=peer: peer.A_adjoint(peer.A(x)), args.repeats, device)
                 a, b = op(x), peer.A(x)
                 m = k  # compare away from the borders, where padding conventions differ
                 diff = float((a - b)[..., m:-m, m:-m].abs().max() / b[..., m:-m, m:-m].abs().max())
                 line += f" {t_peer * 1e3:11.1f}ms {t_peer / ours:8.2f}x {diff:24.2e}"
             print(line)
-    del cfg
     sim64 = physics.SVBlurSimulator(H, W, k, 64, device=device)
     t_sim = timeit(lambda: sim64.simulate_sv_kernel_grid("random_iid", seed=0), 3, device)
     print(f"\nsimulator: 64x64 random_iid grid of {k}x{k} PSFs in {t_sim * 1e3:.1f} ms")
