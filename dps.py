@@ -144,14 +144,15 @@ class EigenPSFDPSPipeline:
         inter = {"steps": [], "x0_hat": [], "residual": []}
         first_bad = torch.full((), -1, device=y.device, dtype=torch.long)  # on device: no sync per step
         last_good = None
-        timesteps = sched.timesteps                                         # CPU tensor
+        timesteps = sched.timesteps                                         # CPU, for the scheduler
+        t_device = timesteps.to(y.device)  # the UNet's copy: CUDA graphs skip graphs fed CPU tensors
         for i in range(start_index, len(timesteps)):
             t = timesteps[i]
             # 3. ε and the DDPM step (diffusers), with x_t tracked for the likelihood gradient.
             x_t = x_t.detach().requires_grad_(step_size > 0)
             with torch.set_grad_enabled(step_size > 0):
                 with autocast:
-                    eps = self.unet(x_t, t).sample
+                    eps = self.unet(x_t, t_device[i]).sample
                 out = sched.step(eps.float(), t, x_t, generator=generator)
                 x0_hat = out.pred_original_sample
                 # 4. Likelihood gradient of Σᵢ‖yᵢ − A((x̂₀ᵢ+1)/2)‖ and the guided step.
