@@ -186,18 +186,12 @@ def prepare(path, cfg, device, gen, measured) -> Problem:
         if psfs.shape[-1] > min(H, W):
             raise utils.UserError(f"PSF size {psfs.shape[-1]} is larger than the image ({H}x{W})")
         grid = torch.tensor(psfs, dtype=torch.float32, device=device)
-        coords = coords or (physics.grid_node_coords(grid.shape[0], H).numpy(), physics.grid_node_coords(grid.shape[1], W).numpy())
         info["psf_sums_before_normalisation"] = [float(sums.min()), float(sums.max())]
     else:
-        grid_size = physics.resolve_grid_size(pc)
-        if pc["n_eigen_psfs"] != "all" and pc["n_eigen_psfs"] > grid_size ** 2:
-            raise utils.UserError(f"n_eigen_psfs must be in 1..{grid_size ** 2} (grid_size² PSFs), got {pc['n_eigen_psfs']}")
-        sim = physics.SVBlurSimulator(H, W, pc["kernel_size"], grid_size, device)
+        sim = physics.SVBlurSimulator(H, W, pc["kernel_size"], physics.resolve_grid_size(pc), device)
         grid = sim.simulate_sv_kernel_grid(pc["blur_mode"], generator=gen, **physics.mode_params(pc))
-        coords = (physics.grid_node_coords(grid.shape[0], H).numpy(), physics.grid_node_coords(grid.shape[1], W).numpy())
-    n = pc["n_eigen_psfs"]
-    if n != "all" and n > grid.shape[0] * grid.shape[1]:
-        raise utils.UserError(f"n_eigen_psfs must be in 1..{grid.shape[0] * grid.shape[1]} (PSFs in the grid), got {n}")
+        coords = None
+    coords = coords or (physics.grid_node_coords(grid.shape[0], H).numpy(), physics.grid_node_coords(grid.shape[1], W).numpy())
     eig_op, true_op, decomp = physics.build_operators(grid, H, W, pc, tuple(torch.as_tensor(c) for c in coords))
     eig_op, true_op = eig_op.to(device), true_op.to(device)
     # 2. Measurement: exact operator + noise (simulation), or the file (real data).
@@ -276,6 +270,7 @@ def restore(p: Problem, run_dir, cfg, device, dtype, gen, pipe, multiple, extra_
     from tqdm.auto import tqdm
 
     import dps
+    import physics
     import utils
     sc, rc = cfg["sampler"], cfg["run"]
     op, x_size, (top, left) = reconstruction_operator(p, cfg, multiple, device)
@@ -384,7 +379,6 @@ def restore(p: Problem, run_dir, cfg, device, dtype, gen, pipe, multiple, extra_
                       (f"blurred  PSNR {metrics['psnr_blurred']:.2f} dB  SSIM {metrics['ssim_blurred']:.3f}", y_np),
                       (f"{title}  PSNR {metrics['psnr_restored']:.2f} dB  SSIM {metrics['ssim_restored']:.3f}", r)]
         else:
-            import physics
             metrics["operator_relative_error_on_restoration"] = physics.operator_relative_error(
                 p.eig_op, p.true_op, restored.to(device))
         utils.plot_comparison(os.path.join(images_dir, "comparison.png"), panels)

@@ -310,7 +310,7 @@ def compute_eigen_decomposition(kernel_grid: torch.Tensor, n_eigen_psfs: int, im
     Gy, Gx, k, _ = kernel_grid.shape
     N = Gy * Gx
     if not isinstance(n_eigen_psfs, int) or not 1 <= n_eigen_psfs <= N:
-        raise ValueError(f"n_eigen_psfs must be an integer in 1..{N} (the number of PSFs in the grid), got {n_eigen_psfs!r}")
+        raise ValueError(f"n_eigen_psfs must be in 1..{N} (the number of PSFs in the grid), got {n_eigen_psfs!r}")
     if img_height < k or img_width < k:
         raise ValueError(f"image ({img_height}x{img_width}) is smaller than the kernel ({k}x{k})")
     _choice("interpolation", interpolation, INTERPOLATIONS)
@@ -379,6 +379,11 @@ class _Pad:
     def to(self, device):
         self.iy, self.ix = self.iy.to(device), self.ix.to(device)
         return self
+
+
+def _check_image(x, H, W):
+    if x.ndim != 4 or x.shape[-2:] != (H, W):
+        raise ValueError(f"expected a (B, C, {H}, {W}) tensor, got {tuple(x.shape)}")
 
 
 def _fft_dtype(x):
@@ -452,9 +457,6 @@ class SVBlurOperator(torch.nn.Module):
         return self._cache[key]
 
 
-    def _check(self, x):
-        if x.ndim != 4 or x.shape[-2:] != (self.H, self.W):
-            raise ValueError(f"expected a (B, C, {self.H}, {self.W}) tensor, got {tuple(x.shape)}")
 
     def _conv(self, z, spectra, transpose: bool):
         """Circular convolution (or correlation, its transpose) on the FFT grid with each kernel."""
@@ -466,12 +468,12 @@ class SVBlurOperator(torch.nn.Module):
         return z[..., origin:origin + self.H, origin:origin + self.W]
 
     def forward(self, x):
-        self._check(x)
+        _check_image(x, self.H, self.W)
         x, in_dtype = _fft_dtype(x)
         return self._forward(x).to(in_dtype)
 
     def adjoint(self, y):
-        self._check(y)
+        _check_image(y, self.H, self.W)
         y, in_dtype = _fft_dtype(y)
         return self._adjoint(y).to(in_dtype)
 
@@ -549,9 +551,6 @@ class TrueSVBlurOperator(torch.nn.Module):
         per_row = (self.W + 2 * self.r) * self.k ** 2 * x.element_size() * (1 + 2 * x.shape[0] * x.shape[1])
         return max(1, int(self.max_chunk_bytes // per_row))
 
-    def _check(self, x):
-        if x.ndim != 4 or x.shape[-2:] != (self.H, self.W):
-            raise ValueError(f"expected a (B, C, {self.H}, {self.W}) tensor, got {tuple(x.shape)}")
 
     def _pad(self, x):
         return _Pad(self.H, self.W, self.r, self.boundary, x.device)
@@ -590,7 +589,7 @@ class TrueSVBlurOperator(torch.nn.Module):
         return out
 
     def forward(self, x):
-        self._check(x)
+        _check_image(x, self.H, self.W)
         pad = self._pad(x)
         rows, cols = torch.arange(self.H, device=x.device), torch.arange(self.W, device=x.device)
         if self.form == "gather":
@@ -600,7 +599,7 @@ class TrueSVBlurOperator(torch.nn.Module):
         return out[..., 2 * self.r: 2 * self.r + self.H, 2 * self.r: 2 * self.r + self.W]
 
     def adjoint(self, y):
-        self._check(y)
+        _check_image(y, self.H, self.W)
         pad = self._pad(y)
         rows, cols = torch.arange(self.H, device=y.device), torch.arange(self.W, device=y.device)
         if self.form == "gather":
