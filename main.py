@@ -79,12 +79,10 @@ def build_parser(defaults: dict) -> argparse.ArgumentParser:
     return p
 
 
-def resolve_config(args, argv_flags) -> dict:
-    """config.yaml (schema and defaults) <- --config file <- --set <- explicit flags, validated."""
+def resolve_config(args, argv_flags, schema) -> dict:
+    """config.yaml (schema and defaults) <- --config file <- --set <- explicit flags, validated once."""
     import utils
-    schema = utils.load_config(DEFAULT_CONFIG)
     cfg = utils.load_config(args.config) if os.path.abspath(args.config) != DEFAULT_CONFIG else schema
-    utils.validate_config(cfg, schema)
     base = utils.flatten(schema)
     resolved = {}
     for key, value in {**base, **utils.flatten(cfg)}.items():
@@ -101,21 +99,24 @@ def resolve_config(args, argv_flags) -> dict:
 
 
 def resolve_device(name: str):
-    """Device, once, here. 'auto' is CUDA when present, else CPU with a warning."""
+    """Device, once, here. 'auto' is CUDA when present, else CPU with a warning. On the CPU the
+    allocator is tuned for the operator's large temporaries (utils.tune_cpu_allocator)."""
     import torch
     import utils
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        log.warning("no CUDA device found: running on the CPU. A 256x256 pretrained run takes hours there; "
-                    "an estimate follows after the first steps. Use --model_id analytic for a quick offline run.")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise utils.UserError(f"run.device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise utils.UserError(f"run.device={name!r} but no CUDA device is available; use --device cpu or auto")
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if dev.type == "cpu":
+            log.warning("no CUDA device found: running on the CPU. A 256x256 pretrained run takes hours there; "
+                        "an estimate follows after the first steps. Use --model_id analytic for a quick offline run.")
+    else:
+        try:
+            dev = torch.device(name)
+        except RuntimeError:
+            raise utils.UserError(f"run.device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise utils.UserError(f"run.device={name!r} but no CUDA device is available; use --device cpu or auto")
+    if dev.type == "cpu":
+        utils.tune_cpu_allocator()
     return dev
 
 
@@ -307,10 +308,14 @@ def restore(p: Problem, run_dir, cfg, device, dtype, gen, pipe, multiple, extra_
     def callback(i, t, x_t, x0_hat, res):
         state["steps_done"] = i + 1
         bar.update(1)
-        if sc["intermediate_freq"] and (i % sc["intermediate_freq"] == 0 or i + 1 == sc["num_inference_steps"]):
+        freq = sc["intermediate_freq"]
+        if freq and (i % freq == 0 or i + 1 == sc["num_inference_steps"]):
+            x0_img = crop((x0_hat[:1] + 1) / 2).clamp(0, 1)                   # (1, C, H, W) in [0, 1]
             state["steps"].append(i)
-            state["x0_hat"].append(crop((x0_hat[:1] + 1) / 2).clamp(0, 1).cpu())
+            state["x0_hat"].append(x0_img.cpu())
             state["residual"].append(res.cpu())
+            if rc["save_intermediates"] and i % freq == 0:
+                utils.save_image(os.path.join(inter_dir, f"step_{i:04d}.png"), x0_img)
         if STOP["signal"] is not None:  # checked after a finished step: the state is consistent
             raise Preempted(i, x_t)
         if (i + 1) % sc["log_every"] == 0:
@@ -318,13 +323,11 @@ def restore(p: Problem, run_dir, cfg, device, dtype, gen, pipe, multiple, extra_
             if device.type == "cpu" and i + 1 == sc["log_every"]:
                 eta = (time.time() - t0) / (i + 1) * sc["num_inference_steps"]
                 log.warning("CPU run: estimated %.1f min for %d steps", eta / 60, sc["num_inference_steps"])
-        if rc["save_intermediates"] and sc["intermediate_freq"] and i % sc["intermediate_freq"] == 0:
-            utils.save_image(os.path.join(inter_dir, f"step_{i:04d}.png"), crop((x0_hat[:1] + 1) / 2))
 
     exit_code, error, out, full = 0, None, None, None
     old_handlers = {sig: signal.signal(sig, _request_stop) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     try:
-        out, inter = pipe(p.y, num_inference_steps=sc["num_inference_steps"], step_size=sc["step_size"],
+        out, _ = pipe(p.y, num_inference_steps=sc["num_inference_steps"], step_size=sc["step_size"],
                           generator=gen, gradient_clip=sc["gradient_clip"], callback=callback,
                           num_samples=sc["num_samples"],
                           clip_denoised=None if sc["clip_denoised"] == "auto" else sc["clip_denoised"], dtype=dtype,
@@ -459,7 +462,7 @@ def run(argv=None) -> int:
     parser = build_parser(schema)
     args = parser.parse_args(argv)
     given = [n for n in FLAGS if getattr(args, n) is not None]
-    cfg = resolve_config(args, given)
+    cfg = resolve_config(args, given, schema)
     d, mc, rc = cfg["data"], cfg["model"], cfg["run"]
     cache = mc["model_cache"] or None
 
@@ -475,8 +478,6 @@ def run(argv=None) -> int:
     if args.resume:
         return resume_run(args.resume, schema, given)
     device = resolve_device(rc["device"])
-    if device.type == "cpu":
-        utils.tune_cpu_allocator()
     dtype = getattr(torch, rc["dtype"])  # validated: float32 | bfloat16 | float16
     gen = torch.Generator(device=device).manual_seed(rc["seed"])
     utils.check_writable(rc["save_dir"])
@@ -520,25 +521,24 @@ def run(argv=None) -> int:
     batch_dir = utils.make_run_dir(rc["save_dir"], prefix="batch")
     log.info("batch of %d images: %s", len(inputs), batch_dir)
     utils.save_yaml(os.path.join(batch_dir, "config.yaml"), {**cfg, "resolved": extra})
+    keys = ("status", "psnr_blurred", "psnr_restored", "ssim_blurred", "ssim_restored", "data_residual_relative",
+            "operator_relative_error", "sigma_noise_estimated", "runtime_s", "error")
     rows, worst = [], 0
     for path in inputs:
-        row = {"file": os.path.basename(path)}
+        row, code = {"file": os.path.basename(path)}, 0
         try:
             p = prepare(path, cfg, device, gen, measured)
         except (utils.UserError, ValueError) as e:  # a bad file is reported, not fatal
             log.warning("skipping %s: %s", path, e)
             rows.append({**row, "status": "error", "error": str(e)})
-            continue
-        sub = utils.make_run_dir(batch_dir, prefix=p.name)
-        code, m = restore(p, sub, cfg, device, dtype, gen, pipe, multiple, extra)
-        worst = worst or code
-        keys = ("status", "psnr_blurred", "psnr_restored", "ssim_blurred", "ssim_restored", "data_residual_relative",
-                "operator_relative_error", "sigma_noise_estimated", "runtime_s", "error")
-        rows.append({**row, "folder": os.path.basename(sub), **{k: m[k] for k in keys if k in m}})
+        else:
+            sub = utils.make_run_dir(batch_dir, prefix=p.name)
+            code, m = restore(p, sub, cfg, device, dtype, gen, pipe, multiple, extra)
+            worst = worst or code
+            rows.append({**row, "folder": os.path.basename(sub), **{k: m[k] for k in keys if k in m}})
         utils.write_summary_csv(os.path.join(batch_dir, "summary.csv"), rows)  # kept current as we go
-        if code == EXIT_INTERRUPTED:
+        if code in (EXIT_INTERRUPTED, EXIT_PREEMPTED):  # a stop request ends the batch, not just this image
             break
-    utils.write_summary_csv(os.path.join(batch_dir, "summary.csv"), rows)
     n_err = sum(r["status"] != "complete" for r in rows)
     log.info("batch done: %d/%d complete; summary in %s", len(rows) - n_err, len(inputs), batch_dir)
     print(batch_dir)

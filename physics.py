@@ -456,8 +456,6 @@ class SVBlurOperator(torch.nn.Module):
             self._cache = {key: (pad, (spec, spec_t), C, C_pad)}
         return self._cache[key]
 
-
-
     def _conv(self, z, spectra, transpose: bool):
         """Circular convolution (or correlation, its transpose) on the FFT grid with each kernel."""
         Z = torch.fft.rfft2(z, s=self.fft_shape)
@@ -496,7 +494,7 @@ class SVBlurOperator(torch.nn.Module):
             z = F.pad(y[:, :, None] * C, (self.r, pad_y[1], self.r, pad_y[0]))
             Z = torch.fft.rfft2(z, s=self.fft_shape).mul_(spec[1]).sum(2)
             return pad.adjoint(torch.fft.irfft2(Z, s=self.fft_shape)[..., : self.Hp, : self.Wp])
-        # scatter: Aᵀ = Σₖ Cₖ ⊙ Padᵀ Convₖᵀ Embed(·): one FFT, K inverse FFTs.
+        # scatter: Aᵀ = Padᵀ Σₖ Pad(Cₖ) ⊙ Convₖᵀ Embed(·): one FFT, K inverse FFTs, one Padᵀ.
         z = F.pad(y[:, :, None], (self.r, pad_y[1], self.r, pad_y[0]))
         zk = torch.fft.irfft2(self._conv(z, spec, transpose=True), s=self.fft_shape)[..., : self.Hp, : self.Wp]
         return pad.adjoint((zk * C_pad).sum(2))

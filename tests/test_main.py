@@ -186,12 +186,13 @@ def test_flags_override_set_override_config(tmp_path):
     cfg.write_text("sampler:\n  step_size: 3.0\n  num_samples: 2\n")
     args = main.build_parser(utils.load_config(main.DEFAULT_CONFIG)).parse_args(
         ["--config", str(cfg), "--set", "sampler.step_size=4.0", "--set", "sampler.num_samples=3", "--num_samples", "5"])
-    r = main.resolve_config(args, ["num_samples"])
+    schema = utils.load_config(main.DEFAULT_CONFIG)
+    r = main.resolve_config(args, ["num_samples"], schema)
     assert r["sampler"]["step_size"] == 4.0 and r["sampler"]["num_samples"] == 5
     assert r["physics"]["blur_mode"] == "motion"  # untouched keys keep config.yaml's value
     cfg.write_text("sampler:\n  stepsize: 3.0\n")
     with pytest.raises(utils.UserError, match="unknown config key 'sampler.stepsize'"):
-        main.resolve_config(main.build_parser({}).parse_args(["--config", str(cfg)]), [])
+        main.resolve_config(main.build_parser({}).parse_args(["--config", str(cfg)]), [], schema)
 
 
 # --- image loading ---------------------------------------------------------------------------
