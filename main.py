@@ -249,16 +249,74 @@ def _request_stop(signum, frame):
     STOP["signal"] = signum
 
 
+CHECKPOINT_FORMAT, CHECKPOINT_VERSION = "eigenpsf-dps checkpoint", 2
+
+
 def save_checkpoint(path, p: Problem, x_t, next_index, gen, state):
     """Everything needed to continue bit-identically: x_t, the step, the generator state, the
-    measurement and PSFs, and the progress so far. Written atomically."""
+    measurement and PSFs, and the progress so far. Written atomically.
+
+    Only tensors and plain containers (dict, list, str, int, float, bool, None) go in, so that
+    load_checkpoint can read it with torch.load(weights_only=True): no pickled object can run code.
+    """
     import torch
-    ckpt = {"x_t": x_t.detach().cpu(), "next_index": next_index, "generator_state": gen.get_state(),
-            "problem": {"name": p.name, "y": p.y.cpu(), "clean": p.clean, "grid": p.grid.cpu(),
-                        "coords": tuple(torch.as_tensor(c).cpu() for c in p.coords), "info": p.info},
-            "progress": state}
+
+    import utils
+    clean = None if p.clean is None else torch.from_numpy(p.clean)
+    ckpt = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+            "x_t": x_t.detach().cpu(), "next_index": int(next_index), "generator_state": gen.get_state(),
+            "problem": {"name": p.name, "y": p.y.cpu(), "clean": clean, "grid": p.grid.cpu(),
+                        "coords": [torch.as_tensor(c).cpu() for c in p.coords], "info": utils.jsonable(p.info)},
+            "progress": {"steps_done": int(state["steps_done"]), "runtime": float(state["runtime"]),
+                         "steps": [int(s) for s in state["steps"]], "x0_hat": list(state["x0_hat"]),
+                         "residual": list(state["residual"])}}
     torch.save(ckpt, path + ".tmp")
     os.replace(path + ".tmp", path)
+
+
+# key -> required type of a checkpoint entry (dotted keys reach into "problem" and "progress")
+CHECKPOINT_SCHEMA = {"x_t": "tensor", "next_index": int, "generator_state": "tensor",
+                     "problem.name": str, "problem.y": "tensor", "problem.grid": "tensor", "problem.coords": list,
+                     "problem.info": dict, "progress.steps_done": int, "progress.runtime": float,
+                     "progress.steps": list, "progress.x0_hat": list, "progress.residual": list}
+
+
+def load_checkpoint(path) -> dict:
+    """Reads a checkpoint written by save_checkpoint, refusing anything else with a UserError.
+
+    torch.load(weights_only=True) unpickles tensors and plain containers only: a planted file
+    with code in it is refused before any of that code can run.
+    """
+    import pickle
+    import torch
+
+    import utils
+    not_ours = f"{path} is not a checkpoint this tool wrote"
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only" in str(e).lower():
+            raise utils.UserError(f"{not_ours}: it holds Python objects other than tensors and plain containers; "
+                                  f"refusing to load it") from None
+        raise utils.UserError(f"{not_ours}, or it is truncated or corrupt ({str(e).splitlines()[0][:120]})") from None
+    except Exception as e:  # the restricted unpickler and the zip reader raise many types on junk
+        detail = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}" if str(e) else type(e).__name__
+        raise utils.UserError(f"{not_ours}, or it is truncated or corrupt ({detail})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise utils.UserError(f"{not_ours} (no {CHECKPOINT_FORMAT!r} marker; checkpoints of versions before "
+                              f"format {CHECKPOINT_VERSION} cannot be resumed: start the run again)")
+    if ckpt.get("version") != CHECKPOINT_VERSION:
+        raise utils.UserError(f"{path} has checkpoint format {ckpt.get('version')!r}; this version of the tool "
+                              f"resumes format {CHECKPOINT_VERSION} only: start the run again")
+    for key, typ in CHECKPOINT_SCHEMA.items():
+        node = ckpt
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        ok = torch.is_tensor(node) if typ == "tensor" else isinstance(node, typ) and not isinstance(node, bool)
+        if not ok:
+            want = "a tensor" if typ == "tensor" else typ.__name__
+            raise utils.UserError(f"checkpoint {path} is damaged: {key} should be {want}, got {type(node).__name__}")
+    return ckpt
 
 
 def restore(p: Problem, run_dir, cfg, device, dtype, gen, pipe, multiple, extra_config, resume=None) -> tuple:
@@ -427,18 +485,16 @@ def resume_run(run_dir, schema, given) -> int:
     saved = utils.load_config(os.path.join(run_dir, "config.yaml"))
     extra = saved.pop("resolved", {})
     cfg = utils.validate_config(saved, schema)
-    try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated or foreign file
-        raise utils.UserError(f"cannot read {ckpt_path}: {type(e).__name__}") from None
+    ckpt = load_checkpoint(ckpt_path)
     device = resolve_device(cfg["run"]["device"])
     gen = torch.Generator(device=device)
     gen.set_state(ckpt["generator_state"])
     q = ckpt["problem"]
     grid = q["grid"].to(device)
     H, W = q["y"].shape[-2:]
-    eig_op, true_op, decomp = physics.build_operators(grid, H, W, cfg["physics"], q["coords"])
-    p = Problem(q["name"], q["y"].to(device), q["clean"], grid, q["coords"], eig_op.to(device), true_op.to(device),
+    eig_op, true_op, decomp = physics.build_operators(grid, H, W, cfg["physics"], tuple(q["coords"]))
+    clean = None if q["clean"] is None else q["clean"].numpy()
+    p = Problem(q["name"], q["y"].to(device), clean, grid, tuple(q["coords"]), eig_op.to(device), true_op.to(device),
                 decomp, q["info"])
     pipe, multiple = load_pipeline(cfg, device)
     log.info("resuming %s at step %d/%d", run_dir, ckpt["next_index"], cfg["sampler"]["num_inference_steps"])

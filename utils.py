@@ -10,13 +10,18 @@ import io
 import json
 import math
 import os
+import time
 from datetime import datetime
 
 import numpy as np
 import torch
 import yaml
 
-MAX_URL_BYTES = 50 * 2 ** 20
+MAX_URL_BYTES = 50 * 2 ** 20      # an image URL may send at most this much ...
+MAX_URL_SECONDS = 120             # ... within this many seconds in all
+MAX_IMAGE_PIXELS = 8192 * 8192    # per frame, checked from the header before any pixel is decoded
+MAX_PSF_ELEMENTS = 2 ** 26        # G*G*k*k of a PSF grid file (512 MB as float64), checked from the header
+MAX_PSF_GRID, MAX_PSF_SIZE = 256, 255  # the config's limits on grid_size and kernel_size
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
 
@@ -186,11 +191,13 @@ def _fetch_url(url: str) -> bytes:
                 raise UserError(f"{url} is not an image (Content-Type {ctype or 'missing'!r})")
             if int(r.headers.get("Content-Length") or 0) > MAX_URL_BYTES:
                 raise UserError(f"{url} is larger than {MAX_URL_BYTES // 2 ** 20} MB")
-            buf = bytearray()
+            buf, deadline = bytearray(), time.monotonic() + MAX_URL_SECONDS
             for chunk in r.iter_content(1 << 16):
                 buf += chunk
                 if len(buf) > MAX_URL_BYTES:
                     raise UserError(f"{url} is larger than {MAX_URL_BYTES // 2 ** 20} MB")
+                if time.monotonic() > deadline:  # the read timeout alone lets a slow server drip forever
+                    raise UserError(f"{url} took longer than {MAX_URL_SECONDS} s to download")
             return bytes(buf)
     except requests.RequestException as e:
         raise UserError(f"could not download image {url}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
@@ -200,11 +207,53 @@ def decode_image(raw, name: str) -> np.ndarray:
     """Bytes or a path -> float64 (H, W, 3) in [0, 1]. 16-bit is scaled by 65535; alpha dropped;
     grayscale broadcast to RGB."""
     import imageio.v3 as iio
+    src = io.BytesIO(raw) if isinstance(raw, bytes) else raw
+    check_pixel_count(src, name)
     try:
-        arr = iio.imread(raw if not isinstance(raw, bytes) else io.BytesIO(raw))
+        arr = iio.imread(src)
     except Exception as e:  # imageio raises many types for undecodable files
         raise UserError(f"cannot decode image {name}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from None
     return to_float_rgb(np.asarray(arr), name)
+
+
+def _declared_pixels(src) -> int:
+    """Pixels per frame that an image file's header declares, read without decoding any pixel.
+
+    TIFF headers are read by tifffile (which also handles what Pillow cannot open), everything
+    else by Pillow's lazy open. Returns 0 when neither can parse the header (decoding then fails
+    with its own message).
+    """
+    from PIL import Image
+    if hasattr(src, "seek"):
+        src.seek(0)
+    head = src.read(4) if hasattr(src, "read") else open(src, "rb").read(4)
+    if hasattr(src, "seek"):
+        src.seek(0)
+    try:
+        if head in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+            import tifffile
+            with tifffile.TiffFile(src) as tif:
+                return max((p.imagewidth * p.imagelength for p in tif.pages), default=0)
+        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # we want the number, not Pillow's check
+        try:
+            with Image.open(src) as im:
+                return im.size[0] * im.size[1]
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
+    except Exception:  # not an image format either reader knows: the decoder reports it
+        return 0
+    finally:
+        if hasattr(src, "seek"):
+            src.seek(0)
+
+
+def check_pixel_count(src, name: str) -> None:
+    """Refuses an image whose header declares more than MAX_IMAGE_PIXELS pixels (a decompression
+    bomb: a few kB that would decode to many GB), before decoding it."""
+    n = _declared_pixels(src)
+    if n > MAX_IMAGE_PIXELS:
+        raise UserError(f"{name}: the image declares {n:,} pixels, more than the limit of {MAX_IMAGE_PIXELS:,} "
+                        f"(8192x8192); refusing to decode it")
 
 
 def to_float_rgb(arr: np.ndarray, name: str) -> np.ndarray:
@@ -328,6 +377,11 @@ def write_json(path: str, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def jsonable(data):
+    """data as plain JSON types (tuples become lists); TypeError for anything JSON cannot hold."""
+    return json.loads(json.dumps(data, allow_nan=True))
+
+
 def write_metrics_txt(path: str, m: dict) -> None:
     lines = [f"{k:28s} {v:.4f}" if isinstance(v, float) else f"{k:28s} {v}" for k, v in m.items()]
     with open(path, "w") as f:
@@ -426,6 +480,7 @@ def load_psf_grid(path: str):
     """
     if not os.path.isfile(path):
         raise UserError(f"PSF grid file not found: {path}")
+    check_psf_grid_header(path)
     try:
         if path.endswith(".npz"):
             with np.load(path, allow_pickle=False) as z:
@@ -464,6 +519,50 @@ def load_psf_grid(path: str):
             raise UserError(f"{path}: positions must increase along rows and columns")
         coords = (ys, xs)
     return psfs / sums[..., None, None], coords, sums
+
+
+def _npy_header(f, what):
+    """(shape, dtype) from a .npy header, read without touching the data."""
+    try:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(f)
+    except (ValueError, OSError, SyntaxError) as e:
+        raise UserError(f"{what} is not a valid .npy array: {str(e).splitlines()[0][:200]}") from None
+    return shape, dtype
+
+
+def check_psf_grid_header(path: str) -> None:
+    """Refuses a PSF grid whose header declares absurd dimensions before any array is allocated.
+
+    Limits: G <= MAX_PSF_GRID per side, k <= MAX_PSF_SIZE, G*G*k*k <= MAX_PSF_ELEMENTS.
+    """
+    import zipfile
+    headers = {}
+    if path.endswith(".npy"):
+        with open(path, "rb") as f:
+            headers["psfs"] = _npy_header(f, path)
+    elif path.endswith(".npz"):
+        try:
+            with zipfile.ZipFile(path) as z:
+                for key in ("psfs", "positions"):
+                    if f"{key}.npy" in z.namelist():
+                        with z.open(f"{key}.npy") as f:
+                            headers[key] = _npy_header(f, f"{path}:{key}")
+        except zipfile.BadZipFile:
+            raise UserError(f"{path} is not a valid .npz file (not a zip archive; truncated or another format)") from None
+    else:
+        raise UserError(f"PSF grid must be a .npy or .npz file, got {path}")
+    for key, (shape, dtype) in headers.items():
+        if dtype.hasobject or dtype.kind not in "biuf":
+            raise UserError(f"{path}: {key} must hold numbers, not {dtype}")
+    shape = headers.get("psfs", ((),))[0]
+    sides = len(shape) == 4 and (max(shape[:2]) > MAX_PSF_GRID or max(shape[2:]) > MAX_PSF_SIZE)
+    if sides or math.prod(shape) > MAX_PSF_ELEMENTS:
+        raise UserError(f"{path}: a PSF grid of shape {shape} is beyond the limits (grid side <= {MAX_PSF_GRID}, "
+                        f"PSF size <= {MAX_PSF_SIZE}, {MAX_PSF_ELEMENTS:,} values in all); refusing to load it")
+    if "positions" in headers and math.prod(headers["positions"][0]) > 2 * MAX_PSF_GRID ** 2:
+        raise UserError(f"{path}: positions of shape {headers['positions'][0]} cannot belong to a PSF grid")
 
 
 def save_psf_grid(path: str, psfs, coords) -> None:
