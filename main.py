@@ -30,6 +30,14 @@ def float_or_auto(text):
     return "auto" if text == "auto" else float(text)
 
 
+def int_or(keyword):
+    """An argparse type that takes an int or `keyword` (e.g. --n_eigen_psfs all, --grid_size auto)."""
+    def parse(text):
+        return keyword if text == keyword else int(text)
+    parse.__name__ = f"int or '{keyword}'"
+    return parse
+
+
 # flag -> config key. Each flag's help shows the config.yaml default.
 FLAGS = {
     "image": ("data.image", str, "clean image: path (PNG/JPEG/TIFF), http(s) URL, or 'sample'"),
@@ -42,8 +50,8 @@ FLAGS = {
     "save_psf_grid": ("data.save_psf_grid", str, "export the PSF grid used (.npz/.npy)"),
     "blur_mode": ("physics.blur_mode", str, "motion | defocus | mixed | correlated | random_iid"),
     "kernel_size": ("physics.kernel_size", int, "odd PSF size in pixels"),
-    "grid_size": ("physics.grid_size", int, "PSFs per image side (default auto: 8, or 64 for random_iid)"),
-    "n_eigen_psfs": ("physics.n_eigen_psfs", int, "number K of EigenPSFs (1..grid_size^2)"),
+    "grid_size": ("physics.grid_size", int_or("auto"), "PSFs per image side, or auto (8, or 64 for random_iid)"),
+    "n_eigen_psfs": ("physics.n_eigen_psfs", int_or("all"), "number K of EigenPSFs (1..grid_size^2), or all"),
     "model_id": ("model.model_id", str, "hub id, local diffusers directory, or 'analytic'"),
     "model_cache": ("model.model_cache", str, "hub cache directory (share it between login and compute nodes)"),
     "max_retries": ("model.max_retries", int, "download attempts"),
@@ -160,13 +168,71 @@ class Problem:
     grid: object                   # (G, G, k, k) PSFs
     coords: tuple                  # PSF positions (ys, xs) in pixels of y
     eig_op: object                 # EigenPSF operator at y's size
-    true_op: object                # exact operator at y's size
+    grid_op: object                # the grid's full-rank operator at y's size (the model without PCA)
     decomp: object
     info: dict = field(default_factory=dict)  # logged facts that go into metrics.json
 
 
+def psf_field(H, W, cfg, device, gen, measured):
+    """(field, node grid, node coords): the PSF field a simulation draws (or a measured grid made
+    continuous by physics.BlendedGridField) and the node grid the reconstruction is given."""
+    import numpy as np
+    import torch
+
+    import physics
+    import utils
+    pc = cfg["physics"]
+    if measured is None:
+        sim = physics.SVBlurSimulator(H, W, pc["kernel_size"], physics.resolve_grid_size(pc), device)
+        f = sim.simulate_field(pc["blur_mode"], generator=gen, **physics.mode_params(pc))
+        return f, f.node_grid(), tuple(c.numpy() for c in f.node_coords())
+    psfs, coords, _ = measured
+    if psfs.shape[-1] > min(H, W):
+        raise utils.UserError(f"PSF size {psfs.shape[-1]} is larger than the image ({H}x{W})")
+    grid = torch.tensor(psfs, dtype=torch.float32, device=device)
+    if coords is not None:
+        check_positions_overlap(coords, H, W)
+    coords = coords or tuple(physics.grid_node_coords(n, s).numpy() for n, s in zip(grid.shape[:2], (H, W)))
+    return physics.BlendedGridField(grid, *(np.asarray(c) for c in coords), H, W), grid, coords
+
+
+def check_positions_overlap(coords, H, W):
+    """PSF positions must reach into the H×W image; positions wholly outside it are almost always
+    swapped (x, y) columns or coordinates of another frame (e.g. the full sensor)."""
+    import utils
+    ys, xs = coords
+    outside = [f"{name} {c.min():.0f}..{c.max():.0f} lie outside 0..{n - 1}"
+               for name, c, n in (("rows", ys, H), ("columns", xs, W)) if c.max() < 0 or c.min() > n - 1]
+    if outside:
+        fits_swapped = ys.max() >= 0 and ys.min() <= W - 1 and xs.max() >= 0 and xs.min() <= H - 1
+        hint = " (they would fit with x and y swapped)" if fits_swapped else ""
+        raise utils.UserError(f"PSF positions are outside the {H}x{W} image: {'; '.join(outside)}. "
+                              f"positions must be [row, col] pixel coordinates of this measurement{hint}; "
+                              f"check for swapped x/y or coordinates of another frame")
+
+
+def simulate_measurement(f, scene, cfg, device, gen):
+    """(x, x_ext, y, truth): the ground truth blurs the scene with margin (valid convolution),
+    then Gaussian noise; x is the field of view."""
+    import torch
+
+    import physics
+    import utils
+    truth = physics.GroundTruthBlur(f, cfg["physics"]["form"])
+    x_ext = utils.to_tensor(scene, device)
+    with torch.no_grad():
+        y = truth(x_ext)
+        y = y + cfg["data"]["sigma_noise"] * torch.randn(y.shape, generator=gen, device=device)
+    return truth.crop(x_ext), x_ext, y, truth
+
+
 def prepare(path, cfg, device, gen, measured) -> Problem:
-    """Loads one input and builds its operators; every failure here is a UserError (exit 2)."""
+    """Loads one input and builds its operators; every failure here is a UserError (exit 2).
+
+    Simulation: the measurement comes from the per-pixel ground truth (physics.GroundTruthBlur)
+    of a continuous PSF field, on a scene with k // 2 pixels of real margin; the reconstruction is
+    given only the node grid sampled from that field, and its own boundary rule.
+    """
     import torch
 
     import physics
@@ -177,43 +243,39 @@ def prepare(path, cfg, device, gen, measured) -> Problem:
     if real:
         y_np = utils.read_image(path)                           # native size: resizing would change the blur
         H, W = y_np.shape[:2]
-        clean = None
-    else:
-        clean = utils.center_crop_resize(utils.read_image(path), d["img_size"])
-        H = W = d["img_size"]
-    # 1. PSF grid: measured (file) or simulated from the seeded generator.
-    if measured is not None:
-        psfs, coords, sums = measured
-        if psfs.shape[-1] > min(H, W):
-            raise utils.UserError(f"PSF size {psfs.shape[-1]} is larger than the image ({H}x{W})")
-        grid = torch.tensor(psfs, dtype=torch.float32, device=device)
-        info["psf_sums_before_normalisation"] = [float(sums.min()), float(sums.max())]
-    else:
-        sim = physics.SVBlurSimulator(H, W, pc["kernel_size"], physics.resolve_grid_size(pc), device)
-        grid = sim.simulate_sv_kernel_grid(pc["blur_mode"], generator=gen, **physics.mode_params(pc))
-        coords = None
-    coords = coords or (physics.grid_node_coords(grid.shape[0], H).numpy(), physics.grid_node_coords(grid.shape[1], W).numpy())
-    eig_op, true_op, decomp = physics.build_operators(grid, H, W, pc, tuple(torch.as_tensor(c) for c in coords))
-    eig_op, true_op = eig_op.to(device), true_op.to(device)
-    # 2. Measurement: exact operator + noise (simulation), or the file (real data).
-    if real:
-        y = utils.to_tensor(y_np, device)
-        if d["sigma_noise"] == "auto":
-            info["sigma_noise_estimated"] = utils.estimate_noise_sigma(y_np)
-            log.info("%s: estimated noise sigma %.4f (wavelet MAD)", os.path.basename(path), info["sigma_noise_estimated"])
     else:
         if d["sigma_noise"] == "auto":
             raise utils.UserError("sigma_noise=auto estimates the noise of a real measurement (--blurred); "
                                   "give a number when simulating")
-        x = utils.to_tensor(clean, device)
-        info["operator_relative_error"] = physics.operator_relative_error(eig_op, true_op, x)
-        with torch.no_grad():  # measured with the exact operator; restored with the EigenPSF one
-            y = true_op(x) + d["sigma_noise"] * torch.randn(x.shape, generator=gen, device=device)
+        H = W = d["img_size"]
+    # 1. PSF field and the node grid (measured from a file, or simulated from the seeded generator).
+    f, grid, coords = psf_field(H, W, cfg, device, gen, measured)
+    if measured is not None:
+        info["psf_sums_before_normalisation"] = [float(measured[2].min()), float(measured[2].max())]
+    eig_op, grid_op, decomp = physics.build_operators(grid, H, W, pc, tuple(torch.as_tensor(c) for c in coords))
+    eig_op, grid_op = eig_op.to(device), grid_op.to(device)
+    # 2. Measurement: the file (real data), or the ground truth + noise (simulation).
+    if real:
+        y, clean = utils.to_tensor(y_np, device), None
+        if d["sigma_noise"] == "auto":
+            info["sigma_noise_estimated"] = utils.estimate_noise_sigma(y_np)
+            log.info("%s: estimated noise sigma %.4f (wavelet MAD)", os.path.basename(path), info["sigma_noise_estimated"])
+    else:
+        r = grid.shape[-1] // 2
+        scene = utils.load_scene(path, H, r)                       # (H + 2r, W + 2r, 3)
+        clean = scene[r:r + H, r:r + W]
+        x, x_ext, y, truth = simulate_measurement(f, scene, cfg, device, gen)
+        info["operator_relative_error"] = physics.operator_relative_error(eig_op, truth, x, x_ext)
+        info["ground_truth"] = (f"per-pixel {pc['form']} blur of the continuous PSF field"
+                                f"{' (measured grid, Gaussian-blended)' if measured is not None else ''}, "
+                                f"valid convolution over {r} px of real margin")
+    info["form"] = pc["form"]
     info["explained_variance"] = decomp.total_explained_variance
     log.info("%s: %dx%d, EigenPSF K=%d explains %.2f%% of the PSF variance%s", os.path.basename(path), H, W,
              decomp.n_components, 100 * decomp.total_explained_variance,
-             f", operator error on this image {info['operator_relative_error']:.3e}" if "operator_relative_error" in info else "")
-    return Problem(os.path.splitext(os.path.basename(path))[0], y, clean, grid, coords, eig_op, true_op, decomp, info)
+             f", operator error against the ground truth {info['operator_relative_error']:.3e}"
+             if "operator_relative_error" in info else "")
+    return Problem(os.path.splitext(os.path.basename(path))[0], y, clean, grid, coords, eig_op, grid_op, decomp, info)
 
 
 def reconstruction_operator(p: Problem, cfg, multiple: int, device):
@@ -342,7 +404,10 @@ def restore(p: Problem, run_dir, cfg, device, dtype, gen, pipe, multiple, extra_
         os.makedirs(inter_dir, exist_ok=resume is not None)
     utils.save_yaml(os.path.join(run_dir, "config.yaml"), {**cfg, "resolved": extra_config})
     utils.save_psf_grid(os.path.join(run_dir, "psf_grid.npz"), p.grid, p.coords)
+    # The exact problem, for others to reuse: y as the sampler sees it (unclipped) and the clean image.
+    np.save(os.path.join(run_dir, "measurement.npy"), p.y[0].permute(1, 2, 0).cpu().numpy().astype(np.float32))
     if p.clean is not None:
+        np.save(os.path.join(run_dir, "clean.npy"), p.clean.astype(np.float32))
         utils.save_image(os.path.join(images_dir, "clean.png"), p.clean)
     utils.save_image(os.path.join(images_dir, "blurred.png"), p.y)
     utils.plot_psf_grid(os.path.join(images_dir, "psf_grid.png"), p.grid)
@@ -353,7 +418,8 @@ def restore(p: Problem, run_dir, cfg, device, dtype, gen, pipe, multiple, extra_
                **p.info, "n_eigen_psfs": p.decomp.n_components, "num_inference_steps": sc["num_inference_steps"],
                "step_size": sc["step_size"], "num_samples": sc["num_samples"], "seed": rc["seed"]}
     if p.clean is not None:
-        metrics.update(psnr_blurred=utils.psnr(p.clean, y_np), ssim_blurred=utils.ssim(p.clean, y_np))
+        metrics.update(psnr_blurred=utils.psnr(p.clean, y_np), ssim_blurred=utils.ssim(p.clean, y_np),
+                       ssim_definition=utils.SSIM_DEFINITION)
     else:
         metrics["note"] = "real measurement: no clean image, so PSNR/SSIM are omitted"
 
@@ -441,7 +507,7 @@ def restore(p: Problem, run_dir, cfg, device, dtype, gen, pipe, multiple, extra_
                       (f"{title}  PSNR {metrics['psnr_restored']:.2f} dB  SSIM {metrics['ssim_restored']:.3f}", r)]
         else:
             metrics["operator_relative_error_on_restoration"] = physics.operator_relative_error(
-                p.eig_op, p.true_op, restored.to(device))
+                p.eig_op, p.grid_op, restored.to(device))
         utils.plot_comparison(os.path.join(images_dir, "comparison.png"), panels)
     if state["steps"]:
         utils.plot_progress(os.path.join(images_dir, "progress.png"), state["steps"], state["x0_hat"], state["residual"])
@@ -492,9 +558,9 @@ def resume_run(run_dir, schema, given) -> int:
     q = ckpt["problem"]
     grid = q["grid"].to(device)
     H, W = q["y"].shape[-2:]
-    eig_op, true_op, decomp = physics.build_operators(grid, H, W, cfg["physics"], tuple(q["coords"]))
+    eig_op, grid_op, decomp = physics.build_operators(grid, H, W, cfg["physics"], tuple(q["coords"]))
     clean = None if q["clean"] is None else q["clean"].numpy()
-    p = Problem(q["name"], q["y"].to(device), clean, grid, tuple(q["coords"]), eig_op.to(device), true_op.to(device),
+    p = Problem(q["name"], q["y"].to(device), clean, grid, tuple(q["coords"]), eig_op.to(device), grid_op.to(device),
                 decomp, q["info"])
     pipe, multiple = load_pipeline(cfg, device)
     log.info("resuming %s at step %d/%d", run_dir, ckpt["next_index"], cfg["sampler"]["num_inference_steps"])
@@ -511,6 +577,7 @@ def run(argv=None) -> int:
     import torch
 
     import dps
+    import physics
     import utils
 
     # 1. Config, device, dtype, seed: resolved once, here.
@@ -520,6 +587,7 @@ def run(argv=None) -> int:
     given = [n for n in FLAGS if getattr(args, n) is not None]
     cfg = resolve_config(args, given, schema)
     d, mc, rc = cfg["data"], cfg["model"], cfg["run"]
+    cfg["physics"]["form"] = physics.resolve_form(cfg["physics"], measured=bool(d["psf_grid"]))  # saved resolved
     cache = mc["model_cache"] or None
 
     if args.download_only:

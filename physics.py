@@ -8,7 +8,12 @@ Forward model (README, "Forward model"):
 where Bₖ are basis kernels ("EigenPSFs") and Cₖ coefficient maps. The PSF at a
 pixel p is hₚ = Σₖ Cₖ[p] Bₖ. In the *gather* form hₚ is the PSF that blurs *into*
 output pixel p; in the *scatter* form it is the PSF with which source pixel p
-spreads its light (product convolution; flux conserving).
+spreads its light (product convolution; flux conserving where no light leaves
+through the boundary).
+
+Simulations do not use that model as their truth: a continuous PSF field (PSFField)
+gives every pixel its own PSF, and GroundTruthBlur blurs a scene with a real margin by
+valid convolution. The reconstruction sees only the node grid sampled from the field.
 
 Every operator is a composition of exactly-transposable linear pieces
 
@@ -67,14 +72,21 @@ def _make_generator(seed, generator, device) -> torch.Generator:
 
 
 # ----------------------------------------------------------------------------
-# 1. PSF-grid simulation
+# 1. Continuous PSF fields and the node grids sampled from them
 # ----------------------------------------------------------------------------
 
-class SVBlurSimulator:
-    """Simulates a (G, G, k, k) grid of PSFs sampled at the centres of a G×G tiling.
+N_FOURIER_FEATURES = 128  # terms of each smooth random field (random Fourier features)
+IID_BLEND_WIDTH = 0.3     # random_iid truth: Gaussian blending width of node PSFs, in grid cells
 
-    Every mode is vectorized over the grid: parameters are (G, G, 1, 1) tensors
-    broadcast against the kernel coordinates (1, 1, k, k).
+
+class SVBlurSimulator:
+    """Draws a continuous SV PSF field for an H×W image and samples its G×G node grid.
+
+    Every PSF parameter (motion length and angle, defocus radius, Gaussian widths, orientation
+    and offsets) is a smooth function of the pixel position, drawn once from the generator;
+    `simulate_field` returns it as a PSFField that gives the PSF at any position. The node grid
+    (G, G, k, k) is that field sampled at the centres of a G×G tiling, which is what a calibration
+    would measure; the per-pixel ground truth (GroundTruthBlur) evaluates it at every pixel.
     """
 
     def __init__(self, img_height: int, img_width: int, kernel_size: int = 21, grid_size: int = 8,
@@ -86,38 +98,136 @@ class SVBlurSimulator:
             raise ValueError(f"image ({img_height}x{img_width}) must be at least kernel_size={kernel_size} on each side")
         self.H, self.W, self.k, self.G = img_height, img_width, kernel_size, grid_size
         self.device, self.dtype = torch.device(device), dtype
-        r = kernel_size // 2
-        u = torch.arange(-r, r + 1, device=self.device, dtype=dtype)
+
+    def _check_fit(self, what: str, extent: float, limit_name: str) -> None:
+        r = self.k // 2
+        if extent > r + 1e-9:
+            raise ValueError(
+                f"{what} reaches {extent:.2f} px from the centre but kernel_size={self.k} only holds {r} px; "
+                f"increase kernel_size to at least {2 * math.ceil(extent) + 1} or reduce {limit_name}")
+
+    def _check_params(self, mode, p) -> None:
+        if mode in ("motion", "mixed", "random_iid"):
+            _nonneg_range("min_length", p["min_length"], "max_length", p["max_length"])
+            self._check_fit("motion blur of max_length", p["max_length"] / 2, "max_length")
+        if mode in ("defocus", "mixed", "random_iid"):
+            _nonneg_range("min_radius", p["min_radius"], "max_radius", p["max_radius"])
+            self._check_fit("defocus disk of max_radius", p["max_radius"], "max_radius")
+        if mode in ("correlated", "random_iid") and p["sigma_scale"] <= 0:
+            raise ValueError(f"sigma_scale must be > 0, got {p['sigma_scale']}")
+        if mode == "correlated":
+            if p["correlation_length"] < 0 or p["mu_scale"] < 0:
+                raise ValueError("correlation_length and mu_scale must be >= 0")
+            self._check_fit("correlated Gaussian (3·1.5·sigma_scale + mu_scale)",
+                            4.5 * p["sigma_scale"] + p["mu_scale"], "sigma_scale or mu_scale")
+        if mode == "random_iid":
+            self._check_fit("Gaussian of 3·1.5·sigma_scale", 4.5 * p["sigma_scale"], "sigma_scale")
+
+    def _fourier_features(self, gen, correlation_length: float) -> dict:
+        """Frequencies (M, 2) and phases (M,) of one zero-mean, unit-variance random field with
+        Gaussian correlation exp(−d²/2ℓ²), ℓ in grid cells (at least 0.5: a field finer than the
+        grid would be white noise, which no continuous truth can be)."""
+        ell = max(float(correlation_length), 0.5)
+        omega = torch.randn(N_FOURIER_FEATURES, 2, generator=gen, device=self.device, dtype=self.dtype) / ell
+        phase = torch.rand(N_FOURIER_FEATURES, generator=gen, device=self.device, dtype=self.dtype) * 2 * math.pi
+        return {"omega": omega, "phase": phase}
+
+    def _draw(self, mode, p, gen) -> dict:
+        """Every random number the field needs, drawn in a fixed order from `gen`."""
+        d = {}
+        if mode in ("motion", "mixed"):
+            d["base_angle"] = torch.rand((), generator=gen, device=self.device, dtype=self.dtype) * math.pi
+            d["angle"] = self._fourier_features(gen, max(self.G / 3, 1.0))
+        elif mode == "correlated":
+            for name in ("sig_a", "sig_b", "theta", "mu_y", "mu_x"):
+                d[name] = self._fourier_features(gen, p["correlation_length"])
+        elif mode == "random_iid":
+            G = self.G
+            d["u"] = torch.rand(6, G, G, 1, 1, generator=gen, device=self.device, dtype=self.dtype)
+            d["family"] = torch.randint(0, 3, (G, G, 1, 1), generator=gen, device=self.device)
+        return d
+
+    def simulate_field(self, mode: str = "motion", seed=None, generator=None, **mode_params) -> "PSFField":
+        """The continuous PSF field of `mode`. `mode_params` override MODE_DEFAULTS[mode]; unknown
+        names raise ValueError. Randomness comes only from `generator` (or one seeded with `seed`)."""
+        _choice("blur_mode", mode, BLUR_MODES)
+        unknown = set(mode_params) - set(MODE_DEFAULTS[mode])
+        if unknown:
+            raise ValueError(f"unknown parameter(s) {sorted(unknown)} for blur_mode {mode!r}; "
+                             f"allowed: {sorted(MODE_DEFAULTS[mode])}")
+        p = {**MODE_DEFAULTS[mode], **mode_params}
+        self._check_params(mode, p)
+        gen = _make_generator(seed, generator, self.device)
+        return PSFField(self, mode, p, self._draw(mode, p, gen))
+
+    def simulate_sv_kernel_grid(self, mode: str = "motion", seed=None, generator=None, **mode_params):
+        """The (G, G, k, k) node grid of a freshly drawn field: PSFs ≥ 0, each summing to 1."""
+        return self.simulate_field(mode, seed, generator, **mode_params).node_grid()
+
+
+class PSFField:
+    """A spatially varying PSF field: PSF parameters as smooth functions of pixel position.
+
+    `psfs_on_grid(rows, cols)` draws the PSFs at every (row, col) pair of two coordinate vectors
+    (pixels of the H×W image; positions outside it are allowed and clamp the radial profile).
+    Families are vectorized: parameters are (R, C, 1, 1) against kernel offsets (k, k).
+
+    random_iid is i.i.d. per node by definition, so its continuous field is a BlendedGridField of
+    the node PSFs.
+    """
+
+    def __init__(self, sim: SVBlurSimulator, mode: str, params: dict, draws: dict):
+        self.sim, self.mode, self.params, self.draws = sim, mode, params, draws
+        self.H, self.W, self.k, self.G = sim.H, sim.W, sim.k, sim.G
+        self.device, self.dtype = sim.device, sim.dtype
+        r = self.k // 2
+        u = torch.arange(-r, r + 1, device=self.device, dtype=self.dtype)
         self.v, self.u = torch.meshgrid(u, u, indexing="ij")  # (k, k): row offset v, column offset u
+        if mode == "random_iid":  # i.i.d. node PSFs, blended smoothly in between
+            self.blend = BlendedGridField(self._iid_node_psfs(), *self.node_coords(), self.H, self.W)
 
-    # -- smooth and random fields over the grid, all (G, G, 1, 1) --------------------------
+    def node_coords(self):
+        """(ys, xs) pixel coordinates of the G×G node grid (cell centres)."""
+        return grid_node_coords(self.G, self.H), grid_node_coords(self.G, self.W)
 
-    def _radius_field(self):
-        """Normalised distance of each grid centre from the image centre, in [0, 1]."""
-        c = (torch.arange(self.G, device=self.device, dtype=self.dtype) + 0.5) / self.G - 0.5
-        yy, xx = torch.meshgrid(c * self.H, c * self.W, indexing="ij")
-        rho = torch.sqrt(yy ** 2 + xx ** 2)
-        return (rho / rho.max().clamp_min(1e-12))[..., None, None] if self.G > 1 else torch.zeros(1, 1, 1, 1, device=self.device, dtype=self.dtype)
+    def node_grid(self):
+        """(G, G, k, k): the field sampled at the node coordinates."""
+        ys, xs = self.node_coords()
+        return self.psfs_on_grid(ys, xs)
 
-    def _smooth_field(self, gen, correlation_length: float):
-        """Zero-mean, unit-std Gaussian random field with Gaussian correlation (in grid cells)."""
-        n = self.G
-        white = torch.randn(n, n, generator=gen, device=self.device, dtype=self.dtype)
-        if correlation_length > 0:
-            f = torch.fft.fftfreq(n, device=self.device, dtype=self.dtype)
-            fy, fx = torch.meshgrid(f, f, indexing="ij")
-            transfer = torch.exp(-2 * (math.pi * correlation_length) ** 2 * (fy ** 2 + fx ** 2))
-            white = torch.fft.ifft2(torch.fft.fft2(white) * transfer).real
-        white = white - white.mean()
-        std = white.std() if n > 1 else torch.ones((), device=self.device, dtype=self.dtype)
-        return (white / std.clamp_min(1e-12))[..., None, None]
+    # -- smooth fields of position; py (R, 1), px (1, C) -> (R, C) ----------------------------
 
-    # -- PSF families, vectorized over the leading (G, G) ----------------------------------
+    def _cells(self, py, px):
+        """Positions in grid-cell units: node (i, j) sits at (i + 0.5, j + 0.5)."""
+        return (py + 0.5) * self.G / self.H, (px + 0.5) * self.G / self.W
+
+    def _radius(self, py, px):
+        """Distance from the image centre, 0 there and 1 at the corner pixels (clamped beyond)."""
+        cy, cx = (self.H - 1) / 2, (self.W - 1) / 2
+        rho_max = math.hypot(cy, cx)
+        if rho_max == 0:
+            return torch.zeros_like(py + px)
+        return (torch.sqrt((py - cy) ** 2 + (px - cx) ** 2) / rho_max).clamp(max=1)
+
+    def _random_field(self, feats, py, px):
+        """√(2/M) Σₘ cos(ωₘ·u + φₘ): unit variance, Gaussian correlation (random Fourier features)."""
+        uy, ux = self._cells(py, px)
+        arg = uy[..., None] * feats["omega"][:, 0] + ux[..., None] * feats["omega"][:, 1] + feats["phase"]
+        return math.sqrt(2 / feats["phase"].numel()) * torch.cos(arg).sum(-1)
+
+    def _checker(self, py, px):
+        """True on the cells where `mixed` uses motion: the node grid's (i + j) even rule, per cell."""
+        uy, ux = self._cells(py, px)
+        i = uy.floor().clamp(0, self.G - 1)
+        j = ux.floor().clamp(0, self.G - 1)
+        return (i + j) % 2 == 0
+
+    # -- PSF families ----------------------------------------------------------------------------
 
     def _line(self, length, angle):
         """Anti-aliased line segment: tent profile of the distance to the segment (sub-pixel)."""
         dy, dx = torch.sin(angle), torch.cos(angle)
-        t = (self.u * dx + self.v * dy).clamp(-length / 2, length / 2)
+        t = torch.maximum(torch.minimum(self.u * dx + self.v * dy, length / 2), -length / 2)
         dist = torch.sqrt((self.u - t * dx) ** 2 + (self.v - t * dy) ** 2)
         return (1 - dist).clamp_min(0)
 
@@ -133,87 +243,91 @@ class SVBlurSimulator:
         b = -du * s + dv * c
         return torch.exp(-0.5 * ((a / sigma_major) ** 2 + (b / sigma_minor) ** 2))
 
-    def _check_fit(self, what: str, extent: float, limit_name: str) -> None:
-        r = self.k // 2
-        if extent > r + 1e-9:
-            raise ValueError(
-                f"{what} reaches {extent:.2f} px from the centre but kernel_size={self.k} only holds {r} px; "
-                f"increase kernel_size to at least {2 * math.ceil(extent) + 1} or reduce {limit_name}")
-
-    # -- public API -------------------------------------------------------------------------
-
-    def simulate_sv_kernel_grid(self, mode: str = "motion", seed=None, generator=None, **mode_params):
-        """Returns a (G, G, k, k) grid of non-negative PSFs, each summing to 1.
-
-        `mode_params` override MODE_DEFAULTS[mode]; unknown names raise ValueError.
-        Randomness comes only from `generator` (or a fresh one seeded with `seed`).
-        """
-        _choice("blur_mode", mode, BLUR_MODES)
-        unknown = set(mode_params) - set(MODE_DEFAULTS[mode])
-        if unknown:
-            raise ValueError(f"unknown parameter(s) {sorted(unknown)} for blur_mode {mode!r}; "
-                             f"allowed: {sorted(MODE_DEFAULTS[mode])}")
-        p = {**MODE_DEFAULTS[mode], **mode_params}
-        gen = _make_generator(seed, generator, self.device)
-        G, one = self.G, torch.ones(self.G, self.G, 1, 1, device=self.device, dtype=self.dtype)
-
-        if mode in ("motion", "mixed", "random_iid"):
-            _nonneg_range("min_length", p["min_length"], "max_length", p["max_length"])
-            self._check_fit("motion blur of max_length", p["max_length"] / 2, "max_length")
-        if mode in ("defocus", "mixed", "random_iid"):
-            _nonneg_range("min_radius", p["min_radius"], "max_radius", p["max_radius"])
-            self._check_fit("defocus disk of max_radius", p["max_radius"], "max_radius")
-        if mode in ("correlated", "random_iid"):
-            if p["sigma_scale"] <= 0:
-                raise ValueError(f"sigma_scale must be > 0, got {p['sigma_scale']}")
-
-        if mode == "motion" or mode == "mixed":
-            rho = self._radius_field()
-            length = (p["min_length"] + (p["max_length"] - p["min_length"]) * rho) * one
-            base = torch.rand((), generator=gen, device=self.device, dtype=self.dtype) * math.pi
-            # bounded so that the direction spans at most angle_variation degrees over the image
-            angle = base + math.radians(p["angle_variation"]) / 2 * torch.tanh(self._smooth_field(gen, max(G / 3, 1.0)))
-            motion = self._line(length, angle)
-        if mode == "defocus" or mode == "mixed":
-            radius = (p["min_radius"] + (p["max_radius"] - p["min_radius"]) * self._radius_field()) * one
-            defocus = self._disk(radius)
-
-        if mode == "motion":
-            psf = motion
-        elif mode == "defocus":
-            psf = defocus
-        elif mode == "mixed":
-            ii, jj = torch.meshgrid(torch.arange(G, device=self.device), torch.arange(G, device=self.device), indexing="ij")
-            checker = ((ii + jj) % 2 == 0)[..., None, None]
-            psf = torch.where(checker, motion / motion.sum((-2, -1), keepdim=True),
-                              defocus / defocus.sum((-2, -1), keepdim=True))
-        elif mode == "correlated":
-            # widths in [0.5, 1.5]·sigma_scale and offsets in [−mu_scale, mu_scale] (bounded maps of
-            # smooth fields), so the support bound below is a guarantee, not a hope.
-            s = p["sigma_scale"]
-            L = p["correlation_length"]
-            if L < 0 or p["mu_scale"] < 0:
-                raise ValueError("correlation_length and mu_scale must be >= 0")
-            self._check_fit("correlated Gaussian (3·1.5·sigma_scale + mu_scale)", 4.5 * s + p["mu_scale"], "sigma_scale or mu_scale")
-            sig_a = s * (1 + 0.5 * torch.tanh(self._smooth_field(gen, L)))
-            sig_b = s * (1 + 0.5 * torch.tanh(self._smooth_field(gen, L)))
-            theta = math.pi * torch.tanh(self._smooth_field(gen, L))
-            mu_y = p["mu_scale"] * torch.tanh(self._smooth_field(gen, L))
-            mu_x = p["mu_scale"] * torch.tanh(self._smooth_field(gen, L))
-            psf = self._gaussian(sig_a, sig_b, theta, mu_y, mu_x)
-        else:  # random_iid: every grid point draws its own family and parameters
-            self._check_fit("Gaussian of 3·1.5·sigma_scale", 4.5 * p["sigma_scale"], "sigma_scale")
-            u = torch.rand(6, G, G, 1, 1, generator=gen, device=self.device, dtype=self.dtype)
-            family = torch.randint(0, 3, (G, G, 1, 1), generator=gen, device=self.device)
-            length = p["min_length"] + (p["max_length"] - p["min_length"]) * u[0]
-            radius = p["min_radius"] + (p["max_radius"] - p["min_radius"]) * u[1]
-            sig_a = p["sigma_scale"] * (0.5 + u[2])
-            sig_b = p["sigma_scale"] * (0.5 + u[3])
-            theta = math.pi * u[4]
-            fams = [self._line(length, theta), self._disk(radius), self._gaussian(sig_a, sig_b, theta, 0 * u[5], 0 * u[5])]
-            fams = [f / f.sum((-2, -1), keepdim=True) for f in fams]
-            psf = torch.where(family == 0, fams[0], torch.where(family == 1, fams[1], fams[2]))
+    @staticmethod
+    def _unit(psf):
         return psf / psf.sum((-2, -1), keepdim=True)
+
+    def _iid_node_psfs(self):
+        p, u, family = self.params, self.draws["u"], self.draws["family"]
+        length = p["min_length"] + (p["max_length"] - p["min_length"]) * u[0]
+        radius = p["min_radius"] + (p["max_radius"] - p["min_radius"]) * u[1]
+        sig_a, sig_b = p["sigma_scale"] * (0.5 + u[2]), p["sigma_scale"] * (0.5 + u[3])
+        theta = math.pi * u[4]
+        fams = [self._line(length, theta), self._disk(radius), self._gaussian(sig_a, sig_b, theta, 0 * u[5], 0 * u[5])]
+        fams = [self._unit(f) for f in fams]
+        return torch.where(family == 0, fams[0], torch.where(family == 1, fams[1], fams[2]))
+
+    # -- public ----------------------------------------------------------------------------------
+
+    def psfs_on_grid(self, rows, cols):
+        """(R, C, k, k) PSFs at every pair of pixel coordinates rows (R,) × cols (C,)."""
+        rows = torch.as_tensor(rows, device=self.device, dtype=self.dtype)
+        cols = torch.as_tensor(cols, device=self.device, dtype=self.dtype)
+        if self.mode == "random_iid":
+            return self.blend.psfs_on_grid(rows, cols)
+        py, px = rows[:, None], cols[None, :]
+        return self._unit(self._family_psfs(py, px))
+
+    def _family_psfs(self, py, px):
+        p, d = self.params, self.draws
+        col = lambda f: f[..., None, None]  # noqa: E731  (R, C) -> (R, C, 1, 1)
+        if self.mode in ("motion", "mixed"):
+            length = p["min_length"] + (p["max_length"] - p["min_length"]) * self._radius(py, px)
+            # bounded so that the direction spans at most angle_variation degrees over the image
+            spread = math.radians(p["angle_variation"]) / 2 * torch.tanh(self._random_field(d["angle"], py, px))
+            motion = self._unit(self._line(col(length), col(d["base_angle"] + spread)))
+        if self.mode in ("defocus", "mixed"):
+            radius = p["min_radius"] + (p["max_radius"] - p["min_radius"]) * self._radius(py, px)
+            defocus = self._unit(self._disk(col(radius)))
+        if self.mode == "motion":
+            return motion
+        if self.mode == "defocus":
+            return defocus
+        if self.mode == "mixed":
+            return torch.where(col(self._checker(py, px)), motion, defocus)
+        # correlated: widths in [0.5, 1.5]·sigma_scale and offsets in [−mu_scale, mu_scale] (bounded
+        # maps of smooth fields), so the support bound checked above is a guarantee, not a hope.
+        s, m = p["sigma_scale"], p["mu_scale"]
+        f = {name: torch.tanh(self._random_field(d[name], py, px)) for name in ("sig_a", "sig_b", "theta", "mu_y", "mu_x")}
+        return self._gaussian(col(s * (1 + 0.5 * f["sig_a"])), col(s * (1 + 0.5 * f["sig_b"])), col(math.pi * f["theta"]),
+                              col(m * f["mu_y"]), col(m * f["mu_x"]))
+
+
+class BlendedGridField:
+    """A PSF field known only at the nodes of a rectilinear grid (random_iid, or a measured grid
+    used for simulation), made continuous by normalised Gaussian weights of width
+    IID_BLEND_WIDTH node spacings along each axis.
+
+    This interpolant is smooth and non-negative, and it is deliberately neither the
+    reconstruction's bilinear nor its nearest-node rule, so a simulation with it is no inverse
+    crime. At a node, the neighbours' weight is exp(−1/(2·0.3²)) ≈ 0.4%.
+    """
+
+    def __init__(self, node_psfs, ys, xs, img_height, img_width):
+        self.node_psfs = node_psfs / node_psfs.sum((-2, -1), keepdim=True)   # (Gy, Gx, k, k)
+        self.device, self.dtype = node_psfs.device, node_psfs.dtype
+        self.ys = torch.as_tensor(ys, device=self.device, dtype=self.dtype)
+        self.xs = torch.as_tensor(xs, device=self.device, dtype=self.dtype)
+        self.H, self.W, self.k = img_height, img_width, node_psfs.shape[-1]
+
+    def node_coords(self):
+        return self.ys, self.xs
+
+    def node_grid(self):
+        return self.psfs_on_grid(self.ys, self.xs)
+
+    def _weights(self, coords, nodes, n_pixels):
+        """(len(coords), len(nodes)) normalised Gaussian weights along one axis."""
+        spacing = (nodes[-1] - nodes[0]) / (len(nodes) - 1) if len(nodes) > 1 else torch.tensor(float(n_pixels))
+        logits = -0.5 * ((coords[:, None] - nodes[None]) / (IID_BLEND_WIDTH * spacing)) ** 2
+        return torch.softmax(logits, 1)  # normalised without underflow far outside the grid
+
+    def psfs_on_grid(self, rows, cols):
+        """(R, C, k, k) PSFs at every pair rows (R,) × cols (C,); separable in the two axes."""
+        rows = torch.as_tensor(rows, device=self.device, dtype=self.dtype)
+        cols = torch.as_tensor(cols, device=self.device, dtype=self.dtype)
+        wy, wx = self._weights(rows, self.ys, self.H), self._weights(cols, self.xs, self.W)
+        return torch.einsum("ri,ijuv,cj->rcuv", wy, self.node_psfs, wx)
 
 
 def _nonneg_range(lo_name, lo, hi_name, hi):
@@ -292,8 +406,11 @@ class EigenPSFDecomposition:
 
     @property
     def total_explained_variance(self) -> float:
-        """Fraction of the PSF grid's variance (around the mean PSF) captured by the K−1 components."""
-        return float(self.explained_variance_ratio.sum()) if self.explained_variance_ratio.numel() else 1.0
+        """Fraction of the PSF grid's variance (around the mean PSF) captured by the K−1 components:
+        0 at K = 1 (the mean alone explains none of it), 1 for a grid of identical PSFs."""
+        if float((self.singular_values.double() ** 2).sum()) == 0:
+            return 1.0
+        return float(self.explained_variance_ratio.sum())
 
 
 def compute_eigen_decomposition(kernel_grid: torch.Tensor, n_eigen_psfs: int, img_height: int, img_width: int,
@@ -302,7 +419,8 @@ def compute_eigen_decomposition(kernel_grid: torch.Tensor, n_eigen_psfs: int, im
 
     B₀ is the mean PSF with C₀ ≡ 1; B₁..B_{K−1} are the top principal directions of the
     centred PSFs. Centred directions sum to zero, so every reconstructed PSF sums to 1
-    whatever K is. With K = G² the reconstruction is exact.
+    whatever K is. With K = G² (or the rank + 1) the reconstruction of the node PSFs is exact;
+    a larger K is capped there with an info line.
 
     node_coords: optional (ys, xs) pixel coordinates of grid rows/columns (default: cell centres).
     """
@@ -321,6 +439,13 @@ def compute_eigen_decomposition(kernel_grid: torch.Tensor, n_eigen_psfs: int, im
     D = P - mean
     # 1. SVD of the centred PSF matrix (N, k²): rows of Vh are the EigenPSFs.
     U, S, Vh = torch.linalg.svd(D, full_matrices=False)
+    if (S ** 2).sum() <= 1e-20 * (P ** 2).sum():  # identical PSFs up to rounding: no variance to explain
+        S = torch.zeros_like(S)
+    # The SVD has min(N, k²) components: K beyond that + 1 (the mean) has nothing left to add.
+    if n_eigen_psfs - 1 > S.numel():
+        log.info("n_eigen_psfs=%d exceeds the rank of the %dx%d grid of %dx%d PSFs (at most %d components + the mean); "
+                 "using K=%d", n_eigen_psfs, Gy, Gx, k, k, S.numel(), S.numel() + 1)
+        n_eigen_psfs = S.numel() + 1
     n_comp = n_eigen_psfs - 1
     total = (S ** 2).sum()
     evr = (S[:n_comp] ** 2) / total if total > 0 else torch.zeros(n_comp, dtype=torch.float64)
@@ -334,7 +459,7 @@ def compute_eigen_decomposition(kernel_grid: torch.Tensor, n_eigen_psfs: int, im
     Wx = interpolation_matrix(torch.as_tensor(xs), img_width, interpolation).to(P.device)
     maps = torch.einsum("hi,kij,wj->khw", Wy, coeff, Wx)
     decomp = EigenPSFDecomposition(basis.to(dtype), maps.to(dtype), S.to(dtype), evr.to(dtype), coeff.to(dtype), interpolation)
-    if n_comp > 0 and total > 0 and decomp.total_explained_variance < 0.9:
+    if total > 0 and decomp.total_explained_variance < 0.9:
         log.warning("EigenPSF decomposition with K=%d explains only %.1f%% of the PSF variance; "
                     "increase n_eigen_psfs for a faithful operator", n_eigen_psfs, 100 * decomp.total_explained_variance)
     return decomp
@@ -501,17 +626,60 @@ class SVBlurOperator(torch.nn.Module):
 
 
 # ----------------------------------------------------------------------------
-# 6. Exact per-pixel SV operator (ground truth), chunked over rows
+# 6. Exact per-pixel SV convolution, chunked over rows
 # ----------------------------------------------------------------------------
 
-class TrueSVBlurOperator(torch.nn.Module):
-    """Exact SV convolution with the PSF of every pixel interpolated from the grid.
+def _rows_per_chunk(z, n_cols, k, max_chunk_bytes):
+    per_row = n_cols * k ** 2 * z.element_size() * (1 + 2 * z.shape[0] * z.shape[1])
+    return max(1, int(max_chunk_bytes // per_row))
+
+
+def _sv_gather(z, n_rows, n_cols, psfs, k, flip, max_chunk_bytes):
+    """out[p] = Σ_{u'} h_p[u'] · z[p + u'] for p on an (n_rows, n_cols) grid; u' ∈ [0, k)².
+
+    psfs(a, b) -> (b − a, n_cols, k²): the PSFs of output rows a..b−1, flattened in kernel order.
+    With flip, h is rotated by 180°, which turns the correlation into a convolution.
+    """
+    B, C = z.shape[:2]
+    out = z.new_empty(B, C, n_rows, n_cols)
+    step = _rows_per_chunk(z, n_cols, k, max_chunk_bytes)
+    for a in range(0, n_rows, step):  # chunks of rows, not pixels
+        b = min(a + step, n_rows)
+        patches = F.unfold(z[:, :, a:b + k - 1].reshape(B * C, 1, -1, z.shape[-1]), k)
+        patches = patches.reshape(B, C, k * k, b - a, n_cols)             # (B, C, k², R, W)
+        h = psfs(a, b).to(z.dtype)                                         # (R, W, k²)
+        if flip:
+            h = h.flip(-1)  # flattened (k, k) reversed == rotated by 180°
+        # a broadcast multiply-and-sum beats einsum's bmm here by ~2.5x (no permuted copies)
+        out[:, :, a:b] = (patches * h.permute(2, 0, 1)).sum(2)
+    return out
+
+
+def _sv_scatter(v, psfs, k, flip, max_chunk_bytes):
+    """out[p + u'] += h_p[u'] · v[p]: the transpose of _sv_gather, (R, W) -> (R + k − 1, W + k − 1)."""
+    B, C, R_all, Wv = v.shape
+    out = v.new_zeros(B, C, R_all + k - 1, Wv + k - 1)
+    step = _rows_per_chunk(v, Wv, k, max_chunk_bytes)
+    for a in range(0, R_all, step):
+        b = min(a + step, R_all)
+        h = psfs(a, b).to(v.dtype)
+        if flip:
+            h = h.flip(-1)
+        cols = (v[:, :, None, a:b] * h.permute(2, 0, 1)).reshape(B * C, k * k, -1)   # (BC, k², R·W)
+        folded = F.fold(cols, (b - a + k - 1, Wv + k - 1), k)
+        out[:, :, a:b + k - 1] += folded.reshape(B, C, b - a + k - 1, -1)
+    return out
+
+
+class GridSVBlurOperator(torch.nn.Module):
+    """The full-rank operator of a node grid: every pixel's PSF interpolated from the grid.
 
     gather:  y[p] = Σᵤ h_p[u] x̃[p − u]
     scatter: y[p] = Σᵤ h_{src(p−u)}[u] x̃[p − u]   (x̃: padded image, src: its source pixel)
 
-    h_p = Σᵢⱼ Wy[p_y, i] Wx[p_x, j] P[i, j] uses the same interpolation weights as the
-    EigenPSF coefficient maps, so with K = G² the two operators agree to float precision.
+    h_p = Σᵢⱼ Wy[p_y, i] Wx[p_x, j] P[i, j] uses the same interpolation weights and boundary as the
+    EigenPSF coefficient maps, so with K = G² the two operators agree to float precision: this is
+    the reconstruction's own model at full rank, not the ground truth (see GroundTruthBlur).
     Work is split in row chunks so that memory stays under `max_chunk_bytes`.
     """
 
@@ -540,71 +708,86 @@ class TrueSVBlurOperator(torch.nn.Module):
         self.register_buffer("src_x", ix.clamp_max(img_width - 1).to(dev))
 
     def _psfs(self, rows, cols):
-        """(len(rows), len(cols), k²) per-pixel PSFs, flattened in kernel order."""
+        """psfs(a, b) for _sv_gather/_sv_scatter: (b − a, len(cols), k²) interpolated PSFs of rows[a:b]."""
         Gx = self.Wx.shape[1]
-        a = (self.Wy[rows] @ self.psfs).reshape(len(rows), Gx, -1)   # (R, Gx, k²)
-        return torch.einsum("wj,rjn->rwn", self.Wx[cols], a)
 
-    def _rows_per_chunk(self, x):
-        per_row = (self.W + 2 * self.r) * self.k ** 2 * x.element_size() * (1 + 2 * x.shape[0] * x.shape[1])
-        return max(1, int(self.max_chunk_bytes // per_row))
-
+        def psfs(a, b):
+            m = (self.Wy[rows[a:b]] @ self.psfs).reshape(b - a, Gx, -1)   # (R, Gx, k²)
+            return torch.einsum("wj,rjn->rwn", self.Wx[cols], m)
+        return psfs
 
     def _pad(self, x):
         return _Pad(self.H, self.W, self.r, self.boundary, x.device)
 
-    def _unfold_apply(self, z, n_out_rows, n_out_cols, psf_rows, psf_cols, flip):
-        """out[p] = Σ_{u'} h_p[u'] · z[p + u'] for p on an (n_out_rows, n_out_cols) grid."""
-        B, C = z.shape[:2]
-        k2 = self.k ** 2
-        out = z.new_empty(B, C, n_out_rows, n_out_cols)
-        step = self._rows_per_chunk(z)
-        for a in range(0, n_out_rows, step):  # chunks of rows, not pixels
-            b = min(a + step, n_out_rows)
-            patches = F.unfold(z[:, :, a:b + self.k - 1].reshape(B * C, 1, -1, z.shape[-1]), self.k)
-            patches = patches.reshape(B, C, k2, b - a, n_out_cols)             # (B, C, k², R, W)
-            h = self._psfs(psf_rows[a:b], psf_cols).to(z.dtype)                # (R, W, k²)
-            if flip:
-                h = h.flip(-1)  # flattened (k, k) reversed == rotated by 180°
-            # a broadcast multiply-and-sum beats einsum's bmm here by ~2.5x (no permuted copies)
-            out[:, :, a:b] = (patches * h.permute(2, 0, 1)).sum(2)
-        return out
-
-    def _fold_apply(self, v, psf_rows, psf_cols, flip, out_rows):
-        """out[p + u'] += h_p[u'] · v[p]  (the transpose of _unfold_apply)."""
-        B, C, R_all, Wv = v.shape
-        k2 = self.k ** 2
-        out = v.new_zeros(B, C, out_rows, Wv + self.k - 1)
-        step = self._rows_per_chunk(v)
-        for a in range(0, R_all, step):
-            b = min(a + step, R_all)
-            h = self._psfs(psf_rows[a:b], psf_cols).to(v.dtype)
-            if flip:
-                h = h.flip(-1)
-            cols = (v[:, :, None, a:b] * h.permute(2, 0, 1)).reshape(B * C, k2, -1)   # (BC, k², R·W)
-            folded = F.fold(cols, (b - a + self.k - 1, Wv + self.k - 1), self.k)
-            out[:, :, a:b + self.k - 1] += folded.reshape(B, C, b - a + self.k - 1, -1)
-        return out
-
     def forward(self, x):
         _check_image(x, self.H, self.W)
-        pad = self._pad(x)
+        pad, k, mb = self._pad(x), self.k, self.max_chunk_bytes
         rows, cols = torch.arange(self.H, device=x.device), torch.arange(self.W, device=x.device)
         if self.form == "gather":
-            return self._unfold_apply(pad.forward(x), self.H, self.W, rows, cols, flip=True)
+            return _sv_gather(pad.forward(x), self.H, self.W, self._psfs(rows, cols), k, True, mb)
         # scatter: every padded source i spreads h_{src(i)} around itself; keep the valid window.
-        out = self._fold_apply(pad.forward(x), self.src_y, self.src_x, flip=False, out_rows=self.H + 4 * self.r)
+        out = _sv_scatter(pad.forward(x), self._psfs(self.src_y, self.src_x), k, False, mb)
         return out[..., 2 * self.r: 2 * self.r + self.H, 2 * self.r: 2 * self.r + self.W]
 
     def adjoint(self, y):
         _check_image(y, self.H, self.W)
-        pad = self._pad(y)
+        pad, k, mb = self._pad(y), self.k, self.max_chunk_bytes
         rows, cols = torch.arange(self.H, device=y.device), torch.arange(self.W, device=y.device)
         if self.form == "gather":
-            return pad.adjoint(self._fold_apply(y, rows, cols, flip=True, out_rows=self.H + 2 * self.r))
+            return pad.adjoint(_sv_scatter(y, self._psfs(rows, cols), k, True, mb))
         y_ext = F.pad(y, (2 * self.r,) * 4)
-        z = self._unfold_apply(y_ext, self.H + 2 * self.r, self.W + 2 * self.r, self.src_y, self.src_x, flip=False)
+        z = _sv_gather(y_ext, self.H + 2 * self.r, self.W + 2 * self.r, self._psfs(self.src_y, self.src_x), k, False, mb)
         return pad.adjoint(z)
+
+
+class GroundTruthBlur(torch.nn.Module):
+    """The simulated physics: exact per-pixel SV blur of a PSFField, by valid convolution.
+
+    The scene x_ext is (B, C, H + 2r, W + 2r): the field of view plus r = k // 2 pixels of real
+    content beyond each edge, so the borders of y hold light from outside the field of view and no
+    boundary rule is assumed. Every pixel's PSF comes from the continuous field itself, with no
+    PCA and no blending of node PSFs (random_iid excepted: see PSFField).
+
+    gather:  y[p] = Σᵤ h_p[u] x_ext[p − u]                 (PSF indexed by the output pixel)
+    scatter: y[p] = Σ_q h_q[p − q] x_ext[q]                (each source q spreads with its own PSF)
+
+    with p over the H×W field of view and q over all H + 2r by W + 2r scene pixels, both in image
+    coordinates (x_ext[q] sits at array index q + r). `adjoint` is the exact transpose.
+    """
+
+    def __init__(self, field: PSFField, form: str = "gather", max_chunk_bytes: int = 64 * 2 ** 20):
+        super().__init__()
+        _choice("form", form, FORMS)
+        self.field, self.form, self.max_chunk_bytes = field, form, max_chunk_bytes
+        self.H, self.W, self.k, self.r = field.H, field.W, field.k, field.k // 2
+
+    def _psfs(self, rows, cols):
+        return lambda a, b: self.field.psfs_on_grid(rows[a:b], cols).flatten(-2)
+
+    def _coords(self, margin, device):
+        """Image coordinates of the output rows/cols (margin 0) or of the scene (margin r)."""
+        return (torch.arange(-margin, self.H + margin, device=device),
+                torch.arange(-margin, self.W + margin, device=device))
+
+    def forward(self, x_ext):
+        _check_image(x_ext, self.H + 2 * self.r, self.W + 2 * self.r)
+        k, r, mb = self.k, self.r, self.max_chunk_bytes
+        if self.form == "gather":
+            return _sv_gather(x_ext, self.H, self.W, self._psfs(*self._coords(0, x_ext.device)), k, True, mb)
+        out = _sv_scatter(x_ext, self._psfs(*self._coords(r, x_ext.device)), k, False, mb)  # (H + 4r, W + 4r)
+        return out[..., 2 * r: 2 * r + self.H, 2 * r: 2 * r + self.W]
+
+    def adjoint(self, y):
+        _check_image(y, self.H, self.W)
+        k, r, mb = self.k, self.r, self.max_chunk_bytes
+        if self.form == "gather":
+            return _sv_scatter(y, self._psfs(*self._coords(0, y.device)), k, True, mb)
+        y_ext = F.pad(y, (2 * r,) * 4)
+        return _sv_gather(y_ext, self.H + 2 * r, self.W + 2 * r, self._psfs(*self._coords(r, y.device)), k, False, mb)
+
+    def crop(self, x_ext):
+        """The field of view (B, C, H, W) of a scene x_ext."""
+        return x_ext[..., self.r: self.r + self.H, self.r: self.r + self.W]
 
 
 class CroppedOperator(torch.nn.Module):
@@ -645,38 +828,67 @@ def mode_params(physics_config: dict) -> dict:
     return dict(physics_config.get(mode, {}))
 
 
+def resolve_form(physics_config: dict, measured: bool = False) -> str:
+    """physics.form, with 'auto' resolved: gather (PSF indexed by the output pixel) for simulated
+    motion blur, scatter (PSF indexed by the source point) for everything else: defocus,
+    correlated, mixed and random_iid fields, and measured PSF grids, since lens aberration and a
+    calibration target both describe how each source point spreads."""
+    form = physics_config.get("form", "auto")
+    if form == "auto":
+        return "gather" if physics_config.get("blur_mode") == "motion" and not measured else "scatter"
+    _choice("form", form, FORMS)
+    return form
+
+
 def build_operators(kernel_grid, H, W, physics_config, node_coords=None):
-    """(eigenpsf_op, true_op, decomposition) for a given PSF grid."""
+    """(eigenpsf_op, grid_op, decomposition) for a given PSF grid.
+
+    grid_op is the grid's full-rank operator (GridSVBlurOperator): the reconstruction's model
+    without the PCA truncation, not the ground truth.
+    """
     n = physics_config["n_eigen_psfs"]
     N = kernel_grid.shape[0] * kernel_grid.shape[1]
     if n in ("all", "full"):
         n = N
     interp = physics_config.get("interpolation", "bilinear")
-    form = physics_config.get("form", "gather")
+    form = resolve_form(physics_config)
     boundary = physics_config.get("boundary", "reflect")
     decomp = compute_eigen_decomposition(kernel_grid, n, H, W, interp, node_coords)
     eigen_op = SVBlurOperator(decomp, form, boundary)
-    true_op = TrueSVBlurOperator(kernel_grid, H, W, form, boundary, interp, node_coords)
-    return eigen_op, true_op, decomp
+    grid_op = GridSVBlurOperator(kernel_grid, H, W, form, boundary, interp, node_coords)
+    return eigen_op, grid_op, decomp
 
 
 def create_sv_blur_system(H: int, W: int, physics_config: dict, device="cpu", seed=None, generator=None,
                           dtype=torch.float32):
-    """Simulates a PSF grid from `physics_config` and returns (eigenpsf_op, true_op, decomposition).
+    """Simulates a PSF grid from `physics_config` and returns (eigenpsf_op, grid_op, decomposition).
 
     physics_config mirrors config.yaml's `physics` section. The kernel grid is available as
-    `true_op.kernel_grid`.
+    `grid_op.kernel_grid`. For a simulation with a ground truth that is not the model, use
+    create_ground_truth.
     """
+    field = create_ground_truth(H, W, physics_config, device, seed, generator, dtype)[0]
+    eigen_op, grid_op, decomp = build_operators(field.node_grid(), H, W, physics_config)
+    return eigen_op.to(device), grid_op.to(device), decomp
+
+
+def create_ground_truth(H: int, W: int, physics_config: dict, device="cpu", seed=None, generator=None,
+                        dtype=torch.float32):
+    """(field, truth_op): a continuous PSF field drawn from `physics_config` and its per-pixel
+    GroundTruthBlur, which maps a scene with k // 2 pixels of margin, (B, C, H + 2r, W + 2r), to
+    y (B, C, H, W). The reconstruction's node grid is field.node_grid()."""
     mode = physics_config["blur_mode"]
     _choice("blur_mode", mode, BLUR_MODES)
     sim = SVBlurSimulator(H, W, physics_config.get("kernel_size", 21), resolve_grid_size(physics_config), device, dtype)
-    grid = sim.simulate_sv_kernel_grid(mode, seed=seed, generator=generator, **mode_params(physics_config))
-    eigen_op, true_op, decomp = build_operators(grid, H, W, physics_config)
-    return eigen_op.to(device), true_op.to(device), decomp
+    field = sim.simulate_field(mode, seed=seed, generator=generator, **mode_params(physics_config))
+    return field, GroundTruthBlur(field, resolve_form(physics_config))
 
 
 @torch.no_grad()
-def operator_relative_error(eigen_op, true_op, x) -> float:
-    """‖A_eig x − A_true x‖ / ‖A_true x‖ on the given image batch."""
-    ref = true_op(x)
+def operator_relative_error(eigen_op, true_op, x, x_ext=None) -> float:
+    """‖A_eig x − A_true x_ext‖ / ‖A_true x_ext‖ on the given image batch.
+
+    x_ext is the scene with margin when true_op is a GroundTruthBlur (default: x itself).
+    """
+    ref = true_op(x if x_ext is None else x_ext)
     return float(torch.linalg.vector_norm(eigen_op(x) - ref) / torch.linalg.vector_norm(ref).clamp_min(1e-30))

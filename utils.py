@@ -23,6 +23,7 @@ MAX_IMAGE_PIXELS = 8192 * 8192    # per frame, checked from the header before an
 MAX_PSF_ELEMENTS = 2 ** 26        # G*G*k*k of a PSF grid file (512 MB as float64), checked from the header
 MAX_PSF_GRID, MAX_PSF_SIZE = 256, 255  # the config's limits on grid_size and kernel_size
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+SAMPLE_FACE = (130, 240, 240)  # centre row, centre column and side of the face in scikit-image's astronaut
 
 
 class UserError(ValueError):
@@ -44,7 +45,7 @@ ALTERNATIVES = {
 }
 CHOICES = {
     "physics.blur_mode": ("motion", "defocus", "mixed", "correlated", "random_iid"),
-    "physics.form": ("gather", "scatter"),
+    "physics.form": ("auto", "gather", "scatter"),
     "physics.boundary": ("reflect", "zeros", "circular"),
     "physics.interpolation": ("bilinear", "nearest"),
     "run.dtype": ("float32", "bfloat16", "float16"),
@@ -178,7 +179,8 @@ def tune_cpu_allocator() -> bool:
 def sample_image() -> np.ndarray:
     """The astronaut portrait (public domain, ships with scikit-image), cropped around the face."""
     from skimage import data
-    return data.astronaut()[10:250, 120:360]
+    cy, cx, side = SAMPLE_FACE
+    return data.astronaut()[cy - side // 2:cy + side // 2, cx - side // 2:cx + side // 2]
 
 
 def _fetch_url(url: str) -> bytes:
@@ -301,13 +303,33 @@ def read_image(spec: str) -> np.ndarray:
     return decode_image(spec, spec)
 
 
-def center_crop_resize(img: np.ndarray, size: int) -> np.ndarray:
+def center_crop_resize(img: np.ndarray, size: int, margin: int = 0, box=None) -> np.ndarray:
+    """A square crop resized to (size + 2·margin)², float in [0, 1].
+
+    box = (centre row, centre col, side) of the region that becomes the central size×size; the
+    margin is real content around it, cut from a proportionally larger crop. Where the source has
+    too little room around the box (default: the largest centred square), the crop keeps the
+    largest square that fits and the central region covers correspondingly less of it.
+    """
     from skimage.transform import resize
     h, w = img.shape[:2]
-    s = min(h, w)
-    top, left = (h - s) // 2, (w - s) // 2
-    img = img[top:top + s, left:left + s]
-    return np.clip(resize(img, (size, size), anti_aliasing=s > size, order=3), 0, 1)
+    cy, cx, side = box if box is not None else (h / 2, w / 2, min(h, w))
+    room = 2 * min(cy, h - cy, cx, w - cx)
+    n = size + 2 * margin
+    T = max(1, int(min(side * n / size, room)))
+    top, left = int(round(cy - T / 2)), int(round(cx - T / 2))
+    crop = img[top:top + T, left:left + T]
+    return np.clip(resize(crop, (n, n), anti_aliasing=T > n, order=3), 0, 1)
+
+
+def load_scene(spec: str, size: int, margin: int) -> np.ndarray:
+    """The clean scene of a simulation: (size + 2·margin)² RGB in [0, 1]. Its central size×size is
+    the clean reference; the margin is real content beyond the field of view, which the ground
+    truth blurs into the borders of y. The sample is cut around the face of the full astronaut."""
+    if spec == "sample":
+        from skimage import data
+        return center_crop_resize(data.astronaut().astype(np.float64) / 255.0, size, margin, SAMPLE_FACE)
+    return center_crop_resize(read_image(spec), size, margin)
 
 
 def to_tensor(img: np.ndarray, device="cpu") -> torch.Tensor:
@@ -337,9 +359,16 @@ def psnr(ref: np.ndarray, est: np.ndarray) -> float:
     return float(peak_signal_noise_ratio(ref, np.clip(est, 0, 1), data_range=1.0))
 
 
+SSIM_DEFINITION = ("Wang et al. 2004: Gaussian window sigma=1.5, population covariance, K1=0.01, K2=0.03, "
+                   "data_range=1, mean over channels (scikit-image gaussian_weights=True, sigma=1.5, "
+                   "use_sample_covariance=False)")
+
+
 def ssim(ref: np.ndarray, est: np.ndarray) -> float:
+    """SSIM as in Wang et al. 2004 (see SSIM_DEFINITION), on the fixed [0, 1] range."""
     from skimage.metrics import structural_similarity
-    return float(structural_similarity(ref, np.clip(est, 0, 1), data_range=1.0, channel_axis=-1))
+    return float(structural_similarity(ref, np.clip(est, 0, 1), data_range=1.0, channel_axis=-1,
+                                       gaussian_weights=True, sigma=1.5, use_sample_covariance=False))
 
 
 # ----------------------------------------------------------------------------
@@ -568,16 +597,17 @@ def check_psf_grid_header(path: str) -> None:
 def save_psf_grid(path: str, psfs, coords) -> None:
     """Writes the format load_psf_grid reads: .npz with psfs and positions, or .npy with psfs."""
     psfs = psfs.detach().cpu().numpy() if torch.is_tensor(psfs) else np.asarray(psfs)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    if path.endswith(".npy"):
-        np.save(path, psfs)
-        return
-    if not path.endswith(".npz"):
+    if not path.endswith((".npy", ".npz")):
         raise UserError(f"--save_psf_grid must end in .npz or .npy, got {path}")
-    ys, xs = (np.asarray(c, dtype=np.float64) for c in coords)
-    positions = np.stack(np.meshgrid(ys, xs, indexing="ij"), -1)
-    np.savez(path, psfs=psfs, positions=positions)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        if path.endswith(".npy"):
+            np.save(path, psfs)
+            return
+        ys, xs = (np.asarray(c, dtype=np.float64) for c in coords)
+        np.savez(path, psfs=psfs, positions=np.stack(np.meshgrid(ys, xs, indexing="ij"), -1))
+    except OSError as e:
+        raise UserError(f"cannot write the PSF grid to {path}: {e.strerror or e}") from None
 
 
 def estimate_noise_sigma(img: np.ndarray) -> float:

@@ -4,7 +4,8 @@
 
 Prints forward+adjoint time at 256x256 RGB with 21x21 kernels for K=5 and K=25, the ratio against
 the peer measured in the same run, the peer/ours agreement away from the borders, the simulator
-time for a 64x64 random_iid grid, and the exact operator's peak memory at 61x61 PSFs.
+time for a 64x64 random_iid grid, the grid's full-rank operator's peak memory at 61x61 PSFs, and
+the per-pixel ground truth's time and peak memory at 21x21 and 61x61 PSFs (CPU).
 Needs requirements-bench.txt for the peer.
 """
 
@@ -41,7 +42,7 @@ def peak_rss_true_operator(k=61, size=256):
     code = (f"import resource, torch, physics\n"
             f"sim = physics.SVBlurSimulator({size}, {size}, {k}, 4)\n"
             f"g = sim.simulate_sv_kernel_grid('defocus', seed=0, max_radius={k // 2})\n"
-            f"op = physics.TrueSVBlurOperator(g, {size}, {size})\n"
+            f"op = physics.GridSVBlurOperator(g, {size}, {size})\n"
             f"x = torch.rand(1, 3, {size}, {size})\n"
             f"base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
             f"import time; t0 = time.time(); y = op(x); z = op.adjoint(y); dt = time.time() - t0\n"
@@ -49,6 +50,25 @@ def peak_rss_true_operator(k=61, size=256):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     mb, dt = out.stdout.split()
     return float(mb), float(dt)
+
+
+def peak_rss_ground_truth(k, size=256, mode="motion"):
+    """(peak RSS increase MB, seconds) of one per-pixel ground-truth blur of a size² RGB scene
+    (gather and scatter each), in a fresh process so that the peak is this operator's alone."""
+    code = (f"import resource, time, torch, physics, utils\n"
+            f"utils.tune_cpu_allocator()\n"
+            f"sim = physics.SVBlurSimulator({size}, {size}, {k}, 8)\n"
+            f"f = sim.simulate_field('{mode}', seed=0, max_length={k - 1}.0)\n"
+            f"x = torch.rand(1, 3, {size + k - 1}, {size + k - 1})\n"
+            f"ops = [physics.GroundTruthBlur(f, form) for form in ('gather', 'scatter')]\n"
+            f"base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            f"dts = []\n"
+            f"for op in ops:\n"
+            f"    t0 = time.perf_counter(); y = op(x); dts.append(time.perf_counter() - t0)\n"
+            f"print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024, *dts)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    mb, t_gather, t_scatter = out.stdout.split()
+    return float(mb), float(t_gather), float(t_scatter)
 
 
 def main():
@@ -97,7 +117,11 @@ def main():
     print(f"\nsimulator: 64x64 random_iid grid of {k}x{k} PSFs in {t_sim * 1e3:.1f} ms")
     if device.type == "cpu":
         mb, dt = peak_rss_true_operator()
-        print(f"exact operator, 256x256 RGB, 61x61 PSFs: forward+adjoint {dt:.2f} s, peak RSS increase {mb:.0f} MB")
+        print(f"grid full-rank operator, 256x256 RGB, 61x61 PSFs: forward+adjoint {dt:.2f} s, peak RSS increase {mb:.0f} MB")
+        for kk in (21, 61):
+            mb, tg, ts = peak_rss_ground_truth(kk)
+            print(f"ground truth (per-pixel motion field), 256x256 RGB, {kk}x{kk} PSFs: gather {tg:.2f} s, "
+                  f"scatter {ts:.2f} s, peak RSS increase {mb:.0f} MB")
 
 
 if __name__ == "__main__":

@@ -127,6 +127,7 @@ BAD = {
     "model unreachable": (["--model_id", "acme/not-cached"], "--download_only"),
     "missing model dir": (["--model_id", "./no/such/dir"], "does not exist"),
     "psf too big": (["--set", "physics.motion.max_length=30"], "increase kernel_size"),
+    "unwritable psf export": (["--save_psf_grid", "{files}/afile/sub/g.npz"], "cannot write the PSF grid"),
 }
 
 

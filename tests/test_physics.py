@@ -7,7 +7,7 @@ import torch
 
 import physics
 from physics import (BLUR_MODES, BOUNDARIES, FORMS, INTERPOLATIONS, SVBlurOperator, SVBlurSimulator,
-                     TrueSVBlurOperator, build_operators, compute_eigen_decomposition, create_sv_blur_system,
+                     GridSVBlurOperator, build_operators, compute_eigen_decomposition, create_sv_blur_system,
                      operator_relative_error)
 
 SMALL = {  # parameters that fit a 7×7 kernel
@@ -103,7 +103,7 @@ def brute_force(grid, x, form, boundary):
 def test_true_operator_matches_brute_force(form, boundary):
     grid = SVBlurSimulator(11, 13, 5, 3, dtype=torch.float64).simulate_sv_kernel_grid(
         "random_iid", seed=4, max_length=4, max_radius=2, sigma_scale=0.4)
-    true = TrueSVBlurOperator(grid, 11, 13, form, boundary)
+    true = GridSVBlurOperator(grid, 11, 13, form, boundary)
     x = torch.rand(2, 11, 13, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     np.testing.assert_allclose(true(x[None])[0].numpy(), brute_force(grid, x, form, boundary), atol=1e-12)
 
@@ -201,8 +201,8 @@ def test_create_system_is_deterministic():
 
 def test_true_operator_memory_bounded_chunks():
     grid = small_grid("motion", 40, 40, 7, 3)
-    a = TrueSVBlurOperator(grid, 40, 40)
-    b = TrueSVBlurOperator(grid, 40, 40, max_chunk_bytes=1)  # one row per chunk
+    a = GridSVBlurOperator(grid, 40, 40)
+    b = GridSVBlurOperator(grid, 40, 40, max_chunk_bytes=1)  # one row per chunk
     x = torch.rand(1, 3, 40, 40, dtype=torch.float64)
     assert torch.allclose(a(x), b(x), atol=1e-14) and torch.allclose(a.adjoint(x), b.adjoint(x), atol=1e-14)
 
@@ -264,7 +264,7 @@ def test_decomposition_and_operator_bad_input():
     bad = grid.clone()
     bad[0, 0, 0, 0] = -1
     with pytest.raises(ValueError, match="negative"):
-        TrueSVBlurOperator(bad, 20, 26)
+        GridSVBlurOperator(bad, 20, 26)
     bad = grid.clone()
     bad[1, 1] = 0
     with pytest.raises(ValueError, match="all-zero"):
@@ -281,7 +281,7 @@ def test_true_operator_61px_psfs_stays_under_2gb():
     import sys
     code = ("import resource, torch, physics\n"
             "g = physics.SVBlurSimulator(256, 256, 61, 4).simulate_sv_kernel_grid('defocus', seed=0, max_radius=30)\n"
-            "op = physics.TrueSVBlurOperator(g, 256, 256)\n"
+            "op = physics.GridSVBlurOperator(g, 256, 256)\n"
             "x = torch.rand(1, 3, 256, 256)\n"
             "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
             "y = op(x); z = op.adjoint(y)\n"

@@ -169,3 +169,24 @@ def test_blurred_dir_batch(tmp_path, blurred_png):
     rows = list(csv.DictReader(open(tmp_path / "out" / batch / "summary.csv")))
     assert [row["status"] for row in rows] == ["complete", "complete"]
     assert all(float(row["data_residual_relative"]) > 0 for row in rows)
+
+
+def test_corrupt_npz_is_a_one_line_error(tmp_path, blurred_png):
+    (tmp_path / "g.npz").write_bytes(b"PK\x03\x04 not really a zip archive")
+    r = run_cli(["--model_id", "analytic", "--blurred", blurred_png, "--psf_grid", str(tmp_path / "g.npz"),
+                 "--save_dir", str(tmp_path / "out")], timeout=120)
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert r.returncode == 2 and len(lines) == 1 and "not a valid .npz" in lines[0], r.stderr[-1500:]
+    assert "Traceback" not in r.stderr and run_dirs(tmp_path / "out") == []
+
+
+@pytest.mark.parametrize("rows,cols,swapped", [([500.0, 2000.0, 3500.0], [5.0, 25.0, 45.0], False),
+                                               ([45.0, 50.0, 55.0], [5.0, 20.0, 35.0], True)])
+def test_positions_outside_the_image_are_refused(tmp_path, blurred_png, rows, cols, swapped):
+    pos = np.stack(np.meshgrid(rows, cols, indexing="ij"), -1)          # blurred_png is 40 rows x 50 cols
+    r = run_cli(["--model_id", "analytic", "--blurred", blurred_png, "--psf_grid",
+                 write_grid(tmp_path / "g.npz", good_psfs(), pos), "--save_dir", str(tmp_path / "o")], timeout=120)
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert r.returncode == 2 and len(lines) == 1 and "outside the 40x50 image" in lines[0], r.stderr[-1500:]
+    assert ("swapped" in lines[0]) and (("would fit with x and y swapped" in lines[0]) == swapped)
+    assert run_dirs(tmp_path / "o") == []
