@@ -297,7 +297,8 @@ def reconstruction_operator(p: Problem, cfg, multiple: int, device):
 
 
 class Preempted(Exception):
-    """SIGTERM/SIGUSR1 arrived; raised from the sampler callback after a completed step."""
+    """SIGTERM/SIGUSR1 or a first Ctrl-C arrived; raised from the sampler callback after a
+    completed step, so that the checkpoint holds a consistent state."""
 
     def __init__(self, step, x_t):
         super().__init__(f"preempted after step {step}")
@@ -308,6 +309,10 @@ STOP = {"signal": None}  # set by the signal handler, read by the sampler callba
 
 
 def _request_stop(signum, frame):
+    """The first Ctrl-C stops like SIGTERM, at the end of the step with a checkpoint (one stray
+    key press must not lose hours of CPU sampling); a second one quits at once."""
+    if signum == signal.SIGINT and STOP["signal"] == signal.SIGINT:
+        raise KeyboardInterrupt
     STOP["signal"] = signum
 
 
@@ -449,7 +454,7 @@ def restore(p: Problem, run_dir, cfg, device, dtype, gen, pipe, multiple, extra_
                 log.warning("CPU run: estimated %.1f min for %d steps", eta / 60, sc["num_inference_steps"])
 
     exit_code, error, out, full = 0, None, None, None
-    old_handlers = {sig: signal.signal(sig, _request_stop) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    old_handlers = {sig: signal.signal(sig, _request_stop) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     try:
         out, _ = pipe(p.y, num_inference_steps=sc["num_inference_steps"], step_size=sc["step_size"],
                           generator=gen, gradient_clip=sc["gradient_clip"], callback=callback,
@@ -466,11 +471,14 @@ def restore(p: Problem, run_dir, cfg, device, dtype, gen, pipe, multiple, extra_
     except Preempted as e:
         state["runtime"] = time.time() - t0
         save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), p, e.x_t, e.step + 1, gen, state)
-        exit_code, metrics["status"] = EXIT_PREEMPTED, "preempted"
-        error = (f"stopped by signal {STOP['signal']} after step {e.step + 1}/{sc['num_inference_steps']}; "
+        ctrl_c = STOP["signal"] == signal.SIGINT
+        exit_code = EXIT_INTERRUPTED if ctrl_c else EXIT_PREEMPTED
+        metrics["status"] = "interrupted" if ctrl_c else "preempted"
+        why = "interrupted by the user (Ctrl-C)" if ctrl_c else f"stopped by signal {STOP['signal']}"
+        error = (f"{why} after step {e.step + 1}/{sc['num_inference_steps']}; "
                  f"checkpoint saved, continue with --resume {run_dir}")
     except KeyboardInterrupt:
-        exit_code, error = EXIT_INTERRUPTED, "interrupted by the user (Ctrl-C)"
+        exit_code, error = EXIT_INTERRUPTED, "interrupted by the user (second Ctrl-C: no checkpoint)"
         metrics["status"] = "interrupted"
     finally:
         bar.close()
@@ -581,6 +589,7 @@ def run(argv=None) -> int:
     import utils
 
     # 1. Config, device, dtype, seed: resolved once, here.
+    STOP["signal"] = None
     schema = utils.load_config(DEFAULT_CONFIG)
     parser = build_parser(schema)
     args = parser.parse_args(argv)

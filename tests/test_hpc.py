@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 
+import main
 from helpers import save_tiny_model
 from test_main import ROOT, run_cli, run_dirs
 
@@ -34,12 +35,17 @@ def wait_for(cond, timeout, what):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def wait_for_first_step(save_dir):
+    """intermediates/step_0000.png is written after step 0 has completed: a signal sent then
+    always finds a finished step, however loaded the machine (a fixed sleep does not)."""
+    wait_for(lambda: list(save_dir.glob("run_*/intermediates/step_0000.png")), 300, "the first completed step")
+
+
 def test_sigterm_then_resume_is_bit_identical(tmp_path, tiny_model):
-    args = ["--model_id", tiny_model, "--img_size", "48", "--num_inference_steps", "150", "--no_intermediates"]
+    args = ["--model_id", tiny_model, "--img_size", "48", "--num_inference_steps", "150"]
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), *args, "--save_dir", str(tmp_path / "a")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: list((tmp_path / "a").glob("run_*/images/eigenpsfs.png")), 120, "the run to start sampling")
-    time.sleep(1.5)
+    wait_for_first_step(tmp_path / "a")
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err[-2000:]
@@ -57,17 +63,18 @@ def test_sigterm_then_resume_is_bit_identical(tmp_path, tiny_model):
     assert np.array_equal(np.load(run / "restored.npy"), np.load(full / "restored.npy"))
 
 
-def test_ctrl_c_keeps_partial_results_and_exits_130(tmp_path, tiny_model):
+def test_ctrl_c_checkpoints_like_sigterm_and_exits_130(tmp_path, tiny_model):
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), "--model_id", tiny_model, "--img_size", "48",
                              "--num_inference_steps", "150", "--save_dir", str(tmp_path)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: list(tmp_path.glob("run_*/images/eigenpsfs.png")), 120, "sampling to start")
-    time.sleep(1.0)
+    wait_for_first_step(tmp_path)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
-    m = json.loads((tmp_path / run_dirs(tmp_path)[0] / "metrics.json").read_text())
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err[-2000:]
+    run = tmp_path / run_dirs(tmp_path)[0]
+    m = json.loads((run / "metrics.json").read_text())
     assert m["status"] == "interrupted" and 0 < m["steps_completed"] < 150
+    assert "--resume" in err and main.load_checkpoint(str(run / "checkpoint.pt"))["next_index"] == m["steps_completed"]
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
@@ -222,15 +229,14 @@ def test_slurm_array_runs_sweep_and_collects(slurm, tmp_path):
 
 @pytest.mark.slurm
 def test_slurm_preemption_requeues_and_resumes_bit_identically(slurm, tmp_path, tiny_model):
-    args = f"--model_id {tiny_model} --img_size 48 --num_inference_steps 150 --no_intermediates"
+    args = f"--model_id {tiny_model} --img_size 48 --num_inference_steps 150"
     spec = tmp_path / "p.yaml"
     spec.write_text(f"sweep_dir: {tmp_path / 'sweep'}\nargs: \"{args}\"\n")
     subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "sweep.py"), "make", str(spec)], check=True,
                    capture_output=True)
     sweep = tmp_path / "sweep"
     job = sbatch(slurm, sweep, "0-0")
-    wait_for(lambda: list((sweep / "task_0000").glob("run_*/images/eigenpsfs.png")), 120, "sampling to start")
-    time.sleep(1.5)
+    wait_for_first_step(sweep / "task_0000")
     # What Slurm does before a time limit with --signal=B:USR1@120: signal the batch shell.
     subprocess.run(["scancel", "--batch", "--signal=USR1", f"{job}_0"], env=slurm, check=True)
     wait_for(lambda: list((sweep / "task_0000").glob("run_*/checkpoint.pt")), 120, "the checkpoint")
