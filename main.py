@@ -6,7 +6,8 @@
 
 Precedence: config.yaml < --set section.key=value < explicit flags. Bad input stops the run with a
 one-line error and exit code 2 before any results folder exists. Exit codes: 0 done, 2 bad input,
-3 sampler diverged, 75 preempted (checkpoint saved; resume with --resume), 130 interrupted.
+3 sampler diverged, 4 a batch finished but some images failed (see its summary.csv), 75 preempted
+(checkpoint saved; resume with --resume), 130 interrupted (Ctrl-C; checkpoint saved).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import time
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CONFIG = os.path.join(ROOT, "config.yaml")
-EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_INTERRUPTED = 2, 3, 75, 130
+EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_BATCH_INCOMPLETE, EXIT_PREEMPTED, EXIT_INTERRUPTED = 2, 3, 4, 75, 130
 
 log = logging.getLogger("eigenpsf_dps")
 
@@ -67,12 +68,20 @@ FLAGS = {
 }
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """Flag errors as one line with a hint, like every other bad input, not the usage block."""
+
+    def error(self, message):
+        self.exit(EXIT_BAD_INPUT, f"error: {message} (python main.py --help lists every flag)\n")
+
+
 def build_parser(defaults: dict) -> argparse.ArgumentParser:
     import utils
     flat = utils.flatten(defaults)
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = OneLineErrorParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Exit codes: 0 done, 2 bad input, 3 diverged, 75 preempted, 130 interrupted.")
+                                epilog="Exit codes: 0 done, 2 bad input, 3 diverged, 4 batch with failed images, 75 preempted, "
+                                       "130 interrupted.")
     p.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config (default: %(default)s)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any config key, repeatable (default: none)")
@@ -675,6 +684,10 @@ def run(argv=None) -> int:
     n_err = sum(r["status"] != "complete" for r in rows)
     log.info("batch done: %d/%d complete; summary in %s", len(rows) - n_err, len(inputs), batch_dir)
     print(batch_dir)
+    if n_err and not worst:
+        print(f"error: {n_err} of {len(inputs)} images failed; see {os.path.join(batch_dir, 'summary.csv')}",
+              file=sys.stderr)
+        return EXIT_BATCH_INCOMPLETE
     return worst
 
 

@@ -90,7 +90,8 @@ def set_key(cfg: dict, dotted: str, value, schema: dict) -> None:
     """Sets cfg[a][b]... = value after checking that the key exists in the schema config."""
     flat = flatten(schema)
     if dotted not in flat:
-        near = [k for k in flat if k.split(".")[-1] == dotted.split(".")[-1]]
+        import difflib
+        near = [k for k in flat if k.split(".")[-1] == dotted.split(".")[-1]] or difflib.get_close_matches(dotted, flat, 1)
         hint = f"; did you mean {near[0]}?" if near else ""
         raise UserError(f"unknown config key {dotted!r}{hint}")
     node = cfg
@@ -214,7 +215,7 @@ def decode_image(raw, name: str) -> np.ndarray:
     try:
         arr = iio.imread(src)
     except Exception as e:  # imageio raises many types for undecodable files
-        raise UserError(f"cannot decode image {name}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from None
+        raise UserError(f"cannot decode image {name}: not an image, or a corrupt one ({type(e).__name__})") from None
     return to_float_rgb(np.asarray(arr), name)
 
 
@@ -376,18 +377,23 @@ def ssim(ref: np.ndarray, est: np.ndarray) -> float:
 # ----------------------------------------------------------------------------
 
 def check_writable(save_dir: str) -> None:
-    try:
-        os.makedirs(save_dir, exist_ok=True)
-        probe = os.path.join(save_dir, f".write_test_{os.getpid()}")
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"save_dir {save_dir!r} is not writable: {e.strerror or e}") from None
+    """save_dir, or the nearest existing folder above it, must be writable. Nothing is created
+    here, so a run that stops on bad input leaves no empty results folder behind."""
+    path = os.path.abspath(save_dir)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise UserError(f"save_dir {save_dir!r} is not writable: {path} is not a directory")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"save_dir {save_dir!r} is not writable: no write permission in {path}")
 
 
 def make_run_dir(save_dir: str, prefix="run") -> str:
     """Creates results/run_YYYYMMDD_HHMMSS[_N] atomically (os.mkdir fails if it exists)."""
+    try:
+        os.makedirs(save_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"save_dir {save_dir!r} is not writable: {e.strerror or e}") from None
     base = os.path.join(save_dir, f"{prefix}_{datetime.now().strftime('%Y%m%d_%H%M%S')}")
     for n in range(10000):
         path = base if n == 0 else f"{base}_{n}"
@@ -527,7 +533,8 @@ def load_psf_grid(path: str):
     if psfs.ndim != 4 or psfs.shape[0] < 1 or psfs.shape[1] < 1 or psfs.shape[2] != psfs.shape[3]:
         raise UserError(f"{path}: PSF grid must have shape (G, G, k, k), got {psfs.shape}")
     if psfs.shape[2] % 2 == 0:
-        raise UserError(f"{path}: PSF size must be odd (the centre is a pixel), got {psfs.shape[2]}")
+        raise UserError(f"{path}: PSF size must be odd (the centre is a pixel), got {psfs.shape[2]}; pad each PSF "
+                        f"with one row and column of zeros to make it odd (this shifts it by half a pixel)")
     if not np.isfinite(psfs).all():
         raise UserError(f"{path}: PSF grid contains NaN or Inf")
     if (psfs < 0).any():

@@ -94,6 +94,7 @@ def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("files")
     (d / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
     (d / "notes.txt").write_text("hello")
+    (d / "notes_as.png").write_text("hello, I am text")
     (d / "img.bmp").write_bytes(b"BM")
     (d / "afile").write_text("x")
     return d
@@ -123,6 +124,9 @@ BAD = {
     "steps too many": (["--num_inference_steps", "5000"], r"num_inference_steps must be in 1\.\.1000"),
     "unknown set key": (["--set", "physics.blurr_mode=motion"], "unknown config key 'physics.blurr_mode'"),
     "wrong set type": (["--set", "sampler.num_samples=many"], "sampler.num_samples must be int"),
+    "mistyped set key": (["--set", "sampler.step_sise=1"], "did you mean sampler.step_size"),
+    "bad flag value": (["--img_size", "big"], r"invalid int value: 'big' \(python main.py --help"),
+    "text named png": (["--image", "{files}/notes_as.png"], "not an image"),
     "unwritable save_dir": (["--save_dir", "{files}/afile/sub"], "not writable"),
     "model unreachable": (["--model_id", "acme/not-cached"], "--download_only"),
     "missing model dir": (["--model_id", "./no/such/dir"], "does not exist"),
@@ -145,7 +149,7 @@ def test_bad_input_one_line_exit_2_no_folder(case, tmp_path, files, http_server)
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and re.search(pattern, lines[0]), r.stderr[-2000:]
     assert "Traceback" not in r.stderr
-    assert run_dirs(save) == []
+    assert run_dirs(save) == [] and (not save.exists() or "--save_dir" in args)  # not even an empty folder
 
 
 def test_divergence_keeps_partial_results_and_exits_3(tmp_path, tiny_model):

@@ -144,7 +144,7 @@ def test_folder_batch_skips_corrupt_and_reports_it(tmp_path):
     (src / "c_corrupt.png").write_bytes(b"not an image at all")
     r = run_cli(["--model_id", "analytic", "--image_dir", str(src), "--img_size", "32", *SMALL,
                  "--num_inference_steps", "3", "--save_dir", str(tmp_path / "out")], timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.returncode == 4 and "1 of 3 images failed" in r.stderr, r.stderr[-2000:]
     (batch,) = [d for d in os.listdir(tmp_path / "out") if d.startswith("batch_")]
     rows = list(csv.DictReader(open(tmp_path / "out" / batch / "summary.csv")))
     by_file = {row["file"]: row for row in rows}
