@@ -29,6 +29,8 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
 
+import physics
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_ID = "google/ddpm-celebahq-256"
@@ -57,6 +59,13 @@ def compute_likelihood_gradient(x_t, x0_hat, y, operator):
     return g, norms.detach()
 
 
+def check_num_inference_steps(n, scheduler) -> None:
+    """The one check of num_inference_steps: 1..the scheduler's training steps."""
+    n_train = scheduler.config.num_train_timesteps
+    if not isinstance(n, int) or not 1 <= n <= n_train:
+        raise ValueError(f"num_inference_steps must be in 1..{n_train}, got {n!r}")
+
+
 def clip_per_image(g, max_norm: float):
     """Scale each image's gradient so that ‖gᵢ‖ <= max_norm (0 disables)."""
     if max_norm <= 0:
@@ -65,12 +74,17 @@ def clip_per_image(g, max_norm: float):
     return g * (max_norm / norms).clamp(max=1).view(-1, *([1] * (g.ndim - 1)))
 
 
-class DivergenceError(RuntimeError):
-    """x_t became NaN/Inf. Carries what was produced before it happened."""
+# ‖y − A(x̂₀)‖ above RUNAWAY_FACTOR·‖y‖ at RUNAWAY_CHECKS divergence checks in a row means the guidance
+# overshoots: x̂₀ from a prior in [−1, 1] keeps A(x̂₀) within about ‖y‖ of y, whatever the noise level.
+RUNAWAY_FACTOR, RUNAWAY_CHECKS = 10.0, 3
 
-    def __init__(self, step, total, partial, intermediates):
+
+class DivergenceError(RuntimeError):
+    """x_t became NaN/Inf, or the residual ran away. Carries what was produced before it happened."""
+
+    def __init__(self, step, total, partial, intermediates, reason="NaN or Inf in x_t"):
         super().__init__(
-            f"DPS diverged at step {step}/{total} (NaN or Inf in x_t); "
+            f"DPS diverged at step {step}/{total} ({reason}); "
             f"try a smaller step_size or set gradient_clip (e.g. 1.0)")
         self.step, self.partial, self.intermediates = step, partial, intermediates
 
@@ -125,9 +139,7 @@ class EigenPSFDPSPipeline:
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         sched = self._scheduler(clip_denoised)
-        n_train = sched.config.num_train_timesteps
-        if not 1 <= num_inference_steps <= n_train:
-            raise ValueError(f"num_inference_steps must be in 1..{n_train}, got {num_inference_steps}")
+        check_num_inference_steps(num_inference_steps, sched)
         # Timesteps stay on the host: the scheduler's scalar arithmetic on t then never waits for the GPU.
         sched.set_timesteps(num_inference_steps)
         if gradient_checkpointing and hasattr(self.unet, "enable_gradient_checkpointing"):
@@ -137,13 +149,14 @@ class EigenPSFDPSPipeline:
         # 2. x_T ~ N(0, I), drawn exactly as DDPMPipeline draws it. y_rep: (B·S, C, H, W).
         B = y.shape[0]
         y_rep = y.repeat_interleave(num_samples, 0).float()
-        shape = tuple(y_rep.shape[:2]) + tuple(x_size or y_rep.shape[-2:])
+        shape = (y_rep.shape[0], self.unet.config.in_channels) + tuple(x_size or y_rep.shape[-2:])  # the prior's channels
         x_t = randn_tensor(shape, generator=generator, device=y.device, dtype=torch.float32) if x_T is None \
             else x_T.to(y.device, torch.float32)
 
         inter = {"steps": [], "x0_hat": [], "residual": []}
         first_bad = torch.full((), -1, device=y.device, dtype=torch.long)  # on device: no sync per step
-        last_good = None
+        last_good, runaway = None, 0
+        y_norm = torch.linalg.vector_norm(y_rep.flatten(1), dim=1).clamp_min(1e-12)     # (B·S,)
         timesteps = sched.timesteps                                         # CPU, for the scheduler
         t_device = timesteps.to(y.device)  # the UNet's copy: CUDA graphs skip graphs fed CPU tensors
         for i in range(start_index, len(timesteps)):
@@ -174,7 +187,13 @@ class EigenPSFDPSPipeline:
             if (i + 1) % check_every == 0 or last:
                 if first_bad.item() >= 0:
                     raise DivergenceError(int(first_bad) + 1, len(timesteps), last_good, inter)
-                last_good = ((x0_hat + 1) / 2).clamp(0, 1)
+                runaway = runaway + 1 if bool((res > RUNAWAY_FACTOR * y_norm).any()) else 0
+                if runaway >= RUNAWAY_CHECKS:
+                    ratio = float((res / y_norm).max())
+                    raise DivergenceError(i + 1, len(timesteps), last_good, inter,
+                                          f"the residual ‖y − A(x̂₀)‖ ran away to {ratio:.3g}·‖y‖")
+                if runaway == 0:
+                    last_good = ((x0_hat + 1) / 2).clamp(0, 1)
             if callback is not None:
                 callback(i, int(t), x_t, x0_hat, res)
 
@@ -329,6 +348,19 @@ class AnalyticPrior(torch.nn.Module):
         return self._rotate(torch.fft.irfft2(Z, s=(H, W), norm="ortho"), self.Q).to(x.dtype)
 
 
+def analytic_prior(alphas_cumprod, channels=3):
+    """The fitted AnalyticPrior in RGB (channels=3), or for gray images (channels=1): the
+    luminance of the RGB prior, with mean w·μ and variance wᵀΣw (Rec. 709 weights w)."""
+    if channels == 3:
+        return AnalyticPrior(alphas_cumprod)
+    if channels != 1:
+        raise ValueError(f"the analytic prior has 1 or 3 channels, got {channels}")
+    w = torch.tensor(physics.LUMINANCE_WEIGHTS, dtype=torch.float64)
+    mean = torch.tensor(ANALYTIC_PRIOR["mean"], dtype=torch.float64)
+    cov = torch.tensor(ANALYTIC_PRIOR["channel_cov"], dtype=torch.float64)
+    return AnalyticPrior(alphas_cumprod, mean=[float(w @ mean)], channel_cov=[[float(w @ cov @ w)]])
+
+
 def analytic_scheduler():
     """The standard linear-β DDPM schedule, with no clipping: the Gaussian prior is unbounded."""
     return DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
@@ -375,7 +407,8 @@ def _load_dir(path, device, dtype):
     unet_dir = os.path.join(path, "unet") if os.path.isdir(os.path.join(path, "unet")) else path
     sched_dir = os.path.join(path, "scheduler") if os.path.isdir(os.path.join(path, "scheduler")) else path
     try:
-        unet = UNet2DModel.from_pretrained(unet_dir, torch_dtype=dtype)
+        # low_cpu_mem_usage=False: the default needs `accelerate` and prints an install notice without it
+        unet = UNet2DModel.from_pretrained(unet_dir, torch_dtype=dtype, low_cpu_mem_usage=False)
         scheduler = DDPMScheduler.from_pretrained(sched_dir)
     except (OSError, ValueError, EnvironmentError, json.JSONDecodeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -383,8 +416,11 @@ def _load_dir(path, device, dtype):
     return unet.to(device).eval().requires_grad_(False), scheduler
 
 
-def load_model(model_id=DEFAULT_MODEL_ID, cache_dir=None, device="cpu", dtype=torch.float32, local_files_only=False):
+def load_model(model_id=DEFAULT_MODEL_ID, cache_dir=None, device="cpu", dtype=torch.float32, local_files_only=False,
+               channels=3):
     """Returns (unet, scheduler) for a hub id, a local diffusers directory, or 'analytic'.
+
+    channels applies to the analytic prior only (1: gray, 3: RGB); a diffusers model has its own.
 
     Hub ids are read from the cache (cache_dir, HF_HUB_CACHE or HF_HOME). When they are missing and
     neither HF_HUB_OFFLINE nor local_files_only is set, one quick download is tried; if that fails
@@ -392,7 +428,7 @@ def load_model(model_id=DEFAULT_MODEL_ID, cache_dir=None, device="cpu", dtype=to
     """
     if model_id == "analytic":
         scheduler = analytic_scheduler()
-        return AnalyticPrior(scheduler.alphas_cumprod).to(device), scheduler
+        return analytic_prior(scheduler.alphas_cumprod, channels).to(device), scheduler
     if os.path.isdir(model_id):
         return _load_dir(model_id, device, dtype)
     if model_id.startswith((".", "/", "~")) or os.sep in model_id.strip("/").replace("/", "", 1):

@@ -14,12 +14,19 @@ from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import dataclass, field
 import os
 import platform
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+import utils
+
+# torch, diffusers and the modules built on them (physics, dps) are imported inside the functions
+# that use them: flags are parsed, and --help or a bad flag answered, before that multi-second import.
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CONFIG = os.path.join(ROOT, "config.yaml")
@@ -49,7 +56,7 @@ FLAGS = {
     "blurred_dir": ("data.blurred_dir", str, "real data: restore every image in this folder (needs --psf_grid)"),
     "psf_grid": ("data.psf_grid", str, "measured PSFs: .npy (G,G,k,k) or .npz with psfs [+ positions (G,G,2)]"),
     "save_psf_grid": ("data.save_psf_grid", str, "export the PSF grid used (.npz/.npy)"),
-    "blur_mode": ("physics.blur_mode", str, "motion | defocus | mixed | correlated | random_iid"),
+    "blur_mode": ("physics.blur_mode", str, "the blur family (see config.yaml's physics.blur_mode)"),
     "kernel_size": ("physics.kernel_size", int, "odd PSF size in pixels"),
     "grid_size": ("physics.grid_size", int_or("auto"), "PSFs per image side, or auto (8, or 64 for random_iid)"),
     "n_eigen_psfs": ("physics.n_eigen_psfs", int_or("all"), "number K of EigenPSFs (1..grid_size^2), or all"),
@@ -76,7 +83,6 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 
 def build_parser(defaults: dict) -> argparse.ArgumentParser:
-    import utils
     flat = utils.flatten(defaults)
     p = OneLineErrorParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -96,35 +102,65 @@ def build_parser(defaults: dict) -> argparse.ArgumentParser:
     return p
 
 
-def resolve_config(args, argv_flags, schema) -> dict:
-    """config.yaml (schema and defaults) <- --config file <- --set <- explicit flags, validated once."""
-    import utils
-    cfg = utils.load_config(args.config) if os.path.abspath(args.config) != DEFAULT_CONFIG else schema
-    base = utils.flatten(schema)
+def resolve_config(args, argv_flags, schema) -> tuple:
+    """config.yaml (schema and defaults) <- --config file <- --set <- explicit flags, validated once.
+
+    Returns (config, explicit): the keys the user chose (in a --config file, by --set or a flag);
+    the others are defaults, which fit_defaults may adapt to the data.
+    """
+    user = utils.load_config(args.config) if os.path.abspath(args.config) != DEFAULT_CONFIG else {}
+    explicit = set(utils.flatten(user))
     resolved = {}
-    for key, value in {**base, **utils.flatten(cfg)}.items():
+    for key, value in {**utils.flatten(schema), **utils.flatten(user)}.items():
         utils.set_key(resolved, key, value, schema)
     for item in args.set:
         key, value = utils.parse_set(item)
         utils.set_key(resolved, key, value, schema)
+        explicit.add(key)
     for name in argv_flags:
         key = FLAGS[name][0]
         utils.set_key(resolved, key, getattr(args, name), schema)
+        explicit.add(key)
     if args.no_intermediates:
         resolved["run"]["save_intermediates"] = False
-    return utils.validate_config(resolved, schema)
+    return utils.validate_config(resolved, schema), explicit
+
+
+def fit_defaults(cfg, explicit, n_psfs, simulated: bool) -> None:
+    """Adapts defaults the user did not choose to the data, with an info line each; explicit
+    values are never changed (a value that does not fit stays an error).
+
+    - n_eigen_psfs is capped at the number of PSFs in the grid (the rank cap is physics').
+    - With an explicit kernel_size, the mode's PSF sizes are scaled down to fit it.
+    """
+    import physics
+    pc = cfg["physics"]
+    K = pc["n_eigen_psfs"]
+    if "physics.n_eigen_psfs" not in explicit and K != "all" and K > n_psfs:
+        log.info("n_eigen_psfs: the default K=%d exceeds the %d PSFs of the grid; using K=%d", K, n_psfs, n_psfs)
+        pc["n_eigen_psfs"] = n_psfs
+    if not simulated or "physics.kernel_size" not in explicit:
+        return
+    for section in physics.mode_sections(pc["blur_mode"]):
+        keys = physics.SIZE_PARAMS[section][0]
+        if any(f"physics.{section}.{k}" in explicit for k in keys):
+            continue
+        fitted = physics.fit_sizes_to_kernel(section, pc[section], pc["kernel_size"])
+        if fitted is not None:
+            log.info("kernel_size %d: scaled the default %s sizes to fit: %s", pc["kernel_size"], section,
+                     ", ".join(f"{k}={v:g}" for k, v in fitted.items() if k in keys))
+            pc[section] = fitted
 
 
 def resolve_device(name: str):
     """Device, once, here. 'auto' is CUDA when present, else CPU with a warning. On the CPU the
     allocator is tuned for the operator's large temporaries (utils.tune_cpu_allocator)."""
     import torch
-    import utils
     if name == "auto":
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if dev.type == "cpu":
             log.warning("no CUDA device found: running on the CPU. A 256x256 pretrained run takes hours there; "
-                        "an estimate follows after the first steps. Use --model_id analytic for a quick offline run.")
+                        "an estimate follows after the first steps (the analytic prior is quick anywhere)")
     else:
         try:
             dev = torch.device(name)
@@ -134,6 +170,9 @@ def resolve_device(name: str):
             raise utils.UserError(f"run.device={name!r} but no CUDA device is available; use --device cpu or auto")
     if dev.type == "cpu":
         utils.tune_cpu_allocator()
+        log.info("device: CPU, %d threads", torch.get_num_threads())
+    else:
+        log.info("device: %s (%s)", dev, torch.cuda.get_device_name(dev))
     return dev
 
 
@@ -159,10 +198,9 @@ def setup_accelerators(cfg, device, unet):
 
 def versions(device) -> dict:
     import diffusers
-    import numpy
     import torch
     out = {"python": platform.python_version(), "torch": str(torch.__version__), "diffusers": str(diffusers.__version__),
-           "numpy": str(numpy.__version__), "platform": platform.platform()}
+           "numpy": str(np.__version__), "platform": platform.platform()}
     if device.type == "cuda":
         out["gpu"] = torch.cuda.get_device_name(device)
     return out
@@ -185,11 +223,9 @@ class Problem:
 def psf_field(H, W, cfg, device, gen, measured):
     """(field, node grid, node coords): the PSF field a simulation draws (or a measured grid made
     continuous by physics.BlendedGridField) and the node grid the reconstruction is given."""
-    import numpy as np
     import torch
 
     import physics
-    import utils
     pc = cfg["physics"]
     if measured is None:
         sim = physics.SVBlurSimulator(H, W, pc["kernel_size"], physics.resolve_grid_size(pc), device)
@@ -208,7 +244,6 @@ def psf_field(H, W, cfg, device, gen, measured):
 def check_positions_overlap(coords, H, W):
     """PSF positions must reach into the H×W image; positions wholly outside it are almost always
     swapped (x, y) columns or coordinates of another frame (e.g. the full sensor)."""
-    import utils
     ys, xs = coords
     outside = [f"{name} {c.min():.0f}..{c.max():.0f} lie outside 0..{n - 1}"
                for name, c, n in (("rows", ys, H), ("columns", xs, W)) if c.max() < 0 or c.min() > n - 1]
@@ -226,7 +261,6 @@ def simulate_measurement(f, scene, cfg, device, gen):
     import torch
 
     import physics
-    import utils
     truth = physics.GroundTruthBlur(f, cfg["physics"]["form"])
     x_ext = utils.to_tensor(scene, device)
     with torch.no_grad():
@@ -245,7 +279,6 @@ def prepare(path, cfg, device, gen, measured) -> Problem:
     import torch
 
     import physics
-    import utils
     d, pc = cfg["data"], cfg["physics"]
     real = bool(d["blurred"] or d["blurred_dir"])
     info = {}
@@ -279,6 +312,7 @@ def prepare(path, cfg, device, gen, measured) -> Problem:
                                 f"{' (measured grid, Gaussian-blended)' if measured is not None else ''}, "
                                 f"valid convolution over {r} px of real margin")
     info["form"] = pc["form"]
+    info["input_bit_depth"] = utils.bit_depth(path)
     info["explained_variance"] = decomp.total_explained_variance
     log.info("%s: %dx%d, EigenPSF K=%d explains %.2f%% of the PSF variance%s", os.path.basename(path), H, W,
              decomp.n_components, 100 * decomp.total_explained_variance,
@@ -337,7 +371,6 @@ def save_checkpoint(path, p: Problem, x_t, next_index, gen, state):
     """
     import torch
 
-    import utils
     clean = None if p.clean is None else torch.from_numpy(p.clean)
     ckpt = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
             "x_t": x_t.detach().cpu(), "next_index": int(next_index), "generator_state": gen.get_state(),
@@ -366,7 +399,6 @@ def load_checkpoint(path) -> dict:
     import pickle
     import torch
 
-    import utils
     not_ours = f"{path} is not a checkpoint this tool wrote"
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -400,18 +432,21 @@ def restore(p: Problem, run_dir, cfg, device, dtype, gen, pipe, multiple, extra_
 
     resume: a checkpoint dict (see save_checkpoint) to continue from instead of x_T.
     """
-    import numpy as np
     import torch
     from tqdm.auto import tqdm
 
     import dps
     import physics
-    import utils
     sc, rc = cfg["sampler"], cfg["run"]
     op, x_size, (top, left) = reconstruction_operator(p, cfg, multiple, device)
+    # A gray y with an RGB prior: sample RGB, compare y with the luminance of A(x), write luminance.
+    gray_from_rgb = p.y.shape[1] == 1 and pipe.unet.config.in_channels == 3
+    if gray_from_rgb:
+        op = physics.LuminanceOperator(op)
+    to_y = physics.luminance if gray_from_rgb else (lambda z: z)
     pipe.operator = op
     H, W = p.y.shape[-2:]
-    crop = lambda z: z[..., top:top + H, left:left + W]  # noqa: E731
+    crop = lambda z: to_y(z)[..., top:top + H, left:left + W]  # noqa: E731  (x-space -> y's channels and window)
     images_dir, inter_dir = os.path.join(run_dir, "images"), os.path.join(run_dir, "intermediates")
     os.makedirs(images_dir, exist_ok=resume is not None)
     if rc["save_intermediates"] and sc["intermediate_freq"]:
@@ -442,25 +477,28 @@ def restore(p: Problem, run_dir, cfg, device, dtype, gen, pipe, multiple, extra_
     state = resume["progress"] if resume else {"steps_done": 0, "runtime": 0.0, "steps": [], "x0_hat": [], "residual": []}
     bar.update(state["steps_done"])
     t0 = time.time() - state["runtime"]
+    t_session, first_step = time.time(), state["steps_done"]
 
     def callback(i, t, x_t, x0_hat, res):
         state["steps_done"] = i + 1
         bar.update(1)
         freq = sc["intermediate_freq"]
         if freq and (i % freq == 0 or i + 1 == sc["num_inference_steps"]):
-            x0_img = crop((x0_hat[:1] + 1) / 2).clamp(0, 1)                   # (1, C, H, W) in [0, 1]
+            x0_img = crop((x0_hat[:1] + 1) / 2).clamp(0, 1)                   # (1, C_y, H, W) in [0, 1]
             state["steps"].append(i)
             state["x0_hat"].append(x0_img.cpu())
             state["residual"].append(res.cpu())
-            if rc["save_intermediates"] and i % freq == 0:
+            if rc["save_intermediates"]:  # every freq-th step and the final one
                 utils.save_image(os.path.join(inter_dir, f"step_{i:04d}.png"), x0_img)
         if STOP["signal"] is not None:  # checked after a finished step: the state is consistent
             raise Preempted(i, x_t)
         if (i + 1) % sc["log_every"] == 0:
             bar.set_postfix(residual=f"{float(res.mean()):.4g}")  # the only host sync, every log_every steps
-            if device.type == "cpu" and i + 1 == sc["log_every"]:
-                eta = (time.time() - t0) / (i + 1) * sc["num_inference_steps"]
-                log.warning("CPU run: estimated %.1f min for %d steps", eta / 60, sc["num_inference_steps"])
+            done_here = i + 1 - first_step
+            if device.type == "cpu" and done_here == sc["log_every"]:  # once, on a line of its own
+                left = (time.time() - t_session) / done_here * (sc["num_inference_steps"] - i - 1)
+                bar.write(f"INFO CPU run: about {utils.format_duration(left)} left for "
+                          f"{sc['num_inference_steps'] - i - 1} more steps", file=sys.stderr)
 
     exit_code, error, out, full = 0, None, None, None
     old_handlers = {sig: signal.signal(sig, _request_stop) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
@@ -499,11 +537,12 @@ def restore(p: Problem, run_dir, cfg, device, dtype, gen, pipe, multiple, extra_
     if out is not None:
         if sc["num_samples"] > 1:
             full = out["mean"]
-            std = crop(out["std"][0])
+            samples = crop(out["samples"])                           # (1, S, C_y, H, W): std in y's channels
+            std = samples.std(1)[0]
             utils.save_image(os.path.join(images_dir, "mean.png"), crop(out["mean"]))
-            utils.save_image(os.path.join(images_dir, "std.png"), (std / std.max().clamp_min(1e-12))[None])
+            utils.plot_std(os.path.join(images_dir, "std.png"), utils.to_numpy(std[None]))
             for s in range(sc["num_samples"]):
-                utils.save_image(os.path.join(images_dir, f"sample_{s:02d}.png"), crop(out["samples"][:, s]))
+                utils.save_image(os.path.join(images_dir, f"sample_{s:02d}.png"), samples[:, s])
             metrics["mean_posterior_std"] = float(std.mean())
         else:
             full = out
@@ -512,6 +551,8 @@ def restore(p: Problem, run_dir, cfg, device, dtype, gen, pipe, multiple, extra_
         r = utils.to_numpy(restored)
         utils.save_image(os.path.join(images_dir, "restored.png"), restored)
         np.save(os.path.join(run_dir, "restored.npy"), r.astype(np.float32))  # lossless, for analysis
+        if p.info.get("input_bit_depth") == 16:
+            utils.save_tiff16(os.path.join(images_dir, "restored.tif"), r)
         with torch.no_grad():
             fit = torch.linalg.vector_norm(p.y - op(full[:1].to(device))) / torch.linalg.vector_norm(p.y)
         metrics["data_residual_relative"] = float(fit)
@@ -539,19 +580,35 @@ def restore(p: Problem, run_dir, cfg, device, dtype, gen, pipe, multiple, extra_
     return exit_code, metrics
 
 
-def load_pipeline(cfg, device):
-    """(pipeline without operator, size multiple the UNet needs)."""
+def load_pipeline(cfg, device, channels=3, cache=None):
+    """(pipeline without operator, size multiple the UNet needs) for measurements with `channels`
+    channels. The analytic prior is built with that many; a diffusers model keeps its own, and a
+    gray y is then compared with the luminance of A(x) (see restore). `cache`: a dict that keeps
+    what was loaded across calls (a batch may hold gray and RGB images)."""
     import dps
-    import utils
     mc, sc = cfg["model"], cfg["sampler"]
-    unet, scheduler = dps.load_model(mc["model_id"], mc["model_cache"] or None, device)
-    if not 1 <= sc["num_inference_steps"] <= scheduler.config.num_train_timesteps:
-        raise utils.UserError(f"num_inference_steps must be in 1..{scheduler.config.num_train_timesteps}, "
-                              f"got {sc['num_inference_steps']}")
+    key = channels if mc["model_id"] == "analytic" else "model"
+    if cache is not None and key in cache:
+        return cache[key]
+    unet, scheduler = dps.load_model(mc["model_id"], mc["model_cache"] or None, device, channels=channels)
+    dps.check_num_inference_steps(sc["num_inference_steps"], scheduler)  # before any run folder exists
     blocks = getattr(unet.config, "block_out_channels", None)
     multiple = 2 ** (len(blocks) - 1) if blocks else 1  # the UNet downsamples len-1 times
     unet = setup_accelerators(cfg, device, unet)
-    return dps.EigenPSFDPSPipeline(unet, scheduler, None), multiple
+    loaded = dps.EigenPSFDPSPipeline(unet, scheduler, None), multiple
+    if cache is not None:
+        cache[key] = loaded
+    return loaded
+
+
+def check_channels(pipe, p: Problem) -> None:
+    """A prior samples its own channels: equal to y's, or RGB for a gray y (compared by luminance)."""
+    C_x, C_y = pipe.unet.config.in_channels, p.y.shape[1]
+    if C_x != C_y and not (C_y == 1 and C_x == 3):
+        raise utils.UserError(f"{p.name}: the model has {C_x} channel(s) but the measurement has {C_y}")
+    if C_x != C_y:
+        log.info("%s: gray measurement, RGB prior: sampling RGB and comparing y with the luminance of A(x) "
+                 "(Rec. 709 weights); the outputs are that luminance", p.name)
 
 
 def resume_run(run_dir, schema, given) -> int:
@@ -559,7 +616,6 @@ def resume_run(run_dir, schema, given) -> int:
     import torch
 
     import physics
-    import utils
     ckpt_path = os.path.join(run_dir, "checkpoint.pt")
     if not os.path.isfile(ckpt_path):
         raise utils.UserError(f"no checkpoint.pt in {run_dir}: nothing to resume")
@@ -579,7 +635,7 @@ def resume_run(run_dir, schema, given) -> int:
     clean = None if q["clean"] is None else q["clean"].numpy()
     p = Problem(q["name"], q["y"].to(device), clean, grid, tuple(q["coords"]), eig_op.to(device), grid_op.to(device),
                 decomp, q["info"])
-    pipe, multiple = load_pipeline(cfg, device)
+    pipe, multiple = load_pipeline(cfg, device, p.y.shape[1])
     log.info("resuming %s at step %d/%d", run_dir, ckpt["next_index"], cfg["sampler"]["num_inference_steps"])
     dtype = getattr(torch, cfg["run"]["dtype"])  # validated: float32 | bfloat16 | float16
     code, m = restore(p, run_dir, cfg, device, dtype, gen, pipe, multiple, extra, resume=ckpt)
@@ -591,19 +647,17 @@ def resume_run(run_dir, schema, given) -> int:
 
 
 def run(argv=None) -> int:
-    import torch
-
-    import dps
-    import physics
-    import utils
-
-    # 1. Config, device, dtype, seed: resolved once, here.
+    # 1. Config, device, dtype, seed: resolved once, here; flags before the torch import.
     STOP["signal"] = None
     schema = utils.load_config(DEFAULT_CONFIG)
     parser = build_parser(schema)
     args = parser.parse_args(argv)
     given = [n for n in FLAGS if getattr(args, n) is not None]
-    cfg = resolve_config(args, given, schema)
+    cfg, explicit = resolve_config(args, given, schema)
+    import torch
+
+    import dps
+    import physics
     d, mc, rc = cfg["data"], cfg["model"], cfg["run"]
     cfg["physics"]["form"] = physics.resolve_form(cfg["physics"], measured=bool(d["psf_grid"]))  # saved resolved
     cache = mc["model_cache"] or None
@@ -635,14 +689,20 @@ def run(argv=None) -> int:
     if measured is not None:
         log.info("PSF grid %s: %s, normalised to sum 1 (sums were %.4g..%.4g)", d["psf_grid"],
                  "x".join(map(str, measured[0].shape)), measured[2].min(), measured[2].max())
+    n_psfs = measured[0].shape[0] * measured[0].shape[1] if measured is not None \
+        else physics.resolve_grid_size(cfg["physics"]) ** 2
+    fit_defaults(cfg, explicit, n_psfs, simulated=measured is None)
     inputs = utils.list_images(d["image_dir"] or d["blurred_dir"]) if batch else [d["blurred"] if real else d["image"]]
     first = None if batch else prepare(inputs[0], cfg, device, gen, measured)
     if first is not None and d["save_psf_grid"]:
         utils.save_psf_grid(d["save_psf_grid"], first.grid, first.coords)
         log.info("PSF grid saved to %s", d["save_psf_grid"])
 
-    # 3. Prior.
-    pipe, multiple = load_pipeline(cfg, device)
+    # 3. Prior (a batch loads it here too, so that a model error comes before any folder).
+    pipes = {}
+    pipe, multiple = load_pipeline(cfg, device, first.y.shape[1] if first else 3, pipes)
+    if first is not None:
+        check_channels(pipe, first)
     extra = {"device": str(device), "seed": rc["seed"], "argv": sys.argv[1:] if argv is None else list(argv),
              "versions": versions(device)}
 
@@ -670,6 +730,8 @@ def run(argv=None) -> int:
         row, code = {"file": os.path.basename(path)}, 0
         try:
             p = prepare(path, cfg, device, gen, measured)
+            pipe, multiple = load_pipeline(cfg, device, p.y.shape[1], pipes)
+            check_channels(pipe, p)
         except (utils.UserError, ValueError) as e:  # a bad file is reported, not fatal
             log.warning("skipping %s: %s", path, e)
             rows.append({**row, "status": "error", "error": str(e)})
@@ -691,13 +753,18 @@ def run(argv=None) -> int:
     return worst
 
 
+def _bad_input_errors() -> tuple:
+    """Exception types reported as bad input (exit 2). dps is only consulted once imported, so
+    that --help never waits for torch; an except clause evaluates this only when needed."""
+    dps = sys.modules.get("dps")
+    return (utils.UserError, ValueError) + ((dps.ModelUnavailableError,) if dps else ())
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
-    import dps
-    import utils
     try:
         return run(argv)
-    except (utils.UserError, ValueError, dps.ModelUnavailableError) as e:
+    except _bad_input_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

@@ -53,6 +53,35 @@ MODE_DEFAULTS["mixed"] = {**MODE_DEFAULTS["motion"], **MODE_DEFAULTS["defocus"]}
 DEFAULT_GRID_SIZE = {"random_iid": 64}  # every other mode: 8
 
 
+# The size parameters of each mode section, and how far (px from the kernel centre) the PSFs they
+# describe reach; SVBlurSimulator refuses PSFs that reach beyond kernel_size // 2.
+SIZE_PARAMS = {
+    "motion": (("min_length", "max_length"), lambda p: p["max_length"] / 2),
+    "defocus": (("min_radius", "max_radius"), lambda p: p["max_radius"]),
+    "correlated": (("sigma_scale", "mu_scale"), lambda p: 4.5 * p["sigma_scale"] + p["mu_scale"]),
+    "random_iid": (("min_length", "max_length", "min_radius", "max_radius", "sigma_scale"),
+                   lambda p: max(p["max_length"] / 2, p["max_radius"], 4.5 * p["sigma_scale"])),
+}
+
+
+def mode_sections(mode: str) -> tuple:
+    """The config sections a blur mode reads (mixed reads motion and defocus)."""
+    _choice("blur_mode", mode, BLUR_MODES)
+    return ("motion", "defocus") if mode == "mixed" else (mode,)
+
+
+def fit_sizes_to_kernel(section: str, params: dict, kernel_size: int):
+    """params with its size parameters scaled by one factor so that the PSFs fit kernel_size, or
+    None when they already fit. Sizes are rounded down (to 1e-3 px), so the result always fits."""
+    keys, extent = SIZE_PARAMS[section]
+    p = {**MODE_DEFAULTS[section], **params}
+    reach = extent(p)
+    if reach <= kernel_size // 2:
+        return None
+    f = (kernel_size // 2) / reach
+    return {**p, **{k: math.floor(p[k] * f * 1000) / 1000 for k in keys}}
+
+
 def _choice(name: str, value, allowed) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
@@ -366,7 +395,7 @@ def interpolation_matrix(node_coords: torch.Tensor, n_pixels: int, mode: str) ->
     closest node.
     """
     _choice("interpolation", mode, INTERPOLATIONS)
-    nodes = node_coords.to(torch.float64)
+    nodes = node_coords.to(torch.float64).contiguous()  # e.g. a strided column of a positions array
     n = nodes.numel()
     p = torch.arange(n_pixels, dtype=torch.float64)
     Wm = torch.zeros(n_pixels, n, dtype=torch.float64)
@@ -790,6 +819,33 @@ class GroundTruthBlur(torch.nn.Module):
         return x_ext[..., self.r: self.r + self.H, self.r: self.r + self.W]
 
 
+LUMINANCE_WEIGHTS = (0.2126, 0.7152, 0.0722)  # Rec. 709 / sRGB relative luminance
+
+
+def luminance(x):
+    """(..., 3, H, W) RGB -> (..., 1, H, W) Rec. 709 luminance."""
+    w = torch.tensor(LUMINANCE_WEIGHTS, device=x.device, dtype=x.dtype).view(3, 1, 1)
+    return (x * w).sum(-3, keepdim=True)
+
+
+class LuminanceOperator(torch.nn.Module):
+    """y = lum(A(x)): an RGB scene seen by a gray sensor, (B, 3, H, W) -> (B, 1, H, W).
+
+    A acts on each channel alike, so lum ∘ A = A ∘ lum and the adjoint is Aᵀ(w ⊗ y).
+    """
+
+    def __init__(self, op):
+        super().__init__()
+        self.op = op
+
+    def forward(self, x):
+        return luminance(self.op(x))
+
+    def adjoint(self, y):
+        w = torch.tensor(LUMINANCE_WEIGHTS, device=y.device, dtype=y.dtype).view(1, 3, 1, 1)
+        return self.op.adjoint(y * w)
+
+
 class CroppedOperator(torch.nn.Module):
     """y = Crop(A x): the image lives on a larger (padded) domain than the measurement.
 
@@ -821,11 +877,10 @@ def resolve_grid_size(physics_config: dict) -> int:
 
 def mode_params(physics_config: dict) -> dict:
     """The parameters of the chosen mode from config sub-sections (mixed reads motion+defocus)."""
-    mode = physics_config["blur_mode"]
-    _choice("blur_mode", mode, BLUR_MODES)
-    if mode == "mixed":
-        return {**physics_config.get("motion", {}), **physics_config.get("defocus", {})}
-    return dict(physics_config.get(mode, {}))
+    out = {}
+    for section in mode_sections(physics_config["blur_mode"]):
+        out.update(physics_config.get(section, {}))
+    return out
 
 
 def resolve_form(physics_config: dict, measured: bool = False) -> str:

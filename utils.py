@@ -14,8 +14,10 @@ import time
 from datetime import datetime
 
 import numpy as np
-import torch
 import yaml
+
+# torch is imported inside the few functions that need it: main.py parses flags (and answers
+# --help) with this module before the seconds-long torch import.
 
 MAX_URL_BYTES = 50 * 2 ** 20      # an image URL may send at most this much ...
 MAX_URL_SECONDS = 120             # ... within this many seconds in all
@@ -43,20 +45,28 @@ ALTERNATIVES = {
     "data.sigma_noise": ("auto",),
     "sampler.clip_denoised": ("auto", True, False),
 }
-CHOICES = {
-    "physics.blur_mode": ("motion", "defocus", "mixed", "correlated", "random_iid"),
-    "physics.form": ("auto", "gather", "scatter"),
-    "physics.boundary": ("reflect", "zeros", "circular"),
-    "physics.interpolation": ("bilinear", "nearest"),
-    "run.dtype": ("float32", "bfloat16", "float16"),
-    "run.compile": ("off", "default", "reduce-overhead", "max-autotune"),
-}
+def choices() -> dict:
+    """The values keyword-valued keys may take; physics.py is the one source for the physics ones.
+
+    Imported here, not at the top: physics imports torch, which --help must not wait for.
+    """
+    import physics
+    return {
+        "physics.blur_mode": physics.BLUR_MODES,
+        "physics.form": ("auto",) + physics.FORMS,
+        "physics.boundary": physics.BOUNDARIES,
+        "physics.interpolation": physics.INTERPOLATIONS,
+        "run.dtype": ("float32", "bfloat16", "float16"),
+        "run.compile": ("off", "default", "reduce-overhead", "max-autotune"),
+    }
+
+
 # (low, high) inclusive; None = unbounded.
 RANGES = {
     "data.img_size": (8, 4096), "data.sigma_noise": (0.0, 1.0),
     "physics.kernel_size": (1, 255), "physics.grid_size": (1, 256), "physics.n_eigen_psfs": (1, None),
     "model.max_retries": (1, 100),
-    "sampler.num_inference_steps": (1, None), "sampler.step_size": (0.0, None), "sampler.gradient_clip": (0.0, None),
+    "sampler.step_size": (0.0, None), "sampler.gradient_clip": (0.0, None),
     "sampler.num_samples": (1, 1024), "sampler.intermediate_freq": (0, None), "sampler.log_every": (1, None),
     "run.seed": (0, 2 ** 63 - 1),
 }
@@ -125,7 +135,7 @@ def _type_ok(value, typ) -> bool:
 
 def validate_config(cfg: dict, schema: dict) -> dict:
     """Unknown keys, wrong types and out-of-range values raise UserError. Returns cfg."""
-    flat, ref = flatten(cfg), flatten(schema)
+    flat, ref, allowed = flatten(cfg), flatten(schema), choices()
     for key, value in flat.items():
         if key not in ref:
             raise UserError(f"unknown config key {key!r}")
@@ -136,8 +146,8 @@ def validate_config(cfg: dict, schema: dict) -> dict:
         if not _type_ok(value, typ):
             allowed = typ.__name__ + "".join(f" or {a!r}" for a in alts if not isinstance(a, bool))
             raise UserError(f"{key} must be {allowed}, got {value!r}")
-        if key in CHOICES and value not in CHOICES[key]:
-            raise UserError(f"{key} must be one of {list(CHOICES[key])}, got {value!r}")
+        if key in allowed and value not in allowed[key]:
+            raise UserError(f"{key} must be one of {list(allowed[key])}, got {value!r}")
         if key in RANGES:
             lo, hi = RANGES[key]
             if (lo is not None and value < lo) or (hi is not None and value > hi):
@@ -207,8 +217,8 @@ def _fetch_url(url: str) -> bytes:
 
 
 def decode_image(raw, name: str) -> np.ndarray:
-    """Bytes or a path -> float64 (H, W, 3) in [0, 1]. 16-bit is scaled by 65535; alpha dropped;
-    grayscale broadcast to RGB."""
+    """Bytes or a path -> float64 (H, W, C) in [0, 1], C = 1 (gray) or 3 (RGB). 16-bit is scaled by
+    65535; alpha dropped; gray stays gray."""
     import imageio.v3 as iio
     src = io.BytesIO(raw) if isinstance(raw, bytes) else raw
     check_pixel_count(src, name)
@@ -216,7 +226,7 @@ def decode_image(raw, name: str) -> np.ndarray:
         arr = iio.imread(src)
     except Exception as e:  # imageio raises many types for undecodable files
         raise UserError(f"cannot decode image {name}: not an image, or a corrupt one ({type(e).__name__})") from None
-    return to_float_rgb(np.asarray(arr), name)
+    return to_float_image(np.asarray(arr), name)
 
 
 def _declared_pixels(src) -> int:
@@ -227,11 +237,13 @@ def _declared_pixels(src) -> int:
     with its own message).
     """
     from PIL import Image
-    if hasattr(src, "seek"):
+    if hasattr(src, "read"):
         src.seek(0)
-    head = src.read(4) if hasattr(src, "read") else open(src, "rb").read(4)
-    if hasattr(src, "seek"):
+        head = src.read(4)
         src.seek(0)
+    else:
+        with open(src, "rb") as f:
+            head = f.read(4)
     try:
         if head in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
             import tifffile
@@ -259,7 +271,7 @@ def check_pixel_count(src, name: str) -> None:
                         f"(8192x8192); refusing to decode it")
 
 
-def to_float_rgb(arr: np.ndarray, name: str) -> np.ndarray:
+def to_float_image(arr: np.ndarray, name: str) -> np.ndarray:
     if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
         arr = np.moveaxis(arr, 0, -1)  # channel-first TIFF
     if arr.dtype == np.uint8:
@@ -281,8 +293,6 @@ def to_float_rgb(arr: np.ndarray, name: str) -> np.ndarray:
         raise UserError(f"{name}: unsupported image shape {arr.shape}")
     if x.shape[-1] in (2, 4):  # drop alpha
         x = x[..., :-1]
-    if x.shape[-1] == 1:
-        x = np.repeat(x, 3, -1)
     if not np.isfinite(x).all():
         raise UserError(f"{name}: image contains NaN or Inf")
     return x
@@ -333,12 +343,13 @@ def load_scene(spec: str, size: int, margin: int) -> np.ndarray:
     return center_crop_resize(read_image(spec), size, margin)
 
 
-def to_tensor(img: np.ndarray, device="cpu") -> torch.Tensor:
+def to_tensor(img: np.ndarray, device="cpu"):
     """(H, W, C) [0, 1] -> (1, C, H, W) float32."""
+    import torch
     return torch.from_numpy(np.ascontiguousarray(img)).float().permute(2, 0, 1)[None].to(device)
 
 
-def to_numpy(x: torch.Tensor) -> np.ndarray:
+def to_numpy(x) -> np.ndarray:
     """(1, C, H, W) or (C, H, W) -> (H, W, C) float64 in [0, 1] (clamped, never rescaled)."""
     if x.ndim == 4:
         x = x[0]
@@ -346,9 +357,36 @@ def to_numpy(x: torch.Tensor) -> np.ndarray:
 
 
 def save_image(path: str, img) -> None:
+    """An (H, W, C) array or (1, C, H, W) tensor in [0, 1] as an 8-bit PNG (gray for C = 1)."""
     from PIL import Image
-    arr = to_numpy(img) if torch.is_tensor(img) else np.clip(img, 0, 1)
-    Image.fromarray(np.round(arr * 255).astype(np.uint8)).save(path)
+    arr = np.clip(img, 0, 1) if isinstance(img, np.ndarray) else to_numpy(img)
+    Image.fromarray(np.round(arr * 255).astype(np.uint8).squeeze(-1) if arr.shape[-1] == 1
+                    else np.round(arr * 255).astype(np.uint8)).save(path)
+
+
+def save_tiff16(path: str, img: np.ndarray) -> None:
+    """An (H, W, C) array in [0, 1] as a 16-bit TIFF (for 16-bit inputs: no precision lost to 8 bits)."""
+    import tifffile
+    arr = np.round(np.clip(img, 0, 1) * 65535).astype(np.uint16)
+    tifffile.imwrite(path, arr[..., 0] if arr.shape[-1] == 1 else arr, photometric="minisblack"
+                     if arr.shape[-1] == 1 else "rgb")
+
+
+def bit_depth(spec: str) -> int:
+    """Bits per sample of an image file (16 for 16-bit PNG/TIFF), read from its header; 8 for the
+    sample, URLs and anything unknown."""
+    if spec == "sample" or spec.startswith(("http://", "https://")):
+        return 8
+    try:
+        if spec.lower().endswith((".tif", ".tiff")):
+            import tifffile
+            with tifffile.TiffFile(spec) as tif:
+                return 8 * tif.pages[0].dtype.itemsize if tif.pages[0].dtype.kind == "u" else 8
+        from PIL import Image
+        with Image.open(spec) as im:
+            return 16 if im.mode.startswith("I;16") or im.mode == "I" else 8
+    except Exception:  # unreadable files are reported by the decoder
+        return 8
 
 
 # ----------------------------------------------------------------------------
@@ -417,6 +455,13 @@ def jsonable(data):
     return json.loads(json.dumps(data, allow_nan=True))
 
 
+def format_duration(seconds: float) -> str:
+    """'45 s', '3.2 min' or '1.5 h'."""
+    if seconds < 90:
+        return f"{max(seconds, 1):.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
 def write_metrics_txt(path: str, m: dict) -> None:
     lines = [f"{k:28s} {v:.4f}" if isinstance(v, float) else f"{k:28s} {v}" for k, v in m.items()]
     with open(path, "w") as f:
@@ -431,39 +476,76 @@ def _plt():
 
 
 def _save(fig, path):
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight", pad_inches=0.05)  # tight: no margins for any aspect
     _plt().close(fig)
 
 
+def _show(ax, img):
+    """An (H, W, C) image in [0, 1] on ax: gray for one channel, RGB for three."""
+    img = np.clip(img, 0, 1)
+    if img.ndim == 3 and img.shape[-1] == 1:
+        ax.imshow(img[..., 0], cmap="gray", vmin=0, vmax=1)
+    else:
+        ax.imshow(img)
+    ax.axis("off")
+
+
 def plot_comparison(path, panels):
-    """panels: list of (title, (H, W, 3) image)."""
+    """panels: list of (title, (H, W, C) image); the figure follows the images' aspect ratio."""
     plt = _plt()
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4.4))
-    for ax, (title, img) in zip(np.atleast_1d(axes), panels):
-        ax.imshow(np.clip(img, 0, 1))
+    h, w = panels[0][1].shape[:2]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4 * h / w + 0.5), squeeze=False)
+    for ax, (title, img) in zip(axes[0], panels):
+        _show(ax, img)
         ax.set_title(title, fontsize=10)
-        ax.axis("off")
     _save(fig, path)
 
 
-def plot_eigenpsfs(path, basis, maps, explained, max_k=8):
-    """Top row: basis kernels Bₖ; bottom row: coefficient maps Cₖ (diverging colormap)."""
+def plot_std(path, std):
+    """The per-pixel posterior std (H, W, C), averaged over channels, with a colorbar in the
+    units of the [0, 1] image scale (not rescaled to its own maximum)."""
     plt = _plt()
-    K = min(basis.shape[0], max_k)
-    fig, axes = plt.subplots(2, K, figsize=(2.2 * K, 4.6), squeeze=False)
+    s = np.asarray(std).mean(-1)
+    fig, ax = plt.subplots(figsize=(5, 4.2 * s.shape[0] / s.shape[1]))
+    im = ax.imshow(s, cmap="magma", vmin=0)
+    ax.set_title("posterior std per pixel (mean over channels)", fontsize=9)
+    ax.axis("off")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="std, [0, 1] image scale")
+    _save(fig, path)
+
+
+def plot_eigenpsfs(path, basis, maps, explained, max_k=10):
+    """Top row: basis kernels Bₖ; bottom row: coefficient maps Cₖ (diverging colormap).
+
+    B₁.. and C₁.. share one colour scale each, so a component with almost no variance shows as
+    flat rather than being stretched into structure it does not have.
+    """
+    plt = _plt()
+    K_all = basis.shape[0]
+    K = min(K_all, max_k)
+    b, m = basis[:K].cpu().numpy(), maps[:K].cpu().numpy()
+    blim = np.abs(b[1:]).max() if K > 1 else 1.0
+    mlim = np.abs(m[1:]).max() if K > 1 else 1.0
+    fig, axes = plt.subplots(2, K, figsize=(2.2 * K, 2.2 * (1 + m.shape[1] / m.shape[2]) + 0.4), squeeze=False)
     for k in range(K):
-        b = basis[k].cpu().numpy()
-        m = maps[k].cpu().numpy()
-        lim = np.abs(b).max() or 1.0
-        axes[0, k].imshow(b, cmap="magma" if k == 0 else "RdBu_r", vmin=0 if k == 0 else -lim, vmax=lim)
-        title = "B0 (mean PSF)" if k == 0 else f"B{k} ({100 * float(explained[k - 1]):.1f}% var)"
+        if k == 0:
+            axes[0, k].imshow(b[0], cmap="magma", vmin=0)
+            axes[1, k].imshow(m[0], cmap="RdBu_r", vmin=-1, vmax=1)
+        else:
+            # A unit-norm direction with ~0 variance is numerical noise: drawn blank, not stretched.
+            noise = float(explained[k - 1]) < 1e-6
+            axes[0, k].imshow(0 * b[k] if noise else b[k], cmap="RdBu_r", vmin=-blim or -1, vmax=blim or 1)
+            axes[1, k].imshow(m[k], cmap="RdBu_r", vmin=-mlim or -1, vmax=mlim or 1)
+        title = "B0 (mean PSF)" if k == 0 else f"B{k} ({100 * float(explained[k - 1]):.2g}% var)"
+        if k and float(explained[k - 1]) < 1e-6:
+            title = f"B{k} (~0 var: not shown)"
         axes[0, k].set_title(title, fontsize=8)
-        mlim = np.abs(m).max() or 1.0
-        axes[1, k].imshow(m, cmap="RdBu_r", vmin=-mlim, vmax=mlim)
         axes[1, k].set_title(f"C{k}", fontsize=8)
         for a in axes[:, k]:
             a.axis("off")
+    shown = f"first {K} of K={K_all}" if K < K_all else f"all K={K_all}"
+    fig.suptitle(f"EigenPSFs Bₖ (top) and coefficient maps Cₖ (bottom): {shown}; "
+                 f"B₁.. and C₁.. share one colour scale", fontsize=9)
     _save(fig, path)
 
 
@@ -478,11 +560,12 @@ def plot_psf_grid(path, grid, max_side=16):
     tiles = np.ones((ny, k + 1, nx, k + 1))          # each PSF with a 1-pixel white gutter
     tiles[:, :k, :, :k] = g.transpose(0, 2, 1, 3)
     mosaic = np.pad(tiles.reshape(ny * (k + 1), nx * (k + 1)), ((1, 0), (1, 0)), constant_values=1)
-    fig, ax = plt.subplots(figsize=(7, 7 * mosaic.shape[0] / mosaic.shape[1]))
-    ax.imshow(mosaic, cmap="gray", interpolation="nearest")
+    fig, ax = plt.subplots(figsize=(7.8, 7 * mosaic.shape[0] / mosaic.shape[1]))
+    im = ax.imshow(mosaic, cmap="gray", interpolation="nearest", vmin=0, vmax=1)
     sub = f" (every {sy}th row / {sx}th column)" if sy > 1 or sx > 1 else ""
     ax.set_title(f"PSF grid {Gy}x{Gx}, {k}x{k} kernels{sub}", fontsize=10)
     ax.axis("off")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="PSF value / that PSF's maximum")
     _save(fig, path)
 
 
@@ -494,9 +577,8 @@ def plot_progress(path, steps, images, residuals, max_panels=8):
     idx = np.unique(np.linspace(0, len(steps) - 1, min(max_panels, len(steps))).round().astype(int))
     fig, axes = plt.subplots(1, len(idx) + 1, figsize=(2.4 * (len(idx) + 1) + 1.5, 2.8))
     for ax, i in zip(axes[:-1], idx):
-        ax.imshow(to_numpy(images[i][:1]))
+        _show(ax, to_numpy(images[i][:1]))
         ax.set_title(f"step {steps[i]}", fontsize=8)
-        ax.axis("off")
     axes[-1].semilogy(steps, [float(r[0]) for r in residuals])
     axes[-1].set_xlabel("step")
     axes[-1].set_title("‖y − A(x̂₀)‖", fontsize=9)
@@ -603,7 +685,7 @@ def check_psf_grid_header(path: str) -> None:
 
 def save_psf_grid(path: str, psfs, coords) -> None:
     """Writes the format load_psf_grid reads: .npz with psfs and positions, or .npy with psfs."""
-    psfs = psfs.detach().cpu().numpy() if torch.is_tensor(psfs) else np.asarray(psfs)
+    psfs = np.asarray(psfs) if isinstance(psfs, (np.ndarray, list)) else psfs.detach().cpu().numpy()
     if not path.endswith((".npy", ".npz")):
         raise UserError(f"--save_psf_grid must end in .npz or .npy, got {path}")
     try:

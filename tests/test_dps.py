@@ -172,6 +172,20 @@ def test_huge_step_size_diverges_with_clear_error():
     assert ei.value.intermediates["steps"]  # what existed is handed back
 
 
+def test_runaway_residual_is_divergence_not_success():
+    """A step size far too large keeps x_t finite but drives ‖y − A(x̂₀)‖ to many times ‖y‖: that
+    must stop as a divergence, not end 'complete' (while a sane step size finishes)."""
+    unet, sched = dps.load_model("analytic")
+    eig, true, _ = small_system()
+    y = true(torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1)))
+    pipe = dps.EigenPSFDPSPipeline(unet, sched, eig)
+    with pytest.raises(dps.DivergenceError, match=r"ran away to .*‖y‖.*smaller step_size") as ei:
+        pipe(y, num_inference_steps=60, step_size=1e9, check_every=5, generator=torch.Generator().manual_seed(0))
+    assert ei.value.step < 60
+    out, _ = pipe(y, num_inference_steps=60, step_size=1.0, check_every=5, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(out).all()
+
+
 def test_gradient_clip_bounds_each_image():
     g = torch.randn(3, 3, 8, 8) * torch.tensor([0.01, 10.0, 100.0]).view(3, 1, 1, 1)
     clipped = dps.clip_per_image(g, 1.0)
