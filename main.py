@@ -56,6 +56,7 @@ FLAGS = {
     "blurred_dir": ("data.blurred_dir", str, "real data: restore every image in this folder (needs --psf_grid)"),
     "psf_grid": ("data.psf_grid", str, "measured PSFs: .npy (G,G,k,k) or .npz with psfs [+ positions (G,G,2)]"),
     "save_psf_grid": ("data.save_psf_grid", str, "export the PSF grid used (.npz/.npy)"),
+    "calibration": ("data.calibration", str, "measure the PSF grid from this image of point sources, write it, exit"),
     "blur_mode": ("physics.blur_mode", str, "the blur family (see config.yaml's physics.blur_mode)"),
     "kernel_size": ("physics.kernel_size", int, "odd PSF size in pixels"),
     "grid_size": ("physics.grid_size", int_or("auto"), "PSFs per image side, or auto (8, or 64 for random_iid)"),
@@ -673,6 +674,8 @@ def run(argv=None) -> int:
 
     if args.resume:
         return resume_run(args.resume, schema, given)
+    if d["calibration"]:
+        return calibrate(cfg)
     device = resolve_device(rc["device"])
     dtype = getattr(torch, rc["dtype"])  # validated: float32 | bfloat16 | float16
     gen = torch.Generator(device=device).manual_seed(rc["seed"])
@@ -751,6 +754,49 @@ def run(argv=None) -> int:
               file=sys.stderr)
         return EXIT_BATCH_INCOMPLETE
     return worst
+
+
+def calibrate(cfg) -> int:
+    """--calibration: measures the PSF grid from an image of point sources (physics.estimate_psf_grid),
+    writes it (--save_psf_grid, else RUN_DIR/psf_grid.npz) with pictures and calibration.json, and
+    exits. Nothing is written when the image cannot give a grid."""
+    import physics
+    d, pc, rc = cfg["data"], cfg["physics"], cfg["run"]
+    img = utils.read_image(d["calibration"])                       # (H, W, C) in [0, 1]
+    if img.shape[-1] == 3:
+        log.info("RGB calibration image: PSFs are measured on its luminance (Rec. 709); for one grid per "
+                 "channel, calibrate each channel's image on its own")
+        img = img @ np.array(physics.LUMINANCE_WEIGHTS)[:, None]
+    G, k = physics.resolve_grid_size(pc), pc["kernel_size"]
+    try:  # a pixel at the top of the range may have clipped: such spots are rejected as saturated
+        cal = physics.estimate_psf_grid(img[..., 0], G, k, saturation=0.999)
+    except ValueError as e:
+        raise utils.UserError(f"{d['calibration']}: {e}") from None
+    utils.check_writable(rc["save_dir"])
+    if d["save_psf_grid"]:
+        utils.check_writable(os.path.dirname(os.path.abspath(d["save_psf_grid"])))
+    run_dir = utils.make_run_dir(rc["save_dir"], prefix="calibration")
+    os.makedirs(os.path.join(run_dir, "images"))
+    coords = (cal.positions[:, 0, 0], cal.positions[0, :, 1])
+    for path in {os.path.join(run_dir, "psf_grid.npz"), d["save_psf_grid"] or os.path.join(run_dir, "psf_grid.npz")}:
+        utils.save_psf_grid(path, cal.psfs, coords)
+    report = {"image": d["calibration"], "grid_size": G, "kernel_size": k, "noise": cal.noise,
+              "spots_accepted": int(cal.counts.sum()), "spots_rejected": cal.rejected(),
+              "cells_filled_from_neighbours": [list(c) for c in cal.filled],
+              "spots_per_cell": cal.counts.tolist(), "median_peak_snr_per_cell": cal.snr.round(2).tolist()}
+    utils.write_json(os.path.join(run_dir, "calibration.json"), report)
+    utils.save_yaml(os.path.join(run_dir, "config.yaml"), cfg)
+    utils.plot_calibration_spots(os.path.join(run_dir, "images", "spots.png"), img[..., 0], cal.spots)
+    utils.plot_psf_grid(os.path.join(run_dir, "images", "psf_grid.png"), cal.psfs)
+    utils.plot_cell_map(os.path.join(run_dir, "images", "cells.png"), cal.counts, cal.snr)
+    log.info("%d spots accepted; rejected: %s", cal.counts.sum(),
+             ", ".join(f"{n} {r}" for r, n in cal.rejected().items() if n) or "none")
+    if cal.filled:
+        log.warning("%d cell(s) had no usable spot and were filled from their neighbours: %s", len(cal.filled),
+                    ", ".join(map(str, cal.filled)))
+    log.info("PSF grid %dx%d of %dx%d written to %s", G, G, k, k, d["save_psf_grid"] or os.path.join(run_dir, "psf_grid.npz"))
+    print(run_dir)
+    return 0
 
 
 def _bad_input_errors() -> tuple:

@@ -27,10 +27,12 @@ index r = k // 2; convolution is (x ∗ h)[p] = Σᵤ h[u] x[p − u].
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -218,6 +220,15 @@ class PSFField:
     def node_coords(self):
         """(ys, xs) pixel coordinates of the G×G node grid (cell centres)."""
         return grid_node_coords(self.G, self.H), grid_node_coords(self.G, self.W)
+
+    def shifted(self, dy: float, dx: float) -> "PSFField":
+        """The same field with every PSF drawn displaced by (dy, dx) px: a point source at a
+        sub-pixel position, rendered exactly from the analytic families (no interpolation)."""
+        if self.mode == "random_iid":
+            raise ValueError("random_iid PSFs are blended node PSFs and cannot be redrawn sub-pixel")
+        other = copy.copy(self)
+        other.v, other.u = self.v - dy, self.u - dx
+        return other
 
     def node_grid(self):
         """(G, G, k, k): the field sampled at the node coordinates."""
@@ -947,3 +958,258 @@ def operator_relative_error(eigen_op, true_op, x, x_ext=None) -> float:
     """
     ref = true_op(x if x_ext is None else x_ext)
     return float(torch.linalg.vector_norm(eigen_op(x) - ref) / torch.linalg.vector_norm(ref).clamp_min(1e-30))
+
+
+# ----------------------------------------------------------------------------
+# 8. A PSF grid measured from a calibration image of point sources
+# ----------------------------------------------------------------------------
+
+REJECTIONS = ("noise", "hot pixel", "edge", "saturated", "overlap")
+MAX_EMPTY_FRACTION = 0.25  # more empty cells than this and the grid would be mostly guessed
+
+
+def render_point_sources(field: PSFField, rows, cols, fluxes):
+    """An (H, W) float64 image of point sources at sub-pixel positions (rows, cols) with the given
+    fluxes, seen through `field`: every spot is the analytic PSF of its own position, displaced
+    sub-pixel exactly (PSFField.shifted). Spots near the border are clipped by it."""
+    img = np.zeros((field.H, field.W))
+    r = field.k // 2
+    for py, px, f in zip(rows, cols, fluxes):  # one small paste per spot
+        iy, ix = int(round(py)), int(round(px))
+        psf = field.shifted(py - iy, px - ix).psfs_on_grid(torch.tensor([py]), torch.tensor([px]))[0, 0]
+        psf = psf.double().cpu().numpy()
+        y0, x0 = max(iy - r, 0), max(ix - r, 0)
+        y1, x1 = min(iy + r + 1, field.H), min(ix + r + 1, field.W)
+        if y1 > y0 and x1 > x0:
+            img[y0:y1, x0:x1] += f * psf[y0 - iy + r:y1 - iy + r, x0 - ix + r:x1 - ix + r]
+    return img
+
+
+def calibration_target(field: PSFField, snr: float, beads: bool, rng, background=10.0, read_noise=2.0):
+    """A simulated calibration image through `field`, in photons: (image, rows, cols).
+
+    beads=False: a regular array, one source per cell near its centre (±0.5 px, sub-pixel);
+    beads=True: 3–8 sources per cell at random positions, none closer than k + 2 px. Every source
+    has the same flux, set so that the median spot's peak SNR, A / √(A + background + read_noise²),
+    is `snr`; Poisson and Gaussian read noise are added. rng: a numpy Generator.
+    """
+    H, W, G, k = field.H, field.W, field.G, field.k
+    rows, cols = [], []
+    for i in range(G):          # a few tries per source in each of G² cells
+        for j in range(G):
+            want, placed = (int(rng.integers(3, 9)) if beads else 1), 0
+            for _ in range(200 * want):
+                if placed == want:
+                    break
+                if beads:
+                    y, x = (i + rng.uniform(0.05, 0.95)) * H / G, (j + rng.uniform(0.05, 0.95)) * W / G
+                else:
+                    y, x = (i + 0.5) * H / G - 0.5 + rng.uniform(-0.5, 0.5), (j + 0.5) * W / G - 0.5 + rng.uniform(-0.5, 0.5)
+                inside = k <= y <= H - 1 - k and k <= x <= W - 1 - k
+                if inside and all(max(abs(y - r), abs(x - c)) > k + 2 for r, c in zip(rows, cols)):
+                    rows.append(y)
+                    cols.append(x)
+                    placed += 1
+    unit = render_point_sources(field, rows, cols, np.ones(len(rows)))
+    peak = np.median([unit[int(round(r)), int(round(c))] for r, c in zip(rows, cols)])
+    b = background + read_noise ** 2
+    flux = (snr ** 2 + np.sqrt(snr ** 4 + 4 * snr ** 2 * b)) / 2 / peak   # solves A/√(A + b) = snr for A
+    img = rng.poisson(flux * unit + background) + rng.normal(0, read_noise, unit.shape)
+    return img, np.array(rows), np.array(cols)
+
+
+@dataclass
+class Calibration:
+    """What estimate_psf_grid measured. Arrays are numpy; spots are plain dicts."""
+    psfs: object               # (G, G, k, k) float64, each ≥ 0 and summing to 1
+    positions: object          # (G, G, 2) [row, col] of the cell centres
+    spots: list                # {"row", "col", "snr", "status"}: status "accepted" or one of REJECTIONS
+    counts: object             # (G, G) accepted spots per cell
+    snr: object                # (G, G) median peak SNR of the accepted spots (0 where none)
+    filled: list               # (i, j) cells filled from their neighbours
+    noise: float               # robust noise std of the background-subtracted image
+
+    def rejected(self) -> dict:
+        return {r: sum(s["status"] == r for s in self.spots) for r in REJECTIONS}
+
+
+def _background(img, tile):
+    """A smooth background: sigma-clipped medians of tile×tile blocks, interpolated bilinearly
+    (as astronomers' 2-D background estimators do), and the robust noise std (MAD) around it."""
+    from skimage.transform import resize
+    H, W = img.shape
+    ny, nx = max(1, H // tile), max(1, W // tile)
+    med = np.empty((ny, nx))
+    for i in range(ny):        # a few dozen tiles: a loop over blocks, not pixels
+        for j in range(nx):
+            block = img[i * H // ny:(i + 1) * H // ny, j * W // nx:(j + 1) * W // nx].ravel()
+            for _ in range(3):  # clip the spots out of the block's statistics
+                m, s = np.median(block), 1.4826 * np.median(np.abs(block - np.median(block)))
+                block = block[block <= m + 3 * max(s, 1e-12)]
+            med[i, j] = np.median(block)
+    bg = resize(med, (H, W), order=1, mode="edge") if med.size > 1 else np.full((H, W), med[0, 0])
+    resid = img - bg
+    noise = 1.4826 * np.median(np.abs(resid - np.median(resid)))
+    return bg, max(float(noise), 1e-12 * max(float(np.abs(img).max()), 1e-300))
+
+
+def _classify(img, raw, peaks, noise, k, threshold, saturation):
+    """Status of each candidate peak: accepted, or the first reason to reject it."""
+    H, W = img.shape
+    R = k // 2 + 3                               # the cut-out below needs k + 6 pixels around the peak
+    status = []
+    for r, c in peaks:                           # tens to thousands of spots, each a few pixel reads
+        win = img[max(r - 1, 0):r + 2, max(c - 1, 0):c + 2]
+        neighbours = np.sort(win.ravel())[-2] if win.size > 1 else 0.0
+        if win.sum() < threshold * 3 * noise:    # the 3×3 flux is not significant: a noise peak
+            status.append("noise")
+        elif neighbours < 0.15 * img[r, c]:      # a lone bright pixel: no PSF is that sharp
+            status.append("hot pixel")
+        elif r < R or c < R or r >= H - R or c >= W - R:
+            status.append("edge")
+        elif saturation is not None and (raw[r - R:r + R + 1, c - R:c + R + 1] >= saturation).sum() >= 2:
+            status.append("saturated")           # a clipped, flat top (one pixel at the maximum is not)
+        else:
+            status.append("accepted")
+    # Overlap: two real spots whose k×k boxes intersect; both are unusable.
+    real = np.array([i for i, s in enumerate(status) if s not in ("noise", "hot pixel")], dtype=int)
+    if real.size > 1:
+        p = np.asarray(peaks)[real]
+        d = np.abs(p[:, None, :] - p[None, :, :]).max(-1)   # Chebyshev distance between peaks
+        np.fill_diagonal(d, k)
+        for i in real[(d < k).any(1)]:
+            status[i] = "overlap"
+    return status
+
+
+def _raw_peak(img, r, c):
+    """A maximum of the smoothed image can sit a pixel off the raw one: the raw maximum nearby."""
+    r0, c0 = max(r - 1, 0), max(c - 1, 0)
+    win = img[r0:r + 2, c0:c + 2]
+    dr, dc = np.unravel_index(np.argmax(win), win.shape)
+    return int(r0 + dr), int(c0 + dc)
+
+
+def _centroid(img, r, c, k):
+    """Sub-pixel centre: the intensity centroid in a disk of radius k/2, re-centred twice."""
+    cy, cx = float(r), float(c)
+    h = k // 2
+    yy, xx = np.mgrid[-h:h + 1, -h:h + 1]
+    for _ in range(3):
+        ry, rx = int(round(cy)), int(round(cx))
+        w = np.clip(img[ry - h:ry + h + 1, rx - h:rx + h + 1], 0, None) * ((yy ** 2 + xx ** 2) <= h * h)
+        if w.sum() <= 0:
+            break
+        cy, cx = ry + (w * yy).sum() / w.sum(), rx + (w * xx).sum() / w.sum()
+    return cy, cx
+
+
+def _registered_cutout(img, cy, cx, k):
+    """The k×k PSF around (cy, cx), shifted sub-pixel (cubic spline) so that the centroid sits on
+    the kernel centre, normalised to sum 1."""
+    from scipy.ndimage import shift
+    h = k // 2 + 3
+    ry, rx = int(round(cy)), int(round(cx))
+    box = img[ry - h:ry + h + 1, rx - h:rx + h + 1]
+    box = shift(box, (ry - cy, rx - cx), order=3, mode="constant")[3:-3, 3:-3]
+    return box / box.sum()
+
+
+def estimate_psf_grid(image, grid_size: int, kernel_size: int, saturation=None, threshold: float = 5.0) -> Calibration:
+    """Measures a (G, G, k, k) PSF grid from an image of point sources (pinholes, beads, stars).
+
+    1. Background: sigma-clipped tile medians, bilinearly interpolated; noise by MAD.
+    2. Detection: local maxima (scikit-image peak_local_max) of the lightly smoothed image above
+       `threshold`·noise.
+    3. Rejection of noise peaks, hot pixels, spots clipped by the edge, saturated spots (two or
+       more pixels of the box ≥ `saturation`, in image units) and overlapping pairs.
+    4. Sub-pixel centroid; each spot cut out at k×k, shifted so its centroid is the kernel centre,
+       and normalised to sum 1.
+    5. Spots are assigned to a G×G grid of equal cells; each cell's spots make its "effective PSF"
+       at the node (their average, or with 4+ spots a linear fit across the cell evaluated at the
+       node); empty cells are filled from their neighbours, and more than MAX_EMPTY_FRACTION empty
+       cells is an error naming them.
+
+    image: (H, W) float, gray, any linear scale. Raises ValueError on unusable input.
+    """
+    from scipy.ndimage import gaussian_filter
+    from skimage.feature import peak_local_max
+    validate_kernel_size(kernel_size)
+    img0 = np.asarray(image, dtype=np.float64)
+    if img0.ndim != 2:
+        raise ValueError(f"calibration image must be 2-D (gray), got shape {img0.shape}")
+    G, k, (H, W) = grid_size, kernel_size, img0.shape
+    if min(H, W) < 2 * k or G < 1 or min(H, W) // G < k:
+        raise ValueError(f"a {H}x{W} calibration image cannot hold a {G}x{G} grid of {k}x{k} PSFs "
+                         f"(each cell needs at least {k} px; lower grid_size or kernel_size)")
+    # 1-2. Background, noise and candidate peaks (smoothing makes flat-topped disks unimodal).
+    bg, noise = _background(img0, max(2 * k, min(H, W) // 8))
+    img = img0 - bg
+    smooth = gaussian_filter(img, max(1.0, k / 10))
+    s_noise = 1.4826 * np.median(np.abs(smooth - np.median(smooth)))
+    peaks = peak_local_max(smooth, min_distance=max(2, k // 4), threshold_abs=threshold * max(s_noise, 1e-300),
+                           exclude_border=False)
+    peaks = [_raw_peak(img, r, c) for r, c in peaks]
+    status = _classify(img, img0, peaks, noise, k, threshold, saturation)
+    spots = [{"row": float(r), "col": float(c), "snr": float(img[r, c] / noise), "status": s}
+             for (r, c), s in zip(peaks, status)]
+    # 3-4. Registered cut-outs of the accepted spots, collected per cell with their positions.
+    cells = [[[] for _ in range(G)] for _ in range(G)]
+    for s in spots:
+        if s["status"] != "accepted":
+            continue
+        cy, cx = _centroid(img, int(s["row"]), int(s["col"]), k)
+        s["row"], s["col"] = cy, cx
+        i, j = min(int((cy + 0.5) * G / H), G - 1), min(int((cx + 0.5) * G / W), G - 1)
+        cells[i][j].append((_registered_cutout(img, cy, cx, k), cy, cx, s["snr"]))
+    return _assemble_grid(cells, spots, noise, H, W, k)
+
+
+def _cell_psf(members, node_y, node_x, cell_h, cell_w):
+    """The effective PSF of one cell at its node. With 4 or more spots, a per-pixel linear fit
+    P(p) ≈ a + b·(p − node) takes out the first-order variation of the PSF across the cell (the
+    intercept a is the PSF at the node); with fewer, the plain average."""
+    P = np.stack([m[0] for m in members]).reshape(len(members), -1)              # (n, k²)
+    if len(members) < 4:
+        return P.mean(0)
+    X = np.array([[1.0, (m[1] - node_y) / cell_h, (m[2] - node_x) / cell_w] for m in members])
+    if np.linalg.matrix_rank(X) < 3:
+        return P.mean(0)
+    return np.linalg.lstsq(X, P, rcond=None)[0][0]
+
+
+def _assemble_grid(cells, spots, noise, H, W, k) -> Calibration:
+    """5. Cell PSFs; empty cells filled from their neighbours, or an error when too many."""
+    G = len(cells)
+    counts = np.array([[len(cells[i][j]) for j in range(G)] for i in range(G)])
+    rejected = {r: sum(s["status"] == r for s in spots) for r in REJECTIONS}
+    why = ", ".join(f"{n} {r}" for r, n in rejected.items() if n) or "none"
+    if counts.sum() == 0:
+        hint = "; is kernel_size larger than the spot spacing?" if rejected["overlap"] > len(spots) / 2 else ""
+        raise ValueError(f"no usable point sources in the calibration image ({len(spots)} candidates rejected: {why}){hint}")
+    empty = [(int(i), int(j)) for i, j in np.argwhere(counts == 0)]
+    if len(empty) > MAX_EMPTY_FRACTION * G * G:
+        hint = "; is kernel_size larger than the spot spacing?" if rejected["overlap"] > counts.sum() else ""
+        raise ValueError(f"{len(empty)} of {G * G} grid cells have no usable spot (rows, cols {empty[:12]}"
+                         f"{'...' if len(empty) > 12 else ''}); spread point sources over the whole field or lower "
+                         f"grid_size (rejected: {why}){hint}")
+    ys, xs = grid_node_coords(G, H).numpy(), grid_node_coords(G, W).numpy()
+    psfs = np.full((G, G, k, k), np.nan)
+    for i, j in np.argwhere(counts > 0):
+        psfs[i, j] = _cell_psf(cells[i][j], ys[i], xs[j], H / G, W / G).reshape(k, k)
+    todo = list(empty)
+    while todo:  # fill from filled 8-neighbours, outward
+        done = []
+        for i, j in todo:
+            nb = psfs[max(i - 1, 0):i + 2, max(j - 1, 0):j + 2].reshape(-1, k, k)
+            nb = nb[~np.isnan(nb[:, 0, 0])]
+            if len(nb):
+                done.append(((i, j), nb.mean(0)))
+        for (i, j), p in done:
+            psfs[i, j] = p
+        todo = [c for c in todo if np.isnan(psfs[c][0, 0])]
+    psfs = np.clip(psfs, 0, None)
+    psfs /= psfs.sum((-2, -1), keepdims=True)
+    snr = np.array([[np.median([m[3] for m in cells[i][j]]) if cells[i][j] else 0.0 for j in range(G)]
+                    for i in range(G)])
+    return Calibration(psfs, np.stack(np.meshgrid(ys, xs, indexing="ij"), -1), spots, counts, snr, empty, noise)

@@ -554,7 +554,7 @@ def plot_psf_grid(path, grid, max_side=16):
     plt = _plt()
     Gy, Gx, k, _ = grid.shape
     sy, sx = max(1, math.ceil(Gy / max_side)), max(1, math.ceil(Gx / max_side))
-    g = grid[::sy, ::sx].cpu().numpy()
+    g = np.asarray(grid[::sy, ::sx] if isinstance(grid, np.ndarray) else grid[::sy, ::sx].cpu())
     g = g / np.maximum(g.max(axis=(-2, -1), keepdims=True), 1e-12)
     ny, nx = g.shape[:2]
     tiles = np.ones((ny, k + 1, nx, k + 1))          # each PSF with a 1-pixel white gutter
@@ -566,6 +566,44 @@ def plot_psf_grid(path, grid, max_side=16):
     ax.set_title(f"PSF grid {Gy}x{Gx}, {k}x{k} kernels{sub}", fontsize=10)
     ax.axis("off")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="PSF value / that PSF's maximum")
+    _save(fig, path)
+
+
+SPOT_COLOURS = {"accepted": "lime", "noise": "gray", "hot pixel": "magenta", "edge": "orange",
+                "saturated": "red", "overlap": "cyan"}
+
+
+def plot_calibration_spots(path, img, spots):
+    """The calibration image (square-root stretch of its fixed [0, 1] range) with every detected
+    spot marked, accepted and each rejection reason in its own colour, with counts in the legend."""
+    plt = _plt()
+    h, w = img.shape
+    fig, ax = plt.subplots(figsize=(8, 8 * h / w))
+    ax.imshow(np.sqrt(np.clip(img, 0, 1)), cmap="gray", vmin=0, vmax=1)
+    for status, colour in SPOT_COLOURS.items():
+        pts = [(s["row"], s["col"]) for s in spots if s["status"] == status]
+        if pts:
+            r, c = np.array(pts).T
+            ax.scatter(c, r, s=60, facecolors="none", edgecolors=colour, linewidths=1.2, label=f"{status} ({len(pts)})")
+    ax.legend(loc="upper right", fontsize=8, framealpha=0.7)
+    ax.set_title("detected point sources", fontsize=10)
+    ax.axis("off")
+    _save(fig, path)
+
+
+def plot_cell_map(path, counts, snr):
+    """Accepted spots per grid cell and their median peak SNR, with colorbars and the counts written in."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4))
+    for ax, data, title, cmap in ((axes[0], counts, "accepted spots per cell", "viridis"),
+                                  (axes[1], snr, "median peak SNR per cell", "magma")):
+        im = ax.imshow(data, cmap=cmap, vmin=0)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("grid column")
+        ax.set_ylabel("grid row")
+    for (i, j), n in np.ndenumerate(counts):
+        axes[0].text(j, i, str(n), ha="center", va="center", color="white" if n == 0 else "black", fontsize=8)
     _save(fig, path)
 
 

@@ -194,3 +194,10 @@ def test_run_folder_follows_umask_and_writes_nowhere_else(tmp_path):
     assert stat.S_IMODE((run / "metrics.json").stat().st_mode) == 0o640
     assert stat.S_IMODE((run / "images").stat().st_mode) == 0o750
     assert os.listdir(cwd) == [] and sorted(os.listdir(tmp_path)) == ["cwd", "out"]
+
+
+def test_text_npy_is_named_not_an_array(tmp_path):
+    (tmp_path / "g.npy").write_text("0 1 2\n3 4 5\n")
+    with pytest.raises(utils.UserError, match="not a valid .npy array") as ei:
+        utils.load_psf_grid(str(tmp_path / "g.npy"))
+    assert "allow_pickle" not in str(ei.value)
