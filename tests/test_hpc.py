@@ -42,7 +42,7 @@ def wait_for_first_step(save_dir):
 
 
 def test_sigterm_then_resume_is_bit_identical(tmp_path, tiny_model):
-    args = ["--model_id", tiny_model, "--img_size", "48", "--num_inference_steps", "150"]
+    args = ["--model_id", tiny_model, "--img_size", "48", "--num_inference_steps", "50"]
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), *args, "--save_dir", str(tmp_path / "a")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_first_step(tmp_path / "a")
@@ -52,7 +52,7 @@ def test_sigterm_then_resume_is_bit_identical(tmp_path, tiny_model):
     run = tmp_path / "a" / run_dirs(tmp_path / "a")[0]
     assert (run / "checkpoint.pt").is_file() and "--resume" in err
     m = json.loads((run / "metrics.json").read_text())
-    assert m["status"] == "preempted" and 0 < m["steps_completed"] < 150
+    assert m["status"] == "preempted" and 0 < m["steps_completed"] < 50
     r = run_cli(["--resume", str(run)])
     assert r.returncode == 0, r.stderr[-2000:]
     assert not (run / "checkpoint.pt").exists()
@@ -65,7 +65,7 @@ def test_sigterm_then_resume_is_bit_identical(tmp_path, tiny_model):
 
 def test_ctrl_c_checkpoints_like_sigterm_and_exits_130(tmp_path, tiny_model):
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), "--model_id", tiny_model, "--img_size", "48",
-                             "--num_inference_steps", "150", "--save_dir", str(tmp_path)],
+                             "--num_inference_steps", "50", "--save_dir", str(tmp_path)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_first_step(tmp_path)
     proc.send_signal(signal.SIGINT)
@@ -73,7 +73,7 @@ def test_ctrl_c_checkpoints_like_sigterm_and_exits_130(tmp_path, tiny_model):
     assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err[-2000:]
     run = tmp_path / run_dirs(tmp_path)[0]
     m = json.loads((run / "metrics.json").read_text())
-    assert m["status"] == "interrupted" and 0 < m["steps_completed"] < 150
+    assert m["status"] == "interrupted" and 0 < m["steps_completed"] < 50
     assert "--resume" in err and main.load_checkpoint(str(run / "checkpoint.pt"))["next_index"] == m["steps_completed"]
 
 
@@ -229,7 +229,7 @@ def test_slurm_array_runs_sweep_and_collects(slurm, tmp_path):
 
 @pytest.mark.slurm
 def test_slurm_preemption_requeues_and_resumes_bit_identically(slurm, tmp_path, tiny_model):
-    args = f"--model_id {tiny_model} --img_size 48 --num_inference_steps 150"
+    args = f"--model_id {tiny_model} --img_size 48 --num_inference_steps 50"
     spec = tmp_path / "p.yaml"
     spec.write_text(f"sweep_dir: {tmp_path / 'sweep'}\nargs: \"{args}\"\n")
     subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "sweep.py"), "make", str(spec)], check=True,

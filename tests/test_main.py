@@ -192,7 +192,7 @@ def test_flags_override_set_override_config(tmp_path):
     args = main.build_parser(utils.load_config(main.DEFAULT_CONFIG)).parse_args(
         ["--config", str(cfg), "--set", "sampler.step_size=4.0", "--set", "sampler.num_samples=3", "--num_samples", "5"])
     schema = utils.load_config(main.DEFAULT_CONFIG)
-    r = main.resolve_config(args, ["num_samples"], schema)
+    r, explicit = main.resolve_config(args, ["num_samples"], schema)
     assert r["sampler"]["step_size"] == 4.0 and r["sampler"]["num_samples"] == 5
     assert r["physics"]["blur_mode"] == "motion"  # untouched keys keep config.yaml's value
     cfg.write_text("sampler:\n  stepsize: 3.0\n")
@@ -212,7 +212,7 @@ def test_image_formats_gray_rgba_16bit(tmp_path):
     import tifffile
     tifffile.imwrite(tmp_path / "d.tif", (rgb.astype(np.uint16) * 257))
     g = utils.read_image(str(tmp_path / "g.png"))
-    assert g.shape == (20, 30, 3) and np.allclose(g[..., 0], g[..., 2]) and np.allclose(g[..., 0], rgb[..., 0] / 255)
+    assert g.shape == (20, 30, 1) and np.allclose(g[..., 0], rgb[..., 0] / 255)  # gray stays gray
     a = utils.read_image(str(tmp_path / "a.png"))
     assert a.shape == (20, 30, 3) and np.allclose(a, rgb / 255)
     d = utils.read_image(str(tmp_path / "d.tif"))
