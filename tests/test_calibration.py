@@ -139,6 +139,7 @@ def test_bad_calibration_input_exit_2_and_no_grid(case, tmp_path):
     assert not out.exists() and not (tmp_path / "res").exists()
 
 
+@pytest.mark.slow
 def test_restoring_with_the_estimated_grid_is_as_good_as_with_the_true_grid(tmp_path):
     """A scene through the same optics, restored once with the calibrated grid and once with the
     true node grid (analytic prior, same seed): within 0.5 dB PSNR of each other."""

@@ -68,6 +68,7 @@ def conjugate_gradient(apply, b, iters=400, tol=1e-7):
     return x
 
 
+@pytest.mark.slow
 def test_dps_lands_near_exact_posterior_mean():
     """y = A x + n with the analytic prior x₀ = 2x − 1 ~ N(μ, Σ). The posterior mean solves
     (Σ⁻¹ + AᵀA/(4σ²)) m = Σ⁻¹μ + Aᵀ(y − A1/2)/(2σ²); we solve it in the whitened variable

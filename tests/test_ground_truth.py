@@ -151,6 +151,7 @@ def test_ssim_is_wang_2004():
     assert abs(structural_similarity(a, b, data_range=1.0, channel_axis=-1) - wang_ssim(a, b)) > 1e-3
 
 
+@pytest.mark.slow
 def test_measurement_independent_of_reconstruction_choices(tmp_path):
     base = ["--model_id", "analytic", *FAST, "--num_inference_steps", "1", "--no_intermediates"]
     runs = {"default": [], "boundary": ["--set", "physics.boundary=zeros"], "K": ["--n_eigen_psfs", "all"],

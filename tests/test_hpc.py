@@ -41,6 +41,7 @@ def wait_for_first_step(save_dir):
     wait_for(lambda: list(save_dir.glob("run_*/intermediates/step_0000.png")), 300, "the first completed step")
 
 
+@pytest.mark.slow
 def test_sigterm_then_resume_is_bit_identical(tmp_path, tiny_model):
     args = ["--model_id", tiny_model, "--img_size", "48", "--num_inference_steps", "50"]
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), *args, "--save_dir", str(tmp_path / "a")],
@@ -63,6 +64,7 @@ def test_sigterm_then_resume_is_bit_identical(tmp_path, tiny_model):
     assert np.array_equal(np.load(run / "restored.npy"), np.load(full / "restored.npy"))
 
 
+@pytest.mark.slow
 def test_ctrl_c_checkpoints_like_sigterm_and_exits_130(tmp_path, tiny_model):
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), "--model_id", tiny_model, "--img_size", "48",
                              "--num_inference_steps", "50", "--save_dir", str(tmp_path)],
@@ -92,6 +94,7 @@ def make_sweep(tmp_path, grid="sampler.step_size: [0.5, 2.0]", seeds=None):
     return tmp_path / "sweep", r.stdout
 
 
+@pytest.mark.slow
 def test_sweep_make_and_collect_without_slurm(tmp_path):
     sweep, out = make_sweep(tmp_path, seeds="[0, 1]")
     lines = (sweep / "tasks.txt").read_text().splitlines()
@@ -228,6 +231,7 @@ def test_slurm_array_runs_sweep_and_collects(slurm, tmp_path):
 
 
 @pytest.mark.slurm
+@pytest.mark.slow
 def test_slurm_preemption_requeues_and_resumes_bit_identically(slurm, tmp_path, tiny_model):
     args = f"--model_id {tiny_model} --img_size 48 --num_inference_steps 50"
     spec = tmp_path / "p.yaml"

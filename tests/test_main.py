@@ -70,6 +70,7 @@ def readme_quickstart():
     return cmd.split()[2:]
 
 
+@pytest.mark.slow
 def test_offline_quickstart_from_readme_beats_blurred(tmp_path):
     """Runs the README's offline command verbatim (plus --save_dir)."""
     r = run_cli(readme_quickstart() + ["--save_dir", str(tmp_path)], timeout=900)
@@ -78,6 +79,7 @@ def test_offline_quickstart_from_readme_beats_blurred(tmp_path):
     assert m["psnr_restored"] > m["psnr_blurred"], m
 
 
+@pytest.mark.slow
 def test_same_seed_same_result(tmp_path):
     outs = []
     for i in range(2):
@@ -230,6 +232,7 @@ def test_metrics_use_fixed_range():
     assert abs(utils.psnr(ref * 0.1, est * 0.1) - 40.0) < 1e-9  # no per-image rescaling
 
 
+@pytest.mark.slow
 def test_download_only_then_offline_run(tmp_path, tiny_model):
     """The login-node / compute-node workflow against a fake hub on localhost."""
     from fakehub import FakeHub, files_from_dir

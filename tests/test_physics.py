@@ -274,6 +274,7 @@ def test_decomposition_and_operator_bad_input():
         compute_eigen_decomposition(bad, 2, 20, 26)
 
 
+@pytest.mark.slow
 def test_true_operator_61px_psfs_stays_under_2gb():
     """256×256 RGB with 61×61 PSFs, forward + adjoint, in a fresh process: peak RSS growth < 2 GB."""
     import os

@@ -29,6 +29,7 @@ def png_psnr(a, b):
     return utils.psnr(a, b)
 
 
+@pytest.mark.slow
 def test_round_trip_simulate_save_grid_then_restore_real(tmp_path):
     """Simulate, export the grid, then restore the saved blurred.png as a real measurement."""
     grid_file = tmp_path / "grid.npz"
