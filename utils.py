@@ -299,7 +299,7 @@ def to_float_image(arr: np.ndarray, name: str) -> np.ndarray:
 
 
 def read_image(spec: str) -> np.ndarray:
-    """'sample', a file path or an http(s) URL -> (H, W, 3) float64 in [0, 1]."""
+    """'sample', a file path or an http(s) URL -> (H, W, C) float64 in [0, 1], C = 1 (gray) or 3."""
     if spec == "sample":
         return sample_image().astype(np.float64) / 255.0
     if spec.startswith(("http://", "https://")):

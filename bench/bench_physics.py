@@ -37,7 +37,7 @@ def timeit(fn, repeats, device):
     return min(times)  # best of N: the least disturbed by other load on a shared machine
 
 
-def peak_rss_true_operator(k=61, size=256):
+def peak_rss_grid_operator(k=61, size=256):
     """Peak RSS increase (MB) of the exact operator's forward+adjoint, in a fresh process."""
     code = (f"import resource, torch, physics\n"
             f"sim = physics.SVBlurSimulator({size}, {size}, {k}, 4)\n"
@@ -116,7 +116,7 @@ def main():
     t_sim = timeit(lambda: sim64.simulate_sv_kernel_grid("random_iid", seed=0), 3, device)
     print(f"\nsimulator: 64x64 random_iid grid of {k}x{k} PSFs in {t_sim * 1e3:.1f} ms")
     if device.type == "cpu":
-        mb, dt = peak_rss_true_operator()
+        mb, dt = peak_rss_grid_operator()
         print(f"grid full-rank operator, 256x256 RGB, 61x61 PSFs: forward+adjoint {dt:.2f} s, peak RSS increase {mb:.0f} MB")
         for kk in (21, 61):
             mb, tg, ts = peak_rss_ground_truth(kk)

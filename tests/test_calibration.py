@@ -158,7 +158,7 @@ def test_restoring_with_the_estimated_grid_is_as_good_as_with_the_true_grid(tmp_
     x_ext = utils.to_tensor(scene).double()
     y = physics.GroundTruthBlur(field, "scatter")(x_ext)
     y = (y + 0.02 * torch.randn(y.shape, generator=torch.Generator().manual_seed(0), dtype=y.dtype)).clamp(0, 1)
-    tifffile.imwrite(tmp_path / "y.tif", utils.to_numpy(y).astype(np.float32))
+    tifffile.imwrite(tmp_path / "y.tif", utils.to_numpy(y).astype(np.float32), photometric="rgb")
     clean = scene[k // 2:k // 2 + H, k // 2:k // 2 + H]
     psnr, restored = {}, {}
     for name in ("est", "true", "wrong"):

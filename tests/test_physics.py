@@ -100,7 +100,7 @@ def brute_force(grid, x, form, boundary):
 
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("boundary", BOUNDARIES)
-def test_true_operator_matches_brute_force(form, boundary):
+def test_grid_operator_matches_brute_force(form, boundary):
     grid = SVBlurSimulator(11, 13, 5, 3, dtype=torch.float64).simulate_sv_kernel_grid(
         "random_iid", seed=4, max_length=4, max_radius=2, sigma_scale=0.4)
     true = GridSVBlurOperator(grid, 11, 13, form, boundary)
@@ -199,7 +199,7 @@ def test_create_system_is_deterministic():
     assert torch.equal(d1.basis_kernels, d2.basis_kernels)
 
 
-def test_true_operator_memory_bounded_chunks():
+def test_grid_operator_memory_bounded_chunks():
     grid = small_grid("motion", 40, 40, 7, 3)
     a = GridSVBlurOperator(grid, 40, 40)
     b = GridSVBlurOperator(grid, 40, 40, max_chunk_bytes=1)  # one row per chunk
@@ -275,7 +275,7 @@ def test_decomposition_and_operator_bad_input():
 
 
 @pytest.mark.slow
-def test_true_operator_61px_psfs_stays_under_2gb():
+def test_grid_operator_61px_psfs_stays_under_2gb():
     """256×256 RGB with 61×61 PSFs, forward + adjoint, in a fresh process: peak RSS growth < 2 GB."""
     import os
     import subprocess
