@@ -143,7 +143,7 @@ def fit_defaults(cfg, explicit, n_psfs, simulated: bool) -> None:
     if not simulated or "physics.kernel_size" not in explicit:
         return
     for section in physics.mode_sections(pc["blur_mode"]):
-        keys = physics.SIZE_PARAMS[section][0]
+        keys = physics.SIZE_KEYS[section]
         if any(f"physics.{section}.{k}" in explicit for k in keys):
             continue
         fitted = physics.fit_sizes_to_kernel(section, pc[section], pc["kernel_size"])

@@ -55,15 +55,20 @@ MODE_DEFAULTS["mixed"] = {**MODE_DEFAULTS["motion"], **MODE_DEFAULTS["defocus"]}
 DEFAULT_GRID_SIZE = {"random_iid": 64}  # every other mode: 8
 
 
-# The size parameters of each mode section, and how far (px from the kernel centre) the PSFs they
-# describe reach; SVBlurSimulator refuses PSFs that reach beyond kernel_size // 2.
-SIZE_PARAMS = {
-    "motion": (("min_length", "max_length"), lambda p: p["max_length"] / 2),
-    "defocus": (("min_radius", "max_radius"), lambda p: p["max_radius"]),
-    "correlated": (("sigma_scale", "mu_scale"), lambda p: 4.5 * p["sigma_scale"] + p["mu_scale"]),
-    "random_iid": (("min_length", "max_length", "min_radius", "max_radius", "sigma_scale"),
-                   lambda p: max(p["max_length"] / 2, p["max_radius"], 4.5 * p["sigma_scale"])),
+# How far (px from the kernel centre) each PSF family of a mode section reaches, from that
+# section's parameters, with the names its error message uses. SVBlurSimulator refuses PSFs that
+# reach beyond kernel_size // 2; fit_sizes_to_kernel scales SIZE_KEYS until they do not.
+REACH = {
+    "motion": [("motion blur of max_length", lambda p: p["max_length"] / 2, "max_length")],
+    "defocus": [("defocus disk of max_radius", lambda p: p["max_radius"], "max_radius")],
+    "correlated": [("correlated Gaussian (3·1.5·sigma_scale + mu_scale)",
+                    lambda p: 4.5 * p["sigma_scale"] + p["mu_scale"], "sigma_scale or mu_scale")],
 }
+REACH["random_iid"] = REACH["motion"] + REACH["defocus"] + [
+    ("Gaussian of 3·1.5·sigma_scale", lambda p: 4.5 * p["sigma_scale"], "sigma_scale")]
+SIZE_KEYS = {"motion": ("min_length", "max_length"), "defocus": ("min_radius", "max_radius"),
+             "correlated": ("sigma_scale", "mu_scale"),
+             "random_iid": ("min_length", "max_length", "min_radius", "max_radius", "sigma_scale")}
 
 
 def mode_sections(mode: str) -> tuple:
@@ -75,13 +80,12 @@ def mode_sections(mode: str) -> tuple:
 def fit_sizes_to_kernel(section: str, params: dict, kernel_size: int):
     """params with its size parameters scaled by one factor so that the PSFs fit kernel_size, or
     None when they already fit. Sizes are rounded down (to 1e-3 px), so the result always fits."""
-    keys, extent = SIZE_PARAMS[section]
     p = {**MODE_DEFAULTS[section], **params}
-    reach = extent(p)
+    reach = max(extent(p) for _, extent, _ in REACH[section])
     if reach <= kernel_size // 2:
         return None
     f = (kernel_size // 2) / reach
-    return {**p, **{k: math.floor(p[k] * f * 1000) / 1000 for k in keys}}
+    return {**p, **{k: math.floor(p[k] * f * 1000) / 1000 for k in SIZE_KEYS[section]}}
 
 
 def _choice(name: str, value, allowed) -> None:
@@ -140,19 +144,15 @@ class SVBlurSimulator:
     def _check_params(self, mode, p) -> None:
         if mode in ("motion", "mixed", "random_iid"):
             _nonneg_range("min_length", p["min_length"], "max_length", p["max_length"])
-            self._check_fit("motion blur of max_length", p["max_length"] / 2, "max_length")
         if mode in ("defocus", "mixed", "random_iid"):
             _nonneg_range("min_radius", p["min_radius"], "max_radius", p["max_radius"])
-            self._check_fit("defocus disk of max_radius", p["max_radius"], "max_radius")
         if mode in ("correlated", "random_iid") and p["sigma_scale"] <= 0:
             raise ValueError(f"sigma_scale must be > 0, got {p['sigma_scale']}")
-        if mode == "correlated":
-            if p["correlation_length"] < 0 or p["mu_scale"] < 0:
-                raise ValueError("correlation_length and mu_scale must be >= 0")
-            self._check_fit("correlated Gaussian (3·1.5·sigma_scale + mu_scale)",
-                            4.5 * p["sigma_scale"] + p["mu_scale"], "sigma_scale or mu_scale")
-        if mode == "random_iid":
-            self._check_fit("Gaussian of 3·1.5·sigma_scale", 4.5 * p["sigma_scale"], "sigma_scale")
+        if mode == "correlated" and (p["correlation_length"] < 0 or p["mu_scale"] < 0):
+            raise ValueError("correlation_length and mu_scale must be >= 0")
+        for section in mode_sections(mode):
+            for what, extent, names in REACH[section]:
+                self._check_fit(what, extent(p), names)
 
     def _fourier_features(self, gen, correlation_length: float) -> dict:
         """Frequencies (M, 2) and phases (M,) of one zero-mean, unit-variance random field with

@@ -360,8 +360,8 @@ def save_image(path: str, img) -> None:
     """An (H, W, C) array or (1, C, H, W) tensor in [0, 1] as an 8-bit PNG (gray for C = 1)."""
     from PIL import Image
     arr = np.clip(img, 0, 1) if isinstance(img, np.ndarray) else to_numpy(img)
-    Image.fromarray(np.round(arr * 255).astype(np.uint8).squeeze(-1) if arr.shape[-1] == 1
-                    else np.round(arr * 255).astype(np.uint8)).save(path)
+    u8 = np.round(arr * 255).astype(np.uint8)
+    Image.fromarray(u8[..., 0] if u8.shape[-1] == 1 else u8).save(path)
 
 
 def save_tiff16(path: str, img: np.ndarray) -> None:
