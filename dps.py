@@ -1,6 +1,11 @@
-"""Diffusion Posterior Sampling (Chung et al., 2022, Alg. 1) over a diffusers DDPM.
+"""Diffusion posterior samplers over a diffusers DDPM: DPS and DiffPIR, in one loop.
 
-For every timestep t (Eq. numbers refer to the DPS paper):
+One shared loop (`EigenPSFDPSPipeline.__call__`) owns what every sampler shares: the schedule, x_T,
+num_samples, divergence checks, the callback and resume. Each sampler is one small per-step
+function in `SAMPLERS`, with the signature `step(ctx, i, t, x_t) -> (x_prev, x0_hat, residual)`,
+as k-diffusion's sampling.py keeps one function per method.
+
+DPS (Chung et al., 2022, Alg. 1; Eq. numbers refer to that paper), every t:
 
     ε      = ε_θ(x_t, t)
     x̂₀     = (x_t − √(1−ᾱ_t) ε) / √ᾱ_t                              (Tweedie, Eq. 11)
@@ -8,11 +13,19 @@ For every timestep t (Eq. numbers refer to the DPS paper):
     r      = y − A((x̂₀ + 1)/2)                                        (residual, image in [0, 1])
     x_{t−1} = x' − ζ ∇_{x_t} ‖r‖                                      (Alg. 1, ζ_t = ζ/‖r‖ on ‖r‖²)
 
+DiffPIR (Zhu et al., CVPR Workshops 2023, Alg. 1), about 100 steps and no backward pass:
+
+    x̂₀     = Tweedie estimate, as above
+    x̃₀     = argmin_x ‖y − A x‖² + ρ_t ‖x − x̂₀‖²,  ρ_t = λ σ_y² ᾱ_t/(1−ᾱ_t)   (Eq. 13, x in [0, 1])
+    ε̂      = (x_t − √ᾱ_t x̃₀) / √(1−ᾱ_t)
+    x_{t−1} = √ᾱ_{t−1} x̃₀ + √(1−ᾱ_{t−1}) (√(1−ζ) ε̂ + √ζ ε),   ε ~ N(0, I)   (Eq. 15)
+
 The DDPM step itself is diffusers' `DDPMScheduler.step`: this module never re-derives it.
-The sampler writes no files; progress leaves through `callback`.
+The samplers write no files; progress leaves through `callback`.
 
 Also here: model loading and a resumable downloader for hub models, and `AnalyticPrior`, a
-training-free Gaussian natural-image prior whose MMSE denoiser is exact.
+training-free Gaussian natural-image prior whose MMSE denoiser is exact, with the exact
+posterior it implies for a linear blur (`gaussian_posterior`).
 """
 
 from __future__ import annotations
@@ -23,13 +36,17 @@ import logging
 import os
 import random
 import time
+from dataclasses import dataclass, field
 from types import SimpleNamespace
+from typing import Callable
 
+import numpy as np
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
 
 import physics
+import utils
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +54,18 @@ DEFAULT_MODEL_ID = "google/ddpm-celebahq-256"
 
 
 # ----------------------------------------------------------------------------
-# 1. The two named steps of DPS
+# 1. Pieces the samplers share
 # ----------------------------------------------------------------------------
 
 def tweedie_estimate(x_t, eps, alpha_bar_t):
     """x̂₀ = E[x₀ | x_t] = (x_t − √(1−ᾱ_t) ε̂) / √ᾱ_t  (DPS Eq. 11, ε-parameterisation)."""
     alpha_bar_t = torch.as_tensor(alpha_bar_t, dtype=x_t.dtype, device=x_t.device)
     return (x_t - (1 - alpha_bar_t).sqrt() * eps) / alpha_bar_t.sqrt()
+
+
+def residual_norms(y, operator, x0_hat):
+    """Per-image ‖yᵢ − A((x̂₀ᵢ + 1)/2)‖, (B,): x̂₀ in the model's [−1, 1], y and A in [0, 1]."""
+    return torch.linalg.vector_norm((y - operator((x0_hat + 1) / 2)).flatten(1), dim=1)
 
 
 def compute_likelihood_gradient(x_t, x0_hat, y, operator):
@@ -53,17 +75,9 @@ def compute_likelihood_gradient(x_t, x0_hat, y, operator):
     image's step is independent of the others in the batch. x_t must require grad and x0_hat
     must have been computed from it.
     """
-    residual = y - operator((x0_hat + 1) / 2)                            # (B, C, H, W)
-    norms = torch.linalg.vector_norm(residual.flatten(1), dim=1)        # (B,)
+    norms = residual_norms(y, operator, x0_hat)                         # (B,)
     (g,) = torch.autograd.grad(norms.sum(), x_t)
     return g, norms.detach()
-
-
-def check_num_inference_steps(n, scheduler) -> None:
-    """The one check of num_inference_steps: 1..the scheduler's training steps."""
-    n_train = scheduler.config.num_train_timesteps
-    if not isinstance(n, int) or not 1 <= n <= n_train:
-        raise ValueError(f"num_inference_steps must be in 1..{n_train}, got {n!r}")
 
 
 def clip_per_image(g, max_norm: float):
@@ -74,6 +88,65 @@ def clip_per_image(g, max_norm: float):
     return g * (max_norm / norms).clamp(max=1).view(-1, *([1] * (g.ndim - 1)))
 
 
+def conjugate_gradient(apply_M, b, x, max_iter: int, tol: float):
+    """Solves M x = b for a symmetric positive (semi)definite M, image by image (dim 0).
+
+    Warm-started at x. Image i stops when ‖b − M xᵢ‖ <= tol·‖bᵢ‖; a stopped image is frozen, so
+    its answer does not depend on its neighbours in the batch. Returns (x, iterations (B,)).
+    """
+    dims = tuple(range(1, b.ndim))
+    dot = lambda u, v: (u * v).sum(dims, keepdim=True)  # noqa: E731  per-image inner product, (B, 1, 1, 1)
+    r = b - apply_M(x)
+    p, rs = r.clone(), dot(r, r)
+    target = tol ** 2 * dot(b, b)
+    active = rs > target
+    iters = torch.zeros(b.shape[0], dtype=torch.long, device=b.device)
+    for _ in range(max_iter):
+        if not bool(active.any()):  # a host sync per iteration: cheap next to M
+            break
+        Mp = apply_M(p)
+        alpha = torch.where(active, rs / dot(p, Mp).clamp_min(1e-30), torch.zeros_like(rs))
+        x, r = x + alpha * p, r - alpha * Mp
+        rs_new = dot(r, r)
+        iters += active.flatten().long()
+        p = torch.where(active, r + rs_new / rs.clamp_min(1e-30) * p, p)
+        rs = torch.where(active, rs_new, rs)
+        active = active & (rs > target)
+    return x, iters
+
+
+def quadratic_timesteps(n: int, n_train: int):
+    """DiffPIR's 'quad' spacing (official code, skip_type='quad'): t = T−1 − ⌊√linspace(0, T², n)⌋,
+    dense near t = 0 where the details form. Distinct for n up to about T/2."""
+    seq = np.sqrt(np.linspace(0, n_train ** 2, n)).astype(np.int64)
+    seq[-1] -= 1
+    t = np.clip(n_train - 1 - seq, 0, n_train - 1)
+    if len(np.unique(t)) != n:
+        most = max(m for m in range(1, n) if len(np.unique(np.clip(
+            n_train - 1 - np.r_[np.sqrt(np.linspace(0, n_train ** 2, m)).astype(np.int64)[:-1], n_train - 1],
+            0, n_train - 1))) == m)
+        raise ValueError(f"num_inference_steps must be in 1..{most} for diffpir (its quadratic spacing repeats "
+                         f"timesteps beyond that), got {n}")
+    return [int(v) for v in t]
+
+
+def set_timesteps(sched, method: str, n: int) -> None:
+    """DPS: diffusers' own spacing for n steps. DiffPIR: the quadratic spacing of its official code."""
+    if method == "diffpir":
+        sched.set_timesteps(timesteps=quadratic_timesteps(n, sched.config.num_train_timesteps))
+    else:
+        sched.set_timesteps(n)
+
+
+def check_num_inference_steps(n, scheduler, method: str = "dps") -> None:
+    """The one check of num_inference_steps: 1..the scheduler's training steps (diffpir: fewer)."""
+    n_train = scheduler.config.num_train_timesteps
+    if not isinstance(n, int) or not 1 <= n <= n_train:
+        raise ValueError(f"num_inference_steps must be in 1..{n_train}, got {n!r}")
+    if method == "diffpir":
+        quadratic_timesteps(n, n_train)
+
+
 # ‖y − A(x̂₀)‖ above RUNAWAY_FACTOR·‖y‖ at RUNAWAY_CHECKS divergence checks in a row means the guidance
 # overshoots: x̂₀ from a prior in [−1, 1] keeps A(x̂₀) within about ‖y‖ of y, whatever the noise level.
 RUNAWAY_FACTOR, RUNAWAY_CHECKS = 10.0, 3
@@ -82,25 +155,131 @@ RUNAWAY_FACTOR, RUNAWAY_CHECKS = 10.0, 3
 class DivergenceError(RuntimeError):
     """x_t became NaN/Inf, or the residual ran away. Carries what was produced before it happened."""
 
-    def __init__(self, step, total, partial, intermediates, reason="NaN or Inf in x_t"):
-        super().__init__(
-            f"DPS diverged at step {step}/{total} ({reason}); "
-            f"try a smaller step_size or set gradient_clip (e.g. 1.0)")
+    def __init__(self, step, total, partial, intermediates, reason="NaN or Inf in x_t", method="dps"):
+        super().__init__(f"{method.upper() if method == 'dps' else 'DiffPIR'} diverged at step {step}/{total} "
+                         f"({reason}); {DIVERGENCE_HINTS[method]}")
         self.step, self.partial, self.intermediates = step, partial, intermediates
 
 
+DIVERGENCE_HINTS = {"dps": "try a smaller step_size or set gradient_clip (e.g. 1.0)",
+                    "diffpir": "try a larger lambda, a smaller zeta, or check sigma_noise"}
+
+
 # ----------------------------------------------------------------------------
-# 2. The sampler
+# 2. The samplers: one step each, one signature
+# ----------------------------------------------------------------------------
+
+@dataclass
+class StepContext:
+    """What a step function may use. eps(x_t, i) runs the UNet (under the caller's autocast) and
+    returns float32 ε̂; y is (B·S, C_y, H, W) in [0, 1]; options is the method's config section."""
+    eps: Callable
+    sched: DDPMScheduler
+    operator: Callable
+    y: torch.Tensor
+    generator: object
+    options: dict
+    sigma_y: float
+    stats: dict = field(default_factory=lambda: {"cg_iterations": []})
+
+
+def dps_step(ctx, i, t, x_t):
+    """One DPS step (Chung et al. 2022, Alg. 1): the DDPM step minus ζ ∇_{x_t}‖y − A(x̂₀)‖.
+
+    Returns (x_{t−1}, x̂₀, per-image ‖y − A(x̂₀)‖), detached.
+    """
+    zeta = ctx.options["step_size"]
+    x_t = x_t.detach().requires_grad_(zeta > 0)
+    with torch.set_grad_enabled(zeta > 0):
+        eps = ctx.eps(x_t, i)
+        out = ctx.sched.step(eps, t, x_t, generator=ctx.generator)     # diffusers' DDPM step
+        x0_hat = out.pred_original_sample
+        if zeta > 0:
+            g, res = compute_likelihood_gradient(x_t, x0_hat, ctx.y, ctx.operator)
+            x_prev = out.prev_sample.detach() - zeta * clip_per_image(g, ctx.options["gradient_clip"])
+        else:
+            res, x_prev = residual_norms(ctx.y, ctx.operator, x0_hat), out.prev_sample
+    return x_prev.detach(), x0_hat.detach(), res.detach()
+
+
+# DiffPIR's σ_y floor: its official code uses max(0.001, σ) so that σ = 0 keeps ρ_t > 0.
+SIGMA_Y_FLOOR = 1e-3
+
+
+def data_proximal_step(operator, y, x0_hat, rho, max_iter, tol):
+    """x̃₀ = argmin_x ‖y − A x‖² + ρ ‖x − z‖² with z = (x̂₀ + 1)/2 (DiffPIR Eq. 13, image in [0, 1]).
+
+    Conjugate gradients on (AᵀA + ρI) x = Aᵀy + ρz with the operator's exact adjoint, warm-started
+    at z. Returns (x̃₀ in [−1, 1], CG iterations per image).
+    """
+    z = (x0_hat + 1) / 2
+    normal = lambda v: operator.adjoint(operator(v)) + rho * v  # noqa: E731
+    x, iters = conjugate_gradient(normal, operator.adjoint(y) + rho * z, z, max_iter, tol)
+    return 2 * x - 1, iters
+
+
+def diffpir_step(ctx, i, t, x_t):
+    """One DiffPIR step (Zhu et al. 2023, Alg. 1): Tweedie x̂₀, the data proximal step (Eq. 13),
+    then the ζ-mixed re-noising to t−1 (Eq. 15). No backward pass.
+
+    ρ_t = λ σ_y² / σ̄_t² with σ̄_t² = (1−ᾱ_t)/ᾱ_t, as the official code sets it. At the last step
+    ᾱ_{t−1} = 1, so the result is the data-consistent x̃₀ itself.
+    """
+    opt, sched = ctx.options, ctx.sched
+    a_t = sched.alphas_cumprod[t].item()
+    t_prev = int(sched.previous_timestep(t))
+    a_prev = sched.alphas_cumprod[t_prev].item() if t_prev >= 0 else 1.0
+    with torch.no_grad():
+        x0_hat = tweedie_estimate(x_t, ctx.eps(x_t, i), a_t)
+        if sched.config.clip_sample:
+            x0_hat = x0_hat.clamp(-1, 1)
+        rho = opt["lambda"] * max(ctx.sigma_y, SIGMA_Y_FLOOR) ** 2 * a_t / (1 - a_t)
+        x0_data, iters = data_proximal_step(ctx.operator, ctx.y, x0_hat, rho, opt["cg_max_iter"], opt["cg_tol"])
+        ctx.stats["cg_iterations"].append(iters)
+        eps_hat = (x_t - a_t ** 0.5 * x0_data) / (1 - a_t) ** 0.5
+        noise = randn_tensor(x_t.shape, generator=ctx.generator, device=x_t.device, dtype=x_t.dtype)
+        mix = (1 - opt["zeta"]) ** 0.5 * eps_hat + opt["zeta"] ** 0.5 * noise
+        x_prev = a_prev ** 0.5 * x0_data + (1 - a_prev) ** 0.5 * mix
+        return x_prev, x0_data, residual_norms(ctx.y, ctx.operator, x0_data)
+
+
+# name -> (step function, default options). The defaults equal config.yaml's sampler.<name> section.
+SAMPLERS = {
+    "dps": (dps_step, {"step_size": 1.0, "gradient_clip": 0.0}),
+    "diffpir": (diffpir_step, {"lambda": 1.0, "zeta": 0.1, "cg_max_iter": 10, "cg_tol": 1e-3}),
+}
+DEFAULT_STEPS = {"dps": 1000, "diffpir": 100}
+
+
+def sampler_options(method: str, options: dict | None) -> dict:
+    """The method's defaults overridden by `options`; unknown names and bad values raise ValueError."""
+    if method not in SAMPLERS:
+        raise ValueError(f"unknown sampler {method!r}; choose one of {', '.join(SAMPLERS)}")
+    defaults = SAMPLERS[method][1]
+    unknown = set(options or {}) - set(defaults)
+    if unknown:
+        raise ValueError(f"unknown {method} option(s) {', '.join(sorted(unknown))}; known: {', '.join(defaults)}")
+    opt = {**defaults, **(options or {})}
+    for name, value in opt.items():  # the same ranges config.yaml's sampler.<method> is checked against
+        lo, hi = utils.RANGES[f"sampler.{method}.{name}"]
+        if value < lo or (hi is not None and value > hi):
+            raise ValueError(f"{name} must be in [{lo}, {hi if hi is not None else '∞'}], got {value}")
+    return opt
+
+
+# ----------------------------------------------------------------------------
+# 3. The shared loop
 # ----------------------------------------------------------------------------
 
 class EigenPSFDPSPipeline:
-    """DPS over any ε-prediction diffusers DDPM and any linear operator with `forward`.
+    """Any sampler in SAMPLERS over any ε-prediction diffusers DDPM and any linear operator with
+    `forward` (DPS) and `adjoint` (DiffPIR).
 
     `restored, intermediates = pipeline(y, ...)` with y (B, C, H, W) in [0, 1].
     `restored` is (B, C, H, W) in [0, 1]; with num_samples > 1 it is a dict with
     `samples` (B, S, C, H, W), `mean` and `std` (B, C, H, W).
     `intermediates` holds `steps`, `x0_hat` (CPU, [0, 1]) every `intermediate_freq` steps,
-    and `residual` (per-image ‖y − A(x̂₀)‖ at those steps).
+    `residual` (per-image ‖y − A(x̂₀)‖ at those steps) and `cg_iterations` (DiffPIR, per step).
     """
 
     def __init__(self, unet, scheduler, operator):
@@ -116,13 +295,14 @@ class EigenPSFDPSPipeline:
             cfg["clip_sample"] = bool(clip_denoised)
         return type(self.scheduler).from_config(cfg)
 
-    def __call__(self, y, num_inference_steps=1000, step_size=0.5, generator=None, gradient_clip=0.0,
+    def __call__(self, y, num_inference_steps=1000, method="dps", options=None, sigma_y=0.0, generator=None,
                  callback=None, num_samples=1, intermediate_freq=0, clip_denoised=None, dtype=torch.float32,
                  gradient_checkpointing=False, check_every=10, x_T=None, start_index=0, x_size=None):
-        """Runs Alg. 1 of DPS. See the module docstring for the update.
+        """Runs `method` (a key of SAMPLERS) with `options` (its settings; defaults in SAMPLERS).
 
+        sigma_y: the measurement noise std on y's [0, 1] scale (DiffPIR's ρ_t; DPS ignores it).
         generator: a torch.Generator, or a list of B·num_samples generators (one per image, as in
-            diffusers), used for x_T and every DDPM noise draw, in diffusers' order.
+            diffusers), used for x_T and every noise draw, in diffusers' order.
         callback(i, t, x_t, x0_hat, residual_norm): called after every step with device tensors;
             reading them forces a sync, so callers should read only every few steps.
         check_every: how often (steps) to check x_t for NaN/Inf on the host.
@@ -134,17 +314,24 @@ class EigenPSFDPSPipeline:
         # 1. Validate and set up the schedule.
         if y.ndim != 4:
             raise ValueError(f"y must be (B, C, H, W), got {tuple(y.shape)}")
-        if step_size < 0:
-            raise ValueError(f"step_size must be >= 0, got {step_size}")
+        opt = sampler_options(method, options)
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if not sigma_y >= 0:
+            raise ValueError(f"sigma_y must be >= 0, got {sigma_y}")
         sched = self._scheduler(clip_denoised)
-        check_num_inference_steps(num_inference_steps, sched)
+        check_num_inference_steps(num_inference_steps, sched, method)
         # Timesteps stay on the host: the scheduler's scalar arithmetic on t then never waits for the GPU.
-        sched.set_timesteps(num_inference_steps)
+        set_timesteps(sched, method, num_inference_steps)
         if gradient_checkpointing and hasattr(self.unet, "enable_gradient_checkpointing"):
             self.unet.enable_gradient_checkpointing()
         autocast = torch.autocast(y.device.type, dtype=dtype, enabled=dtype != torch.float32)
+        timesteps = sched.timesteps                                         # CPU, for the scheduler
+        t_device = timesteps.to(y.device)  # the UNet's copy: CUDA graphs skip graphs fed CPU tensors
+
+        def eps(x_t, i):
+            with autocast:
+                return self.unet(x_t, t_device[i]).sample.float()
 
         # 2. x_T ~ N(0, I), drawn exactly as DDPMPipeline draws it. y_rep: (B·S, C, H, W).
         B = y.shape[0]
@@ -152,57 +339,55 @@ class EigenPSFDPSPipeline:
         shape = (y_rep.shape[0], self.unet.config.in_channels) + tuple(x_size or y_rep.shape[-2:])  # the prior's channels
         x_t = randn_tensor(shape, generator=generator, device=y.device, dtype=torch.float32) if x_T is None \
             else x_T.to(y.device, torch.float32)
+        ctx = StepContext(eps, sched, self.operator, y_rep, generator, opt, float(sigma_y))
+        step, watch = SAMPLERS[method][0], _Watch(y_rep, len(timesteps), check_every, intermediate_freq, method)
 
-        inter = {"steps": [], "x0_hat": [], "residual": []}
-        first_bad = torch.full((), -1, device=y.device, dtype=torch.long)  # on device: no sync per step
-        last_good, runaway = None, 0
-        y_norm = torch.linalg.vector_norm(y_rep.flatten(1), dim=1).clamp_min(1e-12)     # (B·S,)
-        timesteps = sched.timesteps                                         # CPU, for the scheduler
-        t_device = timesteps.to(y.device)  # the UNet's copy: CUDA graphs skip graphs fed CPU tensors
+        # 3. The steps; the watch keeps intermediates and stops on divergence.
         for i in range(start_index, len(timesteps)):
             t = timesteps[i]
-            # 3. ε and the DDPM step (diffusers), with x_t tracked for the likelihood gradient.
-            x_t = x_t.detach().requires_grad_(step_size > 0)
-            with torch.set_grad_enabled(step_size > 0):
-                with autocast:
-                    eps = self.unet(x_t, t_device[i]).sample
-                out = sched.step(eps.float(), t, x_t, generator=generator)
-                x0_hat = out.pred_original_sample
-                # 4. Likelihood gradient of Σᵢ‖yᵢ − A((x̂₀ᵢ+1)/2)‖ and the guided step.
-                if step_size > 0:
-                    g, res = compute_likelihood_gradient(x_t, x0_hat, y_rep, self.operator)
-                    x_t = out.prev_sample.detach() - step_size * clip_per_image(g, gradient_clip)
-                else:
-                    res = torch.linalg.vector_norm((y_rep - self.operator((x0_hat + 1) / 2)).flatten(1), dim=1)
-                    x_t = out.prev_sample
-            x_t, x0_hat = x_t.detach(), x0_hat.detach()
-
-            # 5. Divergence bookkeeping stays on the device; the host looks every check_every steps.
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(x_t).all(), i, first_bad)
-            last = i == len(timesteps) - 1
-            if intermediate_freq and (i % intermediate_freq == 0 or last):
-                inter["steps"].append(i)
-                inter["x0_hat"].append(((x0_hat + 1) / 2).clamp(0, 1).cpu())
-                inter["residual"].append(res.cpu())
-            if (i + 1) % check_every == 0 or last:
-                if first_bad.item() >= 0:
-                    raise DivergenceError(int(first_bad) + 1, len(timesteps), last_good, inter)
-                runaway = runaway + 1 if bool((res > RUNAWAY_FACTOR * y_norm).any()) else 0
-                if runaway >= RUNAWAY_CHECKS:
-                    ratio = float((res / y_norm).max())
-                    raise DivergenceError(i + 1, len(timesteps), last_good, inter,
-                                          f"the residual ‖y − A(x̂₀)‖ ran away to {ratio:.3g}·‖y‖")
-                if runaway == 0:
-                    last_good = ((x0_hat + 1) / 2).clamp(0, 1)
+            x_t, x0_hat, res = step(ctx, i, t, x_t)
+            watch(i, x_t, x0_hat, res)
             if callback is not None:
                 callback(i, int(t), x_t, x0_hat, res)
+        watch.inter["cg_iterations"] = [int(n.max()) for n in ctx.stats["cg_iterations"]]
 
-        # 6. Back to [0, 1]; split posterior samples.
+        # 4. Back to [0, 1]; split posterior samples.
         x_0 = ((x_t + 1) / 2).clamp(0, 1)
         if num_samples == 1:
-            return x_0, inter
+            return x_0, watch.inter
         samples = x_0.reshape(B, num_samples, *x_0.shape[1:])
-        return {"samples": samples, "mean": samples.mean(1), "std": samples.std(1)}, inter
+        return {"samples": samples, "mean": samples.mean(1), "std": samples.std(1)}, watch.inter
+
+
+class _Watch:
+    """Divergence bookkeeping and intermediates for the shared loop. The NaN flag stays on the
+    device; the host looks every check_every steps (and at the last), so no step waits for it."""
+
+    def __init__(self, y, n_steps, check_every, intermediate_freq, method):
+        self.n, self.every, self.freq, self.method = n_steps, check_every, intermediate_freq, method
+        self.y_norm = torch.linalg.vector_norm(y.flatten(1), dim=1).clamp_min(1e-12)     # (B·S,)
+        self.first_bad = torch.full((), -1, device=y.device, dtype=torch.long)
+        self.last_good, self.runaway = None, 0
+        self.inter = {"steps": [], "x0_hat": [], "residual": []}
+
+    def __call__(self, i, x_t, x0_hat, res):
+        self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(x_t).all(), i, self.first_bad)
+        last = i == self.n - 1
+        if self.freq and (i % self.freq == 0 or last):
+            self.inter["steps"].append(i)
+            self.inter["x0_hat"].append(((x0_hat + 1) / 2).clamp(0, 1).cpu())
+            self.inter["residual"].append(res.cpu())
+        if not ((i + 1) % self.every == 0 or last):
+            return
+        if self.first_bad.item() >= 0:
+            raise DivergenceError(int(self.first_bad) + 1, self.n, self.last_good, self.inter, method=self.method)
+        self.runaway = self.runaway + 1 if bool((res > RUNAWAY_FACTOR * self.y_norm).any()) else 0
+        if self.runaway >= RUNAWAY_CHECKS:
+            ratio = float((res / self.y_norm).max())
+            raise DivergenceError(i + 1, self.n, self.last_good, self.inter,
+                                  f"the residual ‖y − A(x̂₀)‖ ran away to {ratio:.3g}·‖y‖", self.method)
+        if self.runaway == 0:
+            self.last_good = ((x0_hat + 1) / 2).clamp(0, 1)
 
 
 def create_dps_pipeline(model_id, operator, cache_dir=None, device="cpu", local_files_only=False):
@@ -359,6 +544,38 @@ def analytic_prior(alphas_cumprod, channels=3):
     mean = torch.tensor(ANALYTIC_PRIOR["mean"], dtype=torch.float64)
     cov = torch.tensor(ANALYTIC_PRIOR["channel_cov"], dtype=torch.float64)
     return AnalyticPrior(alphas_cumprod, mean=[float(w @ mean)], channel_cov=[[float(w @ cov @ w)]])
+
+
+def gaussian_posterior(prior, operator, y, sigma_y, n_samples=0, generator=None, max_iter=3000, tol=1e-6):
+    """The exact posterior of the AnalyticPrior's x₀ ~ N(μ, Σ) given y = A((x₀ + 1)/2) + n,
+    n ~ N(0, σ_y² I), for a linear `operator` with an adjoint. Returns (mean, samples) in [0, 1]
+    image space, unclipped: mean (B, C, H, W), samples (B, n_samples, C, H, W) or None.
+
+    In the whitened variable x₀ = μ + Σ^{1/2} w the posterior precision is well conditioned,
+        Q = I + Σ^{1/2} Aᵀ A Σ^{1/2} / (4σ²),   Q w̄ = b = Σ^{1/2} Aᵀ (y − A((μ + 1)/2)) / (2σ²),
+    and is solved by CG. Samples come by perturbation-optimisation (Papandreou & Yuille 2010):
+    w = Q⁻¹(b + ξ) with ξ = ε₁ + Σ^{1/2} Aᵀ ε₂ / (2σ) ~ N(0, Q) is an exact draw of N(Q⁻¹b, Q⁻¹).
+    """
+    if not sigma_y > 0:
+        raise ValueError("the exact posterior needs sigma_y > 0")
+    y = y.to(torch.float64)
+    half = lambda v: prior.apply_covariance(v, 0.5)                                # Σ^{1/2}  # noqa: E731
+    Q = lambda w: w + half(operator.adjoint(operator(half(w)))) / (4 * sigma_y ** 2)  # noqa: E731
+    B, (H, W) = y.shape[0], operator(torch.zeros(1, prior.config.in_channels, *y.shape[-2:],
+                                                 dtype=torch.float64, device=y.device)).shape[-2:]
+    mu = prior.mu.view(1, -1, 1, 1).expand(B, -1, H, W)
+    b = half(operator.adjoint(y - operator((mu + 1) / 2))) / (2 * sigma_y ** 2)
+    to_image = lambda w, m: (m + half(w) + 1) / 2  # noqa: E731
+    w_mean, _ = conjugate_gradient(Q, b, torch.zeros_like(b), max_iter, tol)
+    mean = to_image(w_mean, mu)
+    if not n_samples:
+        return mean, None
+    b_s, mu_s = b.repeat_interleave(n_samples, 0), mu.repeat_interleave(n_samples, 0)
+    e1 = torch.randn(b_s.shape, generator=generator, dtype=torch.float64, device=b.device)
+    e2 = torch.randn((b_s.shape[0],) + tuple(y.shape[1:]), generator=generator, dtype=torch.float64, device=b.device)
+    w_s, _ = conjugate_gradient(Q, b_s + e1 + half(operator.adjoint(e2)) / (2 * sigma_y), w_mean.repeat_interleave(
+        n_samples, 0), max_iter, tol)
+    return mean, to_image(w_s, mu_s).reshape(B, n_samples, *mean.shape[1:])
 
 
 def analytic_scheduler():

@@ -1,4 +1,4 @@
-"""EigenPSF-DPS command line: simulate a spatially varying blur and restore it with DPS.
+"""EigenPSF-DPS command line: simulate a spatially varying blur and restore it with DPS or DiffPIR.
 
     python main.py                                   # pretrained CelebA-HQ DDPM (GPU)
     python main.py --model_id analytic --device cpu  # offline, training-free prior
@@ -64,9 +64,11 @@ FLAGS = {
     "model_id": ("model.model_id", str, "hub id, local diffusers directory, or 'analytic'"),
     "model_cache": ("model.model_cache", str, "hub cache directory (share it between login and compute nodes)"),
     "max_retries": ("model.max_retries", int, "download attempts"),
-    "num_inference_steps": ("sampler.num_inference_steps", int, "DDPM steps"),
-    "step_size": ("sampler.step_size", float, "DPS step size zeta"),
-    "gradient_clip": ("sampler.gradient_clip", float, "max per-image gradient norm (0 = off)"),
+    "sampler": ("sampler.method", str, "dps | diffpir"),
+    "num_inference_steps": ("sampler.num_inference_steps", int_or("auto"),
+                            "sampler steps, or auto (1000 for dps, 100 for diffpir)"),
+    "step_size": ("sampler.dps.step_size", float, "DPS step size zeta"),
+    "gradient_clip": ("sampler.dps.gradient_clip", float, "DPS: max per-image gradient norm (0 = off)"),
     "num_samples": ("sampler.num_samples", int, "posterior samples per measurement"),
     "seed": ("run.seed", int, "random seed (PSFs, noise, sampling)"),
     "device": ("run.device", str, "auto | cpu | cuda | cuda:N"),
@@ -428,15 +430,45 @@ def load_checkpoint(path) -> dict:
     return ckpt
 
 
+@dataclass
+class RunView:
+    """What the three parts of restore share: the reconstruction operator, the window of x that
+    y measures, the output folders, and the metrics and progress so far."""
+    op: object
+    x_size: tuple
+    crop: object                   # x-space (…, C_x, Hx, Wx) -> y's channels and window
+    images_dir: str
+    inter_dir: str
+    metrics: dict
+    state: dict                    # steps_done, runtime, and the intermediates kept for progress.png
+
+
+def sigma_y(p: Problem, cfg) -> float:
+    """The measurement noise std the sampler assumes: given, or estimated from a real measurement."""
+    s = cfg["data"]["sigma_noise"]
+    return float(p.info["sigma_noise_estimated"] if s == "auto" else s)
+
+
 def restore(p: Problem, run_dir, cfg, device, dtype, gen, pipe, multiple, extra_config, resume=None) -> tuple:
-    """DPS on one problem, writing the documented run folder. Returns (exit_code, metrics).
-
-    resume: a checkpoint dict (see save_checkpoint) to continue from instead of x_T.
+    """The configured sampler on one problem, writing the documented run folder, in three parts:
+    inputs (restore_inputs), sampling (sample) and outputs (write_outputs).
+    Returns (exit_code, metrics). resume: a checkpoint dict (see save_checkpoint) to continue from.
     """
-    import torch
-    from tqdm.auto import tqdm
+    view = restore_inputs(p, run_dir, cfg, device, pipe, multiple, extra_config, resume)
+    out, exit_code, error, partial = sample(p, view, run_dir, cfg, device, dtype, gen, pipe, resume)
+    write_outputs(p, view, run_dir, cfg, device, out, partial)
+    if view.metrics["status"] == "complete" and resume:
+        os.remove(os.path.join(run_dir, "checkpoint.pt"))
+    if error:
+        view.metrics["error"] = error
+    utils.write_json(os.path.join(run_dir, "metrics.json"), view.metrics)
+    utils.write_metrics_txt(os.path.join(run_dir, "metrics.txt"), view.metrics)
+    return exit_code, view.metrics
 
-    import dps
+
+def restore_inputs(p: Problem, run_dir, cfg, device, pipe, multiple, extra_config, resume) -> RunView:
+    """1. Inputs: the operator the sampler sees, the run folder's config, problem files and
+    pictures of the input, and the metrics known before sampling."""
     import physics
     sc, rc = cfg["sampler"], cfg["run"]
     op, x_size, (top, left) = reconstruction_operator(p, cfg, multiple, device)
@@ -447,7 +479,7 @@ def restore(p: Problem, run_dir, cfg, device, dtype, gen, pipe, multiple, extra_
     to_y = physics.luminance if gray_from_rgb else (lambda z: z)
     pipe.operator = op
     H, W = p.y.shape[-2:]
-    crop = lambda z: to_y(z)[..., top:top + H, left:left + W]  # noqa: E731  (x-space -> y's channels and window)
+    crop = lambda z: to_y(z)[..., top:top + H, left:left + W]  # noqa: E731
     images_dir, inter_dir = os.path.join(run_dir, "images"), os.path.join(run_dir, "intermediates")
     os.makedirs(images_dir, exist_ok=resume is not None)
     if rc["save_intermediates"] and sc["intermediate_freq"]:
@@ -463,90 +495,121 @@ def restore(p: Problem, run_dir, cfg, device, dtype, gen, pipe, multiple, extra_
     utils.plot_psf_grid(os.path.join(images_dir, "psf_grid.png"), p.grid)
     utils.plot_eigenpsfs(os.path.join(images_dir, "eigenpsfs.png"), p.decomp.basis_kernels,
                          p.decomp.coefficient_maps, p.decomp.explained_variance_ratio)
-    y_np = utils.to_numpy(p.y)
+    method = sc["method"]
     metrics = {"status": "running", "image": p.name, "model_id": cfg["model"]["model_id"], "device": str(device),
-               **p.info, "n_eigen_psfs": p.decomp.n_components, "num_inference_steps": sc["num_inference_steps"],
-               "step_size": sc["step_size"], "num_samples": sc["num_samples"], "seed": rc["seed"]}
+               **p.info, "n_eigen_psfs": p.decomp.n_components, "sampler": method,
+               "num_inference_steps": sc["num_inference_steps"], **{f"{method}.{k}": v for k, v in sc[method].items()},
+               "sigma_y": sigma_y(p, cfg), "num_samples": sc["num_samples"], "seed": rc["seed"]}
     if p.clean is not None:
+        y_np = utils.to_numpy(p.y)
         metrics.update(psnr_blurred=utils.psnr(p.clean, y_np), ssim_blurred=utils.ssim(p.clean, y_np),
                        ssim_definition=utils.SSIM_DEFINITION)
     else:
         metrics["note"] = "real measurement: no clean image, so PSNR/SSIM are omitted"
-
-    # DPS with a progress bar; intermediates and divergence checks every few steps.
-    bar = tqdm(total=sc["num_inference_steps"], desc=f"DPS {p.name}", unit="step", dynamic_ncols=True)
     state = resume["progress"] if resume else {"steps_done": 0, "runtime": 0.0, "steps": [], "x0_hat": [], "residual": []}
-    bar.update(state["steps_done"])
-    t0 = time.time() - state["runtime"]
-    t_session, first_step = time.time(), state["steps_done"]
+    return RunView(op, x_size, crop, images_dir, inter_dir, metrics, state)
+
+
+def progress_callback(view: RunView, cfg, device, bar, name):
+    """The sampler's callback: progress bar, intermediates, the CPU time estimate, and stop
+    requests (raised as Preempted after a completed step, so the checkpoint is consistent)."""
+    sc, rc, state = cfg["sampler"], cfg["run"], view.state
+    n, first_step, t_session = sc["num_inference_steps"], state["steps_done"], time.time()
 
     def callback(i, t, x_t, x0_hat, res):
         state["steps_done"] = i + 1
         bar.update(1)
         freq = sc["intermediate_freq"]
-        if freq and (i % freq == 0 or i + 1 == sc["num_inference_steps"]):
-            x0_img = crop((x0_hat[:1] + 1) / 2).clamp(0, 1)                   # (1, C_y, H, W) in [0, 1]
+        if freq and (i % freq == 0 or i + 1 == n):
+            x0_img = view.crop((x0_hat[:1] + 1) / 2).clamp(0, 1)              # (1, C_y, H, W) in [0, 1]
             state["steps"].append(i)
             state["x0_hat"].append(x0_img.cpu())
             state["residual"].append(res.cpu())
             if rc["save_intermediates"]:  # every freq-th step and the final one
-                utils.save_image(os.path.join(inter_dir, f"step_{i:04d}.png"), x0_img)
+                utils.save_image(os.path.join(view.inter_dir, f"step_{i:04d}.png"), x0_img)
         if STOP["signal"] is not None:  # checked after a finished step: the state is consistent
             raise Preempted(i, x_t)
         if (i + 1) % sc["log_every"] == 0:
             bar.set_postfix(residual=f"{float(res.mean()):.4g}")  # the only host sync, every log_every steps
             done_here = i + 1 - first_step
             if device.type == "cpu" and done_here == sc["log_every"]:  # once, on a line of its own
-                left = (time.time() - t_session) / done_here * (sc["num_inference_steps"] - i - 1)
-                bar.write(f"INFO CPU run: about {utils.format_duration(left)} left for "
-                          f"{sc['num_inference_steps'] - i - 1} more steps", file=sys.stderr)
+                left = (time.time() - t_session) / done_here * (n - i - 1)
+                bar.write(f"INFO CPU run: about {utils.format_duration(left)} left for {n - i - 1} more steps "
+                          f"({name})", file=sys.stderr)
+    return callback
 
-    exit_code, error, out, full = 0, None, None, None
+
+def sample(p: Problem, view: RunView, run_dir, cfg, device, dtype, gen, pipe, resume) -> tuple:
+    """2. The sampler, with a progress bar, under signal handlers that turn SIGTERM/SIGUSR1 and a
+    first Ctrl-C into a checkpoint. Returns (output or None, exit code, error or None, partial
+    x̂₀ of a diverged run or None)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    import dps
+    sc, rc, m, state = cfg["sampler"], cfg["run"], view.metrics, view.state
+    bar = tqdm(total=sc["num_inference_steps"], desc=f"{sc['method']} {p.name}", unit="step", dynamic_ncols=True)
+    bar.update(state["steps_done"])
+    t0 = time.time() - state["runtime"]
+    exit_code, error, out, partial = 0, None, None, None
     old_handlers = {sig: signal.signal(sig, _request_stop) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     try:
-        out, _ = pipe(p.y, num_inference_steps=sc["num_inference_steps"], step_size=sc["step_size"],
-                          generator=gen, gradient_clip=sc["gradient_clip"], callback=callback,
+        out, inter = pipe(p.y, num_inference_steps=sc["num_inference_steps"], method=sc["method"],
+                          options=sc[sc["method"]], sigma_y=sigma_y(p, cfg), generator=gen,
+                          callback=progress_callback(view, cfg, device, bar, sc["method"]),
                           num_samples=sc["num_samples"],
                           clip_denoised=None if sc["clip_denoised"] == "auto" else sc["clip_denoised"], dtype=dtype,
                           gradient_checkpointing=rc["gradient_checkpointing"], check_every=sc["log_every"],
-                          x_size=x_size, x_T=resume["x_t"].to(device) if resume else None,
+                          x_size=view.x_size, x_T=resume["x_t"].to(device) if resume else None,
                           start_index=resume["next_index"] if resume else 0)
-        metrics["status"] = "complete"
+        m["status"] = "complete"
+        if inter["cg_iterations"]:
+            m.update(cg_iterations_mean=float(np.mean(inter["cg_iterations"])),
+                     cg_iterations_max=int(max(inter["cg_iterations"])))
     except dps.DivergenceError as e:
-        exit_code, error = EXIT_DIVERGED, str(e)
-        full = e.partial[:1] if e.partial is not None else None
-        metrics["status"] = "diverged"
+        exit_code, error, m["status"] = EXIT_DIVERGED, str(e), "diverged"
+        partial = e.partial[:1] if e.partial is not None else None
     except Preempted as e:
         state["runtime"] = time.time() - t0
         save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), p, e.x_t, e.step + 1, gen, state)
         ctrl_c = STOP["signal"] == signal.SIGINT
         exit_code = EXIT_INTERRUPTED if ctrl_c else EXIT_PREEMPTED
-        metrics["status"] = "interrupted" if ctrl_c else "preempted"
+        m["status"] = "interrupted" if ctrl_c else "preempted"
         why = "interrupted by the user (Ctrl-C)" if ctrl_c else f"stopped by signal {STOP['signal']}"
         error = (f"{why} after step {e.step + 1}/{sc['num_inference_steps']}; "
                  f"checkpoint saved, continue with --resume {run_dir}")
     except KeyboardInterrupt:
         exit_code, error = EXIT_INTERRUPTED, "interrupted by the user (second Ctrl-C: no checkpoint)"
-        metrics["status"] = "interrupted"
+        m["status"] = "interrupted"
     finally:
         bar.close()
         for sig, h in old_handlers.items():
             signal.signal(sig, h)
     runtime = time.time() - t0
+    m.update(runtime_s=runtime, steps_completed=state["steps_done"],
+             steps_per_s=state["steps_done"] / runtime if runtime > 0 else 0.0)
+    return out, exit_code, error, partial
 
-    # Outputs and metrics; the restoration is cropped back to the measured window.
-    if out is not None:
-        if sc["num_samples"] > 1:
-            full = out["mean"]
-            samples = crop(out["samples"])                           # (1, S, C_y, H, W): std in y's channels
-            std = samples.std(1)[0]
-            utils.save_image(os.path.join(images_dir, "mean.png"), crop(out["mean"]))
-            utils.plot_std(os.path.join(images_dir, "std.png"), utils.to_numpy(std[None]))
-            for s in range(sc["num_samples"]):
-                utils.save_image(os.path.join(images_dir, f"sample_{s:02d}.png"), samples[:, s])
-            metrics["mean_posterior_std"] = float(std.mean())
-        else:
-            full = out
+
+def write_outputs(p: Problem, view: RunView, run_dir, cfg, device, out, partial) -> None:
+    """3. Outputs: the restoration cropped back to the measured window (or a diverged run's last
+    good x̂₀), posterior mean/std/samples, the data residual, metrics and plots."""
+    import torch
+
+    import physics
+    sc, m, images_dir, crop = cfg["sampler"], view.metrics, view.images_dir, view.crop
+    full = partial
+    if out is not None and sc["num_samples"] > 1:
+        full = out["mean"]
+        samples = crop(out["samples"])                           # (1, S, C_y, H, W): std in y's channels
+        std = samples.std(1)[0]
+        utils.save_image(os.path.join(images_dir, "mean.png"), crop(out["mean"]))
+        utils.plot_std(os.path.join(images_dir, "std.png"), utils.to_numpy(std[None]))
+        for s in range(sc["num_samples"]):
+            utils.save_image(os.path.join(images_dir, f"sample_{s:02d}.png"), samples[:, s])
+        m["mean_posterior_std"] = float(std.mean())
+    elif out is not None:
+        full = out
     if full is not None:
         restored = crop(full)
         r = utils.to_numpy(restored)
@@ -555,30 +618,23 @@ def restore(p: Problem, run_dir, cfg, device, dtype, gen, pipe, multiple, extra_
         if p.info.get("input_bit_depth") == 16:
             utils.save_tiff16(os.path.join(images_dir, "restored.tif"), r)
         with torch.no_grad():
-            fit = torch.linalg.vector_norm(p.y - op(full[:1].to(device))) / torch.linalg.vector_norm(p.y)
-        metrics["data_residual_relative"] = float(fit)
+            fit = torch.linalg.vector_norm(p.y - view.op(full[:1].to(device))) / torch.linalg.vector_norm(p.y)
+        m["data_residual_relative"] = float(fit)
         title = "restored" if sc["num_samples"] == 1 else f"posterior mean of {sc['num_samples']}"
-        panels = [("blurred (measurement)", y_np), (title, r)]
+        y_np = utils.to_numpy(p.y)
+        panels = [("blurred (measurement)", y_np), (f"{title} ({sc['method']})", r)]
         if p.clean is not None:
-            metrics.update(psnr_restored=utils.psnr(p.clean, r), ssim_restored=utils.ssim(p.clean, r))
+            m.update(psnr_restored=utils.psnr(p.clean, r), ssim_restored=utils.ssim(p.clean, r))
             panels = [("clean", p.clean),
-                      (f"blurred  PSNR {metrics['psnr_blurred']:.2f} dB  SSIM {metrics['ssim_blurred']:.3f}", y_np),
-                      (f"{title}  PSNR {metrics['psnr_restored']:.2f} dB  SSIM {metrics['ssim_restored']:.3f}", r)]
+                      (f"blurred  PSNR {m['psnr_blurred']:.2f} dB  SSIM {m['ssim_blurred']:.3f}", y_np),
+                      (f"{title} ({sc['method']})  PSNR {m['psnr_restored']:.2f} dB  SSIM {m['ssim_restored']:.3f}", r)]
         else:
-            metrics["operator_relative_error_on_restoration"] = physics.operator_relative_error(
+            m["operator_relative_error_on_restoration"] = physics.operator_relative_error(
                 p.eig_op, p.grid_op, restored.to(device))
         utils.plot_comparison(os.path.join(images_dir, "comparison.png"), panels)
-    if state["steps"]:
-        utils.plot_progress(os.path.join(images_dir, "progress.png"), state["steps"], state["x0_hat"], state["residual"])
-    if metrics["status"] == "complete" and resume:
-        os.remove(os.path.join(run_dir, "checkpoint.pt"))
-    metrics.update(runtime_s=runtime, steps_completed=state["steps_done"],
-                   steps_per_s=state["steps_done"] / runtime if runtime > 0 else 0.0)
-    if error:
-        metrics["error"] = error
-    utils.write_json(os.path.join(run_dir, "metrics.json"), metrics)
-    utils.write_metrics_txt(os.path.join(run_dir, "metrics.txt"), metrics)
-    return exit_code, metrics
+    if view.state["steps"]:
+        utils.plot_progress(os.path.join(images_dir, "progress.png"), view.state["steps"], view.state["x0_hat"],
+                            view.state["residual"])
 
 
 def load_pipeline(cfg, device, channels=3, cache=None):
@@ -592,7 +648,7 @@ def load_pipeline(cfg, device, channels=3, cache=None):
     if cache is not None and key in cache:
         return cache[key]
     unet, scheduler = dps.load_model(mc["model_id"], mc["model_cache"] or None, device, channels=channels)
-    dps.check_num_inference_steps(sc["num_inference_steps"], scheduler)  # before any run folder exists
+    dps.check_num_inference_steps(sc["num_inference_steps"], scheduler, sc["method"])  # before any run folder
     blocks = getattr(unet.config, "block_out_channels", None)
     multiple = 2 ** (len(blocks) - 1) if blocks else 1  # the UNet downsamples len-1 times
     unet = setup_accelerators(cfg, device, unet)
@@ -661,6 +717,8 @@ def run(argv=None) -> int:
     import physics
     d, mc, rc = cfg["data"], cfg["model"], cfg["run"]
     cfg["physics"]["form"] = physics.resolve_form(cfg["physics"], measured=bool(d["psf_grid"]))  # saved resolved
+    if cfg["sampler"]["num_inference_steps"] == "auto":
+        cfg["sampler"]["num_inference_steps"] = dps.DEFAULT_STEPS[cfg["sampler"]["method"]]
     cache = mc["model_cache"] or None
 
     if args.download_only:

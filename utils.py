@@ -37,14 +37,19 @@ class UserError(ValueError):
 # ----------------------------------------------------------------------------
 
 # Keys whose config.yaml default is a keyword: the type of their other values.
-TYPES = {"physics.grid_size": int, "data.sigma_noise": float, "sampler.clip_denoised": bool}
+TYPES = {"physics.grid_size": int, "data.sigma_noise": float, "sampler.clip_denoised": bool,
+         "sampler.num_inference_steps": int}
 # Values a key may take besides the type of its default in config.yaml.
 ALTERNATIVES = {
     "physics.grid_size": ("auto",),
     "physics.n_eigen_psfs": ("all",),
     "data.sigma_noise": ("auto",),
     "sampler.clip_denoised": ("auto", True, False),
+    "sampler.num_inference_steps": ("auto",),
 }
+# The samplers (dps.SAMPLERS holds their code; a test keeps the two in step). Here so that config
+# checks need not import diffusers.
+SAMPLER_METHODS = ("dps", "diffpir")
 def choices() -> dict:
     """The values keyword-valued keys may take; physics.py is the one source for the physics ones.
 
@@ -56,6 +61,7 @@ def choices() -> dict:
         "physics.form": ("auto",) + physics.FORMS,
         "physics.boundary": physics.BOUNDARIES,
         "physics.interpolation": physics.INTERPOLATIONS,
+        "sampler.method": SAMPLER_METHODS,
         "run.dtype": ("float32", "bfloat16", "float16"),
         "run.compile": ("off", "default", "reduce-overhead", "max-autotune"),
     }
@@ -66,7 +72,9 @@ RANGES = {
     "data.img_size": (8, 4096), "data.sigma_noise": (0.0, 1.0),
     "physics.kernel_size": (1, 255), "physics.grid_size": (1, 256), "physics.n_eigen_psfs": (1, None),
     "model.max_retries": (1, 100),
-    "sampler.step_size": (0.0, None), "sampler.gradient_clip": (0.0, None),
+    "sampler.dps.step_size": (0.0, None), "sampler.dps.gradient_clip": (0.0, None),
+    "sampler.diffpir.lambda": (1e-6, None), "sampler.diffpir.zeta": (0.0, 1.0),
+    "sampler.diffpir.cg_max_iter": (1, 10000), "sampler.diffpir.cg_tol": (0.0, 1.0),
     "sampler.num_samples": (1, 1024), "sampler.intermediate_freq": (0, None), "sampler.log_every": (1, None),
     "run.seed": (0, 2 ** 63 - 1),
 }

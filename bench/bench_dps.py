@@ -1,12 +1,14 @@
-"""DPS speed for the google/ddpm-celebahq-256 architecture (113.7 M parameters, random weights:
-speed does not depend on weight values).
+"""Sampler speed (DPS and DiffPIR) for the google/ddpm-celebahq-256 architecture (113.7 M parameters,
+random weights: speed does not depend on weight values).
 
     python bench/bench_dps.py                 # CUDA if present, else a reduced CPU case
     python bench/bench_dps.py --steps 20 --configs fp32,tf32,bf16,compile-bf16,graphs-bf16
 
-Prints seconds per DPS step and per 1000-step image at batch 1 and batch 8 for each
-configuration, the ratio against the fp32 eager baseline measured in the same run, and the peak
-GPU memory. A DPS step is one UNet forward, one input-gradient backward and the EigenPSF operator.
+Prints seconds per step and per image (at each sampler's default steps: 1000 for DPS, 100 for
+DiffPIR) at batch 1 and batch 8 for each configuration, the ratio against the fp32 eager DPS
+baseline measured in the same run, and the peak GPU memory. A DPS step is one UNet forward, one
+input-gradient backward and the EigenPSF operator; a DiffPIR step is one UNet forward and the CG
+data step (its share of the step time is printed).
 """
 
 import argparse
@@ -38,8 +40,9 @@ def build_unet(device):
     return unet
 
 
-def time_config(name, unet, sched, op, batch, size, steps, device):
-    """Seconds per step (after warm-up) for one configuration; returns (s_per_step, warmup_s, peak_GB)."""
+def time_config(name, unet, sched, op, batch, size, steps, device, method="dps"):
+    """Seconds per step (after warm-up) for one configuration; returns (s_per_step, warmup_s, peak_GB,
+    share of the time in DiffPIR's data step)."""
     use_tf32 = name != "fp32"
     torch.backends.cuda.matmul.allow_tf32 = use_tf32
     torch.backends.cudnn.allow_tf32 = use_tf32
@@ -56,16 +59,31 @@ def time_config(name, unet, sched, op, batch, size, steps, device):
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    kw = dict(method=method, sigma_y=0.01, generator=gen, dtype=dtype, check_every=1000)
     t0 = time.perf_counter()
-    pipe(y, num_inference_steps=3, step_size=1.0, generator=gen, dtype=dtype, check_every=1000)  # warm-up/compile
+    pipe(y, num_inference_steps=3, **kw)  # warm-up/compile
     sync()
     warm = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    pipe(y, num_inference_steps=steps, step_size=1.0, generator=gen, dtype=dtype, check_every=1000)
-    sync()
-    per_step = (time.perf_counter() - t0) / steps
+    data_time, original = [0.0], dps.data_proximal_step
+
+    def timed(*a):  # synchronised, so the share is right on the GPU (at the cost of a sync per step)
+        sync()
+        t = time.perf_counter()
+        out = original(*a)
+        sync()
+        data_time[0] += time.perf_counter() - t
+        return out
+
+    dps.data_proximal_step = timed
+    try:
+        t0 = time.perf_counter()
+        pipe(y, num_inference_steps=steps, **kw)
+        sync()
+        elapsed = time.perf_counter() - t0
+    finally:
+        dps.data_proximal_step = original
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
-    return per_step, warm, peak
+    return elapsed / steps, warm, peak, data_time[0] / elapsed
 
 
 def main():
@@ -74,6 +92,7 @@ def main():
     ap.add_argument("--steps", type=int, default=None, help="timed steps per configuration")
     ap.add_argument("--configs", default=None, help="comma list of fp32,tf32,bf16,compile-bf16,graphs-bf16")
     ap.add_argument("--batches", default=None, help="comma list of batch sizes (default 1,8)")
+    ap.add_argument("--samplers", default="dps,diffpir", help="comma list of samplers")
     ap.add_argument("--size", type=int, default=None, help="image side (CPU default 64, CUDA 256)")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -105,18 +124,22 @@ def main():
         x0_16 = dps.tweedie_estimate(x_t, eps16.float(), a)
     rel = float((x0_16 - x0_32).norm() / x0_32.norm())
     print(f"bf16 autocast x0_hat relative difference vs fp32 (t=500): {100 * rel:.3f}% (limit 2%)")
-    print(f"\n{'config':14s} {'batch':>5s} {'s/step':>8s} {'s/image@1000':>13s} {'vs fp32':>8s} {'warm-up s':>10s} {'peak GB':>8s}")
+    print(f"\n{'sampler':8s} {'config':14s} {'batch':>5s} {'s/step':>8s} {'s/image':>8s} {'vs fp32 DPS':>11s} "
+          f"{'warm-up s':>10s} {'peak GB':>8s} {'data step':>9s}")
     for batch in batches:
-        base = None
-        for name in configs:
-            try:
-                s, warm, peak = time_config(name, unet, sched, op, batch, size, steps, device)
-            except Exception as e:  # report and go on: one broken config must not hide the rest
-                print(f"{name:14s} {batch:5d} failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}")
-                continue
-            base = base or (s if name == "fp32" else None)
-            ratio = f"{base / s:7.2f}x" if base else "      -"
-            print(f"{name:14s} {batch:5d} {s:8.3f} {s * 1000 / batch:13.1f} {ratio} {warm:10.1f} {peak:8.2f}")
+        base = None  # s/image of fp32 DPS at this batch size
+        for method in args.samplers.split(","):
+            for name in configs:
+                try:
+                    s, warm, peak, share = time_config(name, unet, sched, op, batch, size, steps, device, method)
+                except Exception as e:  # report and go on: one broken config must not hide the rest
+                    print(f"{method:8s} {name:14s} {batch:5d} failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}")
+                    continue
+                per_image = s * dps.DEFAULT_STEPS[method] / batch
+                base = base or (per_image if (method, name) == ("dps", "fp32") else None)
+                ratio = f"{base / per_image:10.2f}x" if base else "          -"
+                data = f"{100 * share:8.0f}%" if method == "diffpir" else "        -"
+                print(f"{method:8s} {name:14s} {batch:5d} {s:8.3f} {per_image:8.1f} {ratio} {warm:10.1f} {peak:8.2f} {data}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ A spec is a small YAML file:
     sweep_dir: sweeps/zeta            # where task folders go (default: sweeps/<spec name>)
     args: "--model_id google/ddpm-celebahq-256 --num_inference_steps 1000"   # common main.py args
     grid:                             # any config keys, every combination
-      sampler.step_size: [0.5, 1.0, 2.0]
+      sampler.dps.step_size: [0.5, 1.0, 2.0]
       physics.n_eigen_psfs: [5, 10]
     seeds: [0, 1]                     # optional
     images: [sample, data/face2.png]  # optional

@@ -42,8 +42,9 @@ def wait_for_first_step(save_dir):
 
 
 @pytest.mark.slow
-def test_sigterm_then_resume_is_bit_identical(tmp_path, tiny_model):
-    args = ["--model_id", tiny_model, "--img_size", "48", "--num_inference_steps", "50"]
+@pytest.mark.parametrize("sampler", ["dps", "diffpir"])
+def test_sigterm_then_resume_is_bit_identical(tmp_path, tiny_model, sampler):
+    args = ["--model_id", tiny_model, "--img_size", "48", "--num_inference_steps", "50", "--sampler", sampler]
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), *args, "--save_dir", str(tmp_path / "a")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_first_step(tmp_path / "a")
@@ -84,7 +85,7 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     assert r.returncode == 2 and "no checkpoint.pt" in r.stderr and "Traceback" not in r.stderr
 
 
-def make_sweep(tmp_path, grid="sampler.step_size: [0.5, 2.0]", seeds=None):
+def make_sweep(tmp_path, grid="sampler.dps.step_size: [0.5, 2.0]", seeds=None):
     spec = tmp_path / "sweep.yaml"
     spec.write_text(f"sweep_dir: {tmp_path / 'sweep'}\nargs: \"{SWEEP_ARGS}\"\ngrid:\n  {grid}\n"
                     + (f"seeds: {seeds}\n" if seeds else ""))
@@ -99,7 +100,7 @@ def test_sweep_make_and_collect_without_slurm(tmp_path):
     sweep, out = make_sweep(tmp_path, seeds="[0, 1]")
     lines = (sweep / "tasks.txt").read_text().splitlines()
     assert len(lines) == 4 and "sbatch --array=0-3" in out
-    assert "--set sampler.step_size=0.5 --set run.seed=1" in lines[1]
+    assert "--set sampler.dps.step_size=0.5 --set run.seed=1" in lines[1]
     # Run tasks 0..2 through the job script itself (as Slurm would), leave task 3 unrun.
     for task in range(3):
         env = {**os.environ, "SLURM_ARRAY_TASK_ID": str(task), "EIGENPSF_DIR": ROOT, "PYTHON": sys.executable}
@@ -112,8 +113,8 @@ def test_sweep_make_and_collect_without_slurm(tmp_path):
     rows = list(csv.DictReader(open(sweep / "summary.csv")))
     assert [row["status"] for row in rows] == ["complete", "complete", "complete", "missing"]
     assert "task 3: missing" in r.stdout
-    assert rows[0]["sampler.step_size"] == "0.5" and float(rows[0]["psnr_restored"]) > 0
-    assert (sweep / "plot_sampler_step_size.png").is_file() and (sweep / "plot_run_seed.png").is_file()
+    assert rows[0]["sampler.dps.step_size"] == "0.5" and float(rows[0]["psnr_restored"]) > 0
+    assert (sweep / "plot_sampler_dps_step_size.png").is_file() and (sweep / "plot_run_seed.png").is_file()
 
 
 def test_sweep_rejects_unknown_keys(tmp_path):
@@ -227,7 +228,7 @@ def test_slurm_array_runs_sweep_and_collects(slurm, tmp_path):
                        capture_output=True, text=True)
     rows = list(csv.DictReader(open(sweep / "summary.csv")))
     assert [row["status"] for row in rows] == ["complete", "complete"], r.stdout
-    assert {row["sampler.step_size"] for row in rows} == {"0.5", "2.0"}
+    assert {row["sampler.dps.step_size"] for row in rows} == {"0.5", "2.0"}
 
 
 @pytest.mark.slurm

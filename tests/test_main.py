@@ -126,7 +126,7 @@ BAD = {
     "steps too many": (["--num_inference_steps", "5000"], r"num_inference_steps must be in 1\.\.1000"),
     "unknown set key": (["--set", "physics.blurr_mode=motion"], "unknown config key 'physics.blurr_mode'"),
     "wrong set type": (["--set", "sampler.num_samples=many"], "sampler.num_samples must be int"),
-    "mistyped set key": (["--set", "sampler.step_sise=1"], "did you mean sampler.step_size"),
+    "mistyped set key": (["--set", "sampler.step_sise=1"], "did you mean sampler.dps.step_size"),
     "bad flag value": (["--img_size", "big"], r"invalid int value: 'big' \(python main.py --help"),
     "text named png": (["--image", "{files}/notes_as.png"], "not an image"),
     "unwritable save_dir": (["--save_dir", "{files}/afile/sub"], "not writable"),
@@ -185,17 +185,17 @@ def test_help_lists_every_flag():
     assert r.returncode == 0
     for flag in ["--config", "--set", "--no_intermediates", "--download_only", *[f"--{n}" for n in main.FLAGS]]:
         assert flag in r.stdout, flag
-    assert "default: 'google/ddpm-celebahq-256'" in r.stdout and "default: 1000" in r.stdout
+    assert "default: 'google/ddpm-celebahq-256'" in r.stdout and "default: 'auto', sampler.num_inference_steps" in r.stdout
 
 
 def test_flags_override_set_override_config(tmp_path):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("sampler:\n  step_size: 3.0\n  num_samples: 2\n")
+    cfg.write_text("sampler:\n  dps:\n    step_size: 3.0\n  num_samples: 2\n")
     args = main.build_parser(utils.load_config(main.DEFAULT_CONFIG)).parse_args(
-        ["--config", str(cfg), "--set", "sampler.step_size=4.0", "--set", "sampler.num_samples=3", "--num_samples", "5"])
+        ["--config", str(cfg), "--set", "sampler.dps.step_size=4.0", "--set", "sampler.num_samples=3", "--num_samples", "5"])
     schema = utils.load_config(main.DEFAULT_CONFIG)
     r, explicit = main.resolve_config(args, ["num_samples"], schema)
-    assert r["sampler"]["step_size"] == 4.0 and r["sampler"]["num_samples"] == 5
+    assert r["sampler"]["dps"]["step_size"] == 4.0 and r["sampler"]["num_samples"] == 5
     assert r["physics"]["blur_mode"] == "motion"  # untouched keys keep config.yaml's value
     cfg.write_text("sampler:\n  stepsize: 3.0\n")
     with pytest.raises(utils.UserError, match="unknown config key 'sampler.stepsize'"):
