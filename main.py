@@ -441,6 +441,7 @@ class RunView:
     inter_dir: str
     metrics: dict
     state: dict                    # steps_done, runtime, and the intermediates kept for progress.png
+    timing: dict = field(default_factory=dict)  # when this session's first log_every steps ended
 
 
 def sigma_y(p: Problem, cfg) -> float:
@@ -532,6 +533,8 @@ def progress_callback(view: RunView, cfg, device, bar, name):
         if (i + 1) % sc["log_every"] == 0:
             bar.set_postfix(residual=f"{float(res.mean()):.4g}")  # the only host sync, every log_every steps
             done_here = i + 1 - first_step
+            if done_here == sc["log_every"]:  # warm-up (compile, CUDA graphs, allocator) is behind us
+                view.timing.update(t=time.time(), step=i + 1)
             if device.type == "cpu" and done_here == sc["log_every"]:  # once, on a line of its own
                 left = (time.time() - t_session) / done_here * (n - i - 1)
                 bar.write(f"INFO CPU run: about {utils.format_duration(left)} left for {n - i - 1} more steps "
@@ -588,6 +591,8 @@ def sample(p: Problem, view: RunView, run_dir, cfg, device, dtype, gen, pipe, re
     runtime = time.time() - t0
     m.update(runtime_s=runtime, steps_completed=state["steps_done"],
              steps_per_s=state["steps_done"] / runtime if runtime > 0 else 0.0)
+    if view.timing and state["steps_done"] > view.timing["step"]:  # steady state, without the first steps
+        m["s_per_step_after_warmup"] = (time.time() - view.timing["t"]) / (state["steps_done"] - view.timing["step"])
     return out, exit_code, error, partial
 
 

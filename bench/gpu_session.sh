@@ -1,16 +1,37 @@
 #!/usr/bin/env bash
-# Every GPU check and benchmark in one short run (about 5-8 minutes on an H100, most of it
-# torch.compile). Writes its logs under ${OUT:-bench_out}/.
-#   bash bench/gpu_session.sh
+# Every GPU check and benchmark, in stages, each with its own time limit, logs under ${OUT:-bench_out}/.
+#   bash bench/gpu_session.sh            # all stages (about 10 minutes on an H100, much of it torch.compile)
+#   STAGES="tests e2e" bash bench/gpu_session.sh
+# Stages, most important first:
+#   tests    tests/test_cuda.py on the GPU (operators, resume with CUDA generators, bf16, compile), then
+#            the physics and sampler unit tests (on that machine's CPU)
+#   e2e      python main.py at 256x256, ddpm-celebahq-256 architecture with random weights: fp32, bf16,
+#            compiled, CUDA graphs, DiffPIR; then SIGTERM + --resume against an uninterrupted run
+#   physics  operator timings on the GPU
+#   dps      sampler s/step and s/image: fp32 / bf16 / CUDA graphs at batch 1 and 8, bf16 x0_hat error
+#   samplers DPS vs DiffPIR against the exact Gaussian posterior (analytic prior), 64x64 and 128x128
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench_out}
+STAGES=${STAGES:-"tests e2e physics dps samplers"}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-# 1. the physics and sampler unit tests in that environment (they run on its CPU)
-python -m pytest -q tests/test_physics.py tests/test_dps.py -x 2>&1 | tail -3 | tee "$OUT/tests.txt"
-# 2. operator speed on the GPU
-python bench/bench_physics.py --device cuda 2>&1 | tee "$OUT/bench_physics.txt"
-# 3. DPS speed: fp32 / tf32 / bf16 / compiled / CUDA graphs at batch 1 and 8, with the bf16 accuracy check
-python bench/bench_dps.py --steps 20 2>&1 | tee "$OUT/bench_dps.txt"
+python -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)" | tee -a "$OUT/gpu.txt"
+
+stage() {  # stage NAME SECONDS COMMAND...: run it under a time limit, log to $OUT/NAME.txt
+  local name=$1 limit=$2; shift 2
+  [[ " $STAGES " == *" $name "* ]] || return 0
+  echo "== $name (limit ${limit}s)"
+  local t0=$SECONDS
+  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.txt"
+  echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0)) s" | tee -a "$OUT/$name.txt"
+}
+
+stage tests 240 bash -c "python -m pytest -q -p no:cacheprovider tests/test_cuda.py -rs && \
+  python -m pytest -q -p no:cacheprovider -n 8 -m 'not slow' tests/test_physics.py tests/test_dps.py"
+stage e2e 300 python bench/cuda_e2e.py --steps 100 --timeout 200 \
+  --only "dps fp32,dps bf16,dps graphs-bf16,diffpir bf16,diffpir graphs-bf16"
+stage physics 90 python bench/bench_physics.py --device cuda
+stage dps 240 python bench/bench_dps.py --steps 20 --configs fp32,bf16,graphs-bf16 --batches 1,8
+stage samplers 180 python bench/bench_samplers.py --device cuda

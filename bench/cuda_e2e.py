@@ -1,0 +1,127 @@
+"""End to end on CUDA: `python main.py` at 256×256 with the ddpm-celebahq-256 architecture (random
+weights saved locally with save_pretrained: speed does not depend on weight values), then a
+SIGTERM mid-run and `--resume` against an uninterrupted run.
+
+    python bench/cuda_e2e.py --steps 100 --out bench_out
+
+Prints, per configuration: status, wall time of the whole process, the warm-up (compile, CUDA
+graphs) and the steady seconds per step (metrics.json's s_per_step_after_warmup), and the
+projected seconds per image at the sampler's default steps (1000 for DPS, 100 for DiffPIR).
+"""
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+CONFIGS = {
+    "dps fp32": [],
+    "dps bf16": ["--dtype", "bfloat16"],
+    "dps compile-bf16": ["--dtype", "bfloat16", "--compile", "default"],
+    "dps graphs-bf16": ["--dtype", "bfloat16", "--compile", "reduce-overhead"],
+    "diffpir bf16": ["--sampler", "diffpir", "--dtype", "bfloat16"],
+    "diffpir graphs-bf16": ["--sampler", "diffpir", "--dtype", "bfloat16", "--compile", "reduce-overhead"],
+}
+DEFAULT_STEPS = {"dps": 1000, "diffpir": 100}
+
+
+def save_model(path):
+    """The ddpm-celebahq-256 UNet and scheduler, random weights, as a local diffusers directory."""
+    import torch
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from bench_dps import CELEBAHQ_SCHEDULER, CELEBAHQ_UNET
+    torch.manual_seed(0)
+    UNet2DModel.from_config(CELEBAHQ_UNET).save_pretrained(path)
+    DDPMScheduler(**CELEBAHQ_SCHEDULER).save_pretrained(path)
+    return path
+
+
+def main_py(args, save_dir, timeout):
+    cmd = [sys.executable, os.path.join(ROOT, "main.py"), *args, "--save_dir", save_dir]
+    t0 = time.time()
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    return r, time.time() - t0
+
+
+def metrics_of(save_dir):
+    (run,) = [d for d in os.listdir(save_dir) if d.startswith("run_")]
+    with open(os.path.join(save_dir, run, "metrics.json")) as f:
+        return os.path.join(save_dir, run), json.load(f)
+
+
+def timings(common, work, steps, timeout):
+    print(f"| config | status | wall s | warm-up s | s/step steady | s/image at default steps |\n|---|---|---|---|---|---|")
+    for name, extra in CONFIGS.items():
+        save_dir = os.path.join(work, name.replace(" ", "_"))
+        try:
+            r, wall = main_py(common + ["--num_inference_steps", str(steps), *extra], save_dir, timeout)
+        except subprocess.TimeoutExpired:
+            print(f"| {name} | timed out after {timeout} s | | | | |", flush=True)
+            continue
+        if r.returncode != 0:
+            print(f"| {name} | exit {r.returncode}: {r.stderr.strip().splitlines()[-1][:150]} | | | | |", flush=True)
+            continue
+        _, m = metrics_of(save_dir)
+        steady = m.get("s_per_step_after_warmup", float("nan"))
+        warm = m["runtime_s"] - steady * m["steps_completed"]
+        method = name.split()[0]
+        print(f"| {name} | {m['status']} | {wall:.1f} | {warm:.1f} | {steady:.4f} | "
+              f"{steady * DEFAULT_STEPS[method] + warm:.1f} |", flush=True)
+
+
+def sigterm_resume(common, work, timeout):
+    """SIGTERM after the first completed steps, --resume, and an uninterrupted run with the same seed."""
+    args = common + ["--num_inference_steps", "60", "--set", "sampler.intermediate_freq=5"]
+    a, b = os.path.join(work, "stopped"), os.path.join(work, "straight")
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), *args, "--save_dir", a],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline and not any(
+            os.path.exists(os.path.join(a, d, "intermediates", "step_0005.png"))
+            for d in (os.listdir(a) if os.path.isdir(a) else [])):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=timeout)
+    run, m = metrics_of(a)
+    print(f"SIGTERM: exit {proc.returncode}, status {m['status']}, steps {m['steps_completed']}/60")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), "--resume", run], capture_output=True,
+                       text=True, timeout=timeout)
+    r2, _ = main_py(args, b, timeout)
+    if r.returncode or r2.returncode:
+        print(f"resume exit {r.returncode}, straight run exit {r2.returncode}: {(r.stderr + r2.stderr)[-500:]}")
+        return
+    x, y = np.load(os.path.join(run, "restored.npy")), np.load(os.path.join(metrics_of(b)[0], "restored.npy"))
+    print(f"resumed vs uninterrupted: bit-identical {np.array_equal(x, y)}, max |diff| {np.abs(x - y).max():.3g}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--timeout", type=int, default=300, help="seconds per main.py run")
+    ap.add_argument("--only", default="", help="comma list of configs (default: all)")
+    args = ap.parse_args()
+    if args.only:
+        for name in set(CONFIGS) - set(args.only.split(",")):
+            del CONFIGS[name]
+    work = tempfile.mkdtemp(prefix="cuda_e2e_")
+    model = save_model(os.path.join(work, "celebahq_random"))
+    common = ["--model_id", model, "--img_size", str(args.size), "--device", args.device, "--no_intermediates"]
+    timings(common, work, args.steps, args.timeout)
+    sigterm_resume(["--model_id", model, "--img_size", str(args.size), "--device", args.device], work, args.timeout)
+
+
+if __name__ == "__main__":
+    main()
