@@ -1,6 +1,6 @@
 """DPS against DiffPIR on problems with an exact answer.
 
-    python bench/bench_samplers.py --sizes 64       # 8 problems at 64²: about 1.5 h on 2 CPU cores
+    python bench/bench_samplers.py --sizes 64       # 8 problems at 64²: about 25 min on 2 idle CPU cores
     python bench/bench_samplers.py --device cuda    # the full table, 64² and 128²
     python bench/bench_samplers.py --sizes 64 --sigmas 0.05 --photos astronaut --modes motion   # one problem
 
