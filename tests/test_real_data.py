@@ -59,6 +59,7 @@ def test_round_trip_simulate_save_grid_then_restore_real(tmp_path, sampler):
     assert png_psnr(clean, real / "images/restored.png") > png_psnr(clean, sim / "images/blurred.png") + MARGIN_DB[sampler]
     m = json.loads((real / "metrics.json").read_text())
     assert m["sampler"] == sampler and (real / "images/std.png").is_file()
+    assert 0 < m["s_per_step_after_warmup"] < m["runtime_s"]  # the steady rate, past the first log_every steps
     if sampler == "diffpir":
         assert 1 <= m["cg_iterations_mean"] <= m["diffpir.cg_max_iter"] == 10
     assert "psnr_restored" not in m and "no clean image" in m["note"]
