@@ -12,7 +12,7 @@ from PIL import Image
 import physics
 import utils
 from helpers import save_tiny_model
-from test_main import run_cli, run_dirs
+from test_main import run_cli, run_dirs, run_in_process
 
 SMALL = ["--kernel_size", "7", "--grid_size", "4", "--n_eigen_psfs", "6", "--set", "physics.motion.max_length=6",
          "--set", "physics.defocus.max_radius=3"]
@@ -101,24 +101,26 @@ BAD_GRIDS = {
 
 
 @pytest.mark.parametrize("case", list(BAD_GRIDS))
-def test_bad_psf_files(case, tmp_path, blurred_png):
+def test_bad_psf_files(case, tmp_path, blurred_png, capsys, monkeypatch):
+    """In-process (main.main, the code the CLI runs); test_main's matrix covers the process itself."""
     make, pattern = BAD_GRIDS[case]
     grid = write_grid(tmp_path / "g.npy", make())
-    r = run_cli(["--model_id", "analytic", "--blurred", blurred_png, "--psf_grid", grid, "--num_inference_steps", "2",
-                 "--save_dir", str(tmp_path / "out")], timeout=120)
-    assert r.returncode == 2, r.stderr[-1500:]
-    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and __import__("re").search(pattern, lines[0]), r.stderr[-1500:]
-    assert "Traceback" not in r.stderr and run_dirs(tmp_path / "out") == []
+    code, err = run_in_process(["--model_id", "analytic", "--blurred", blurred_png, "--psf_grid", grid,
+                                "--num_inference_steps", "2", "--save_dir", str(tmp_path / "out")], capsys, monkeypatch)
+    assert code == 2, err[-1500:]
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and __import__("re").search(pattern, lines[0]), err[-1500:]
+    assert "Traceback" not in err and run_dirs(tmp_path / "out") == []
 
 
-def test_positions_must_be_rectilinear_and_used(tmp_path, blurred_png):
+def test_positions_must_be_rectilinear_and_used(tmp_path, blurred_png, capsys, monkeypatch):
     pos = np.stack(np.meshgrid([5.0, 20.0, 35.0], [5.0, 25.0, 45.0], indexing="ij"), -1)
     bad = pos.copy()
     bad[1, 1, 0] += 3
-    r = run_cli(["--model_id", "analytic", "--blurred", blurred_png, "--psf_grid",
-                 write_grid(tmp_path / "b.npz", good_psfs(), bad), "--save_dir", str(tmp_path / "o")], timeout=120)
-    assert r.returncode == 2 and "rectilinear" in r.stderr
+    code, err = run_in_process(["--model_id", "analytic", "--blurred", blurred_png, "--psf_grid",
+                                write_grid(tmp_path / "b.npz", good_psfs(), bad), "--save_dir", str(tmp_path / "o")],
+                               capsys, monkeypatch)
+    assert code == 2 and "rectilinear" in err
     psfs, coords, sums = utils.load_psf_grid(write_grid(tmp_path / "g.npz", good_psfs() * 3, pos))
     assert np.allclose(coords[0], [5, 20, 35]) and np.allclose(coords[1], [5, 25, 45])
     assert np.allclose(psfs.sum((-2, -1)), 1) and np.allclose(sums, 4.5)
@@ -186,22 +188,23 @@ def test_blurred_dir_batch(tmp_path, blurred_png):
     assert all(float(row["data_residual_relative"]) > 0 for row in rows)
 
 
-def test_corrupt_npz_is_a_one_line_error(tmp_path, blurred_png):
+def test_corrupt_npz_is_a_one_line_error(tmp_path, blurred_png, capsys, monkeypatch):
     (tmp_path / "g.npz").write_bytes(b"PK\x03\x04 not really a zip archive")
-    r = run_cli(["--model_id", "analytic", "--blurred", blurred_png, "--psf_grid", str(tmp_path / "g.npz"),
-                 "--save_dir", str(tmp_path / "out")], timeout=120)
-    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
-    assert r.returncode == 2 and len(lines) == 1 and "not a valid .npz" in lines[0], r.stderr[-1500:]
-    assert "Traceback" not in r.stderr and run_dirs(tmp_path / "out") == []
+    code, err = run_in_process(["--model_id", "analytic", "--blurred", blurred_png, "--psf_grid",
+                                str(tmp_path / "g.npz"), "--save_dir", str(tmp_path / "out")], capsys, monkeypatch)
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and "not a valid .npz" in lines[0], err[-1500:]
+    assert "Traceback" not in err and run_dirs(tmp_path / "out") == []
 
 
 @pytest.mark.parametrize("rows,cols,swapped", [([500.0, 2000.0, 3500.0], [5.0, 25.0, 45.0], False),
                                                ([45.0, 50.0, 55.0], [5.0, 20.0, 35.0], True)])
-def test_positions_outside_the_image_are_refused(tmp_path, blurred_png, rows, cols, swapped):
+def test_positions_outside_the_image_are_refused(tmp_path, blurred_png, rows, cols, swapped, capsys, monkeypatch):
     pos = np.stack(np.meshgrid(rows, cols, indexing="ij"), -1)          # blurred_png is 40 rows x 50 cols
-    r = run_cli(["--model_id", "analytic", "--blurred", blurred_png, "--psf_grid",
-                 write_grid(tmp_path / "g.npz", good_psfs(), pos), "--save_dir", str(tmp_path / "o")], timeout=120)
-    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
-    assert r.returncode == 2 and len(lines) == 1 and "outside the 40x50 image" in lines[0], r.stderr[-1500:]
+    code, err = run_in_process(["--model_id", "analytic", "--blurred", blurred_png, "--psf_grid",
+                                write_grid(tmp_path / "g.npz", good_psfs(), pos), "--save_dir", str(tmp_path / "o")],
+                               capsys, monkeypatch)
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and "outside the 40x50 image" in lines[0], err[-1500:]
     assert ("swapped" in lines[0]) and (("would fit with x and y swapped" in lines[0]) == swapped)
     assert run_dirs(tmp_path / "o") == []
