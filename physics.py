@@ -31,6 +31,7 @@ import copy
 import logging
 import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -587,9 +588,9 @@ class SVBlurOperator(torch.nn.Module):
         _choice("form", form, FORMS)
         _choice("boundary", boundary, BOUNDARIES)
         self.form, self.boundary = form, boundary
-        self.register_buffer("basis_kernels", decomposition.basis_kernels.clone())      # (K, k, k)
-        self.register_buffer("coefficient_maps", decomposition.coefficient_maps.clone())  # (K, H, W)
-        K, self.H, self.W = self.coefficient_maps.shape
+        self.register_buffer("basis_kernels", decomposition.basis_kernels.clone())      # ([B,] K, k, k)
+        self.register_buffer("coefficient_maps", decomposition.coefficient_maps.clone())  # ([B,] K, H, W)
+        self.H, self.W = self.coefficient_maps.shape[-2:]
         self.k = self.basis_kernels.shape[-1]
         self.r = self.k // 2
         if self.H < self.k or self.W < self.k:
@@ -615,9 +616,12 @@ class SVBlurOperator(torch.nn.Module):
             # Padding is a gather, so Pad(Cₖ ⊙ x) = Pad(Cₖ) ⊙ Pad(x) and Padᵀ(Pad(Cₖ) ⊙ z) = Cₖ ⊙ Padᵀ(z):
             # the scatter form pads (and un-pads) one image instead of K weighted copies.
             C_pad = pad.forward(C) if self.form == "scatter" else None                  # (K, Hp, Wp)
-            spec = torch.fft.rfft2(kern)                                           # (K, Fh, Fw//2+1)
+            spec = torch.fft.rfft2(kern)                                           # ([B,] K, Fh, Fw//2+1)
             # conj() is lazy in torch, and products with a lazily conjugated operand run ~2x slower.
             spec_t = spec.conj().resolve_conj()
+            if self.batched:  # (B, K, ...) -> (B, 1, K, ...): broadcasts over x's channels, like (K, ...)
+                spec, spec_t, C = spec.unsqueeze(1), spec_t.unsqueeze(1), C.unsqueeze(1)
+                C_pad = C_pad.unsqueeze(1) if C_pad is not None else None
             self._cache = {key: (pad, (spec, spec_t), C, C_pad)}
         return self._cache[key]
 
@@ -630,15 +634,41 @@ class SVBlurOperator(torch.nn.Module):
         z = torch.fft.irfft2(Z, s=self.fft_shape)
         return z[..., origin:origin + self.H, origin:origin + self.W]
 
+    @classmethod
+    def stacked(cls, decompositions, form: str = "gather", boundary: str = "reflect"):
+        """One operator for a batch of images, each with its own PSF grid: basis (B, K, k, k) and
+        maps (B, K, H, W), K the largest of theirs (a missing component is zero and adds nothing).
+        Image b of x, or its S consecutive samples when x holds B·S images, is blurred with
+        decompositions[b]. For one grid shared by a batch, use the plain operator: it is not copied."""
+        K = max(d.basis_kernels.shape[0] for d in decompositions)
+        grow = lambda t: F.pad(t, (0, 0, 0, 0, 0, K - t.shape[0]))  # noqa: E731  zero components up to K
+        both = SimpleNamespace(basis_kernels=torch.stack([grow(d.basis_kernels) for d in decompositions]),
+                               coefficient_maps=torch.stack([grow(d.coefficient_maps) for d in decompositions]))
+        return cls(both, form, boundary)
+
+    @property
+    def batched(self) -> bool:
+        return self.basis_kernels.ndim == 4
+
+    def _per_image(self, fn, x):
+        """Applies fn with x's images grouped by the operator's batch: (B·S, C, H, W) -> (B, S·C, H, W)."""
+        if not self.batched:
+            return fn(x)
+        B = self.basis_kernels.shape[0]
+        if x.shape[0] % B:
+            raise ValueError(f"this operator holds {B} images' PSFs; x has {x.shape[0]} images (not a multiple)")
+        out = fn(x.reshape(B, -1, *x.shape[-2:]))
+        return out.reshape(x.shape[0], -1, *out.shape[-2:])
+
     def forward(self, x):
         _check_image(x, self.H, self.W)
         x, in_dtype = _fft_dtype(x)
-        return self._forward(x).to(in_dtype)
+        return self._per_image(self._forward, x).to(in_dtype)
 
     def adjoint(self, y):
         _check_image(y, self.H, self.W)
         y, in_dtype = _fft_dtype(y)
-        return self._adjoint(y).to(in_dtype)
+        return self._per_image(self._adjoint, y).to(in_dtype)
 
     def _forward(self, x):
         pad, spec, C, C_pad = self._setup(x)
