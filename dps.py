@@ -115,16 +115,19 @@ def conjugate_gradient(apply_M, b, x, max_iter: int, tol: float):
     return x, iters
 
 
-def quadratic_timesteps(n: int, n_train: int):
-    """DiffPIR's 'quad' spacing (official code, skip_type='quad'): t = T−1 − ⌊√linspace(0, T², n)⌋,
-    dense near t = 0 where the details form. Distinct for n up to about T/2."""
+def _quad_spacing(n: int, n_train: int):
+    """t = T−1 − ⌊√linspace(0, T², n)⌋ with the last step at t = 0, as the official code builds it."""
     seq = np.sqrt(np.linspace(0, n_train ** 2, n)).astype(np.int64)
     seq[-1] -= 1
-    t = np.clip(n_train - 1 - seq, 0, n_train - 1)
+    return np.clip(n_train - 1 - seq, 0, n_train - 1)
+
+
+def quadratic_timesteps(n: int, n_train: int):
+    """DiffPIR's 'quad' spacing (official code, skip_type='quad'), dense near t = 0 where the
+    details form. Distinct for n up to about T/2; beyond that a ValueError names the limit."""
+    t = _quad_spacing(n, n_train)
     if len(np.unique(t)) != n:
-        most = max(m for m in range(1, n) if len(np.unique(np.clip(
-            n_train - 1 - np.r_[np.sqrt(np.linspace(0, n_train ** 2, m)).astype(np.int64)[:-1], n_train - 1],
-            0, n_train - 1))) == m)
+        most = max(m for m in range(1, n) if len(np.unique(_quad_spacing(m, n_train))) == m)
         raise ValueError(f"num_inference_steps must be in 1..{most} for diffpir (its quadratic spacing repeats "
                          f"timesteps beyond that), got {n}")
     return [int(v) for v in t]
@@ -152,17 +155,18 @@ def check_num_inference_steps(n, scheduler, method: str = "dps") -> None:
 RUNAWAY_FACTOR, RUNAWAY_CHECKS = 10.0, 3
 
 
+# sampler -> (its name in messages, what to try when it diverges)
+DIVERGENCE_HINTS = {"dps": ("DPS", "try a smaller step_size or set gradient_clip (e.g. 1.0)"),
+                    "diffpir": ("DiffPIR", "try a larger lambda, a smaller zeta, or check sigma_noise")}
+
+
 class DivergenceError(RuntimeError):
     """x_t became NaN/Inf, or the residual ran away. Carries what was produced before it happened."""
 
     def __init__(self, step, total, partial, intermediates, reason="NaN or Inf in x_t", method="dps"):
-        super().__init__(f"{method.upper() if method == 'dps' else 'DiffPIR'} diverged at step {step}/{total} "
-                         f"({reason}); {DIVERGENCE_HINTS[method]}")
+        name, hint = DIVERGENCE_HINTS[method]
+        super().__init__(f"{name} diverged at step {step}/{total} ({reason}); {hint}")
         self.step, self.partial, self.intermediates = step, partial, intermediates
-
-
-DIVERGENCE_HINTS = {"dps": "try a smaller step_size or set gradient_clip (e.g. 1.0)",
-                    "diffpir": "try a larger lambda, a smaller zeta, or check sigma_noise"}
 
 
 # ----------------------------------------------------------------------------

@@ -533,12 +533,12 @@ def progress_callback(view: RunView, cfg, device, bar, name):
         if (i + 1) % sc["log_every"] == 0:
             bar.set_postfix(residual=f"{float(res.mean()):.4g}")  # the only host sync, every log_every steps
             done_here = i + 1 - first_step
-            if done_here == sc["log_every"]:  # warm-up (compile, CUDA graphs, allocator) is behind us
+            if done_here == sc["log_every"]:  # once: warm-up (compile, CUDA graphs, allocator) is behind us
                 view.timing.update(t=time.time(), step=i + 1)
-            if device.type == "cpu" and done_here == sc["log_every"]:  # once, on a line of its own
-                left = (time.time() - t_session) / done_here * (n - i - 1)
-                bar.write(f"INFO CPU run: about {utils.format_duration(left)} left for {n - i - 1} more steps "
-                          f"({name})", file=sys.stderr)
+                if device.type == "cpu":  # the estimate, on a line of its own
+                    left = (time.time() - t_session) / done_here * (n - i - 1)
+                    bar.write(f"INFO CPU run: about {utils.format_duration(left)} left for {n - i - 1} more steps "
+                              f"({name})", file=sys.stderr)
     return callback
 
 

@@ -12,6 +12,7 @@ data step (its share of the step time is printed).
 """
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -40,6 +41,28 @@ def build_unet(device):
     return unet
 
 
+@contextlib.contextmanager
+def data_step_timer(sync):
+    """Times DiffPIR's data step (dps.data_proximal_step) for the duration of the block; yields a
+    one-element list holding the seconds. sync() brackets each call, so the figure is right on a
+    GPU (at the cost of a sync per step)."""
+    seconds, original = [0.0], dps.data_proximal_step
+
+    def timed(*args):
+        sync()
+        t = time.perf_counter()
+        out = original(*args)
+        sync()
+        seconds[0] += time.perf_counter() - t
+        return out
+
+    dps.data_proximal_step = timed
+    try:
+        yield seconds
+    finally:
+        dps.data_proximal_step = original
+
+
 def time_config(name, unet, sched, op, batch, size, steps, device, method="dps"):
     """Seconds per step (after warm-up) for one configuration; returns (s_per_step, warmup_s, peak_GB,
     share of the time in DiffPIR's data step)."""
@@ -64,24 +87,11 @@ def time_config(name, unet, sched, op, batch, size, steps, device, method="dps")
     pipe(y, num_inference_steps=3, **kw)  # warm-up/compile
     sync()
     warm = time.perf_counter() - t0
-    data_time, original = [0.0], dps.data_proximal_step
-
-    def timed(*a):  # synchronised, so the share is right on the GPU (at the cost of a sync per step)
-        sync()
-        t = time.perf_counter()
-        out = original(*a)
-        sync()
-        data_time[0] += time.perf_counter() - t
-        return out
-
-    dps.data_proximal_step = timed
-    try:
+    with data_step_timer(sync) as data_time:
         t0 = time.perf_counter()
         pipe(y, num_inference_steps=steps, **kw)
         sync()
         elapsed = time.perf_counter() - t0
-    finally:
-        dps.data_proximal_step = original
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
     return elapsed / steps, warm, peak, data_time[0] / elapsed
 

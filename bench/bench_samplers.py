@@ -30,6 +30,7 @@ sys.path.insert(0, ROOT)
 import dps  # noqa: E402
 import physics  # noqa: E402
 import utils  # noqa: E402
+from bench_dps import data_step_timer  # noqa: E402
 
 # Held out: the analytic prior was fitted on chelsea, coffee and rocket.
 PHOTOS = {"astronaut": lambda d: d.astronaut(), "immunohistochemistry": lambda d: d.immunohistochemistry()}
@@ -61,26 +62,14 @@ def psnr(a, b):
 
 def run_sampler(pipe, y, method, steps, sigma, step_size, device):
     """(mean, std, seconds, mean CG iterations, data-step share) of N_SAMPLES samples."""
-    data_time = [0.0]
-    original = dps.data_proximal_step
-
-    def timed(*args):
-        t = time.perf_counter()
-        out = original(*args)
-        data_time[0] += time.perf_counter() - t
-        return out
-
-    dps.data_proximal_step = timed
-    try:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with data_step_timer(sync) as data_time:
         t0 = time.perf_counter()
         out, inter = pipe(y, num_inference_steps=steps, method=method, sigma_y=sigma, num_samples=N_SAMPLES,
                           options={"step_size": step_size} if method == "dps" else None,
                           generator=torch.Generator(device).manual_seed(1))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync()
         seconds = time.perf_counter() - t0
-    finally:
-        dps.data_proximal_step = original
     cg = float(np.mean(inter["cg_iterations"])) if inter["cg_iterations"] else 0.0
     return out["mean"], out["std"], seconds, cg, data_time[0] / seconds
 

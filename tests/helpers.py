@@ -21,3 +21,29 @@ def save_tiny_model(path, sample_size=16):
     tiny_unet(sample_size).save_pretrained(path)
     tiny_scheduler().save_pretrained(path)
     return str(path)
+
+
+class _Stop(Exception):
+    pass
+
+
+def full_and_resumed(pipe, y, device="cpu", seed=3, stop_after=5, **kw):
+    """pipe(y, **kw) run straight through, and the same run stopped in its callback after step
+    `stop_after` and resumed from the x_t and generator state saved there: (full, resumed)."""
+    full, _ = pipe(y, generator=torch.Generator(device).manual_seed(seed), **kw)
+    saved, gen = {}, torch.Generator(device).manual_seed(seed)
+
+    def stop(i, t, x_t, x0_hat, res):
+        if i == stop_after:
+            saved.update(x_t=x_t.clone(), state=gen.get_state())
+            raise _Stop
+
+    try:
+        pipe(y, generator=gen, callback=stop, **kw)
+    except _Stop:
+        pass
+    assert saved, f"the run never reached step {stop_after}"
+    gen = torch.Generator(device)
+    gen.set_state(saved["state"])
+    resumed, _ = pipe(y, generator=gen, x_T=saved["x_t"], start_index=stop_after + 1, **kw)
+    return full, resumed

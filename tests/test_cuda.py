@@ -8,7 +8,7 @@ import torch
 import dps
 import main
 import physics
-from helpers import tiny_scheduler, tiny_unet
+from helpers import full_and_resumed, tiny_scheduler, tiny_unet
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")
@@ -40,23 +40,7 @@ def test_resume_on_cuda_is_bit_identical(method):
     eig, _, _ = small_system(CUDA)
     pipe = dps.EigenPSFDPSPipeline(unet, sched, eig)
     y = torch.rand(1, 3, 32, 32, device=CUDA)
-    kw = dict(num_inference_steps=12, method=method, sigma_y=0.01)
-    full, _ = pipe(y, generator=torch.Generator(CUDA).manual_seed(3), **kw)
-    saved, gen = {}, torch.Generator(CUDA).manual_seed(3)
-
-    class Stop(Exception):
-        pass
-
-    def cb(i, t, x_t, x0_hat, res):
-        if i == 5:
-            saved.update(x_t=x_t.clone(), state=gen.get_state())
-            raise Stop
-
-    with pytest.raises(Stop):
-        pipe(y, generator=gen, callback=cb, **kw)
-    gen2 = torch.Generator(CUDA)
-    gen2.set_state(saved["state"])
-    resumed, _ = pipe(y, generator=gen2, x_T=saved["x_t"], start_index=6, **kw)
+    full, resumed = full_and_resumed(pipe, y, CUDA, num_inference_steps=12, method=method, sigma_y=0.01)
     assert torch.equal(full, resumed)
 
 

@@ -14,7 +14,7 @@ from diffusers import DDPMPipeline, DDPMScheduler
 import dps
 import physics
 from fakehub import FakeHub, files_from_dir
-from helpers import save_tiny_model, tiny_scheduler, tiny_unet
+from helpers import full_and_resumed, save_tiny_model, tiny_scheduler, tiny_unet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -68,19 +68,25 @@ def conjugate_gradient(apply, b, iters=400, tol=1e-7):
     return x
 
 
+def face_under_defocus(size, kernel_size, max_radius):
+    """(x, EigenPSF operator, its full-rank grid operator) in float64 for the exact-posterior checks:
+    the astronaut's face at size², and a defocus grid of 3×3 PSFs kept whole (K = 9), circular boundary."""
+    from skimage import data
+    from skimage.transform import resize
+    img = resize(data.astronaut()[10:250, 120:360] / 255.0, (size, size), anti_aliasing=True)
+    x = torch.tensor(img, dtype=torch.float64).permute(2, 0, 1)[None]
+    pc = dict(blur_mode="defocus", kernel_size=kernel_size, grid_size=3, n_eigen_psfs=9, form="gather",
+              boundary="circular", defocus=dict(min_radius=1, max_radius=max_radius))
+    eig, true, _ = physics.create_sv_blur_system(size, size, pc, seed=0, dtype=torch.float64)
+    return x, eig, true
+
+
 @pytest.mark.slow
 def test_dps_lands_near_exact_posterior_mean():
     """y = A x + n with the analytic prior x₀ = 2x − 1 ~ N(μ, Σ). The posterior mean solves
     (Σ⁻¹ + AᵀA/(4σ²)) m = Σ⁻¹μ + Aᵀ(y − A1/2)/(2σ²); we solve it in the whitened variable
     m = μ + Σ^{1/2} w by CG, using the operator's adjoint."""
-    from skimage import data
-    from skimage.transform import resize
-    H = W = 64
-    img = resize(data.astronaut()[10:250, 120:360] / 255.0, (H, W), anti_aliasing=True)
-    x = torch.tensor(img, dtype=torch.float64).permute(2, 0, 1)[None]
-    pc = dict(blur_mode="defocus", kernel_size=9, grid_size=3, n_eigen_psfs=9, form="gather", boundary="circular",
-              defocus=dict(min_radius=1, max_radius=4))
-    eig, true, _ = physics.create_sv_blur_system(H, W, pc, seed=0, dtype=torch.float64)
+    x, eig, true = face_under_defocus(64, kernel_size=9, max_radius=4)
     sigma = 0.02
     y = true(x) + sigma * torch.randn(x.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     prior, sched = dps.load_model("analytic")
@@ -256,24 +262,7 @@ def test_resume_from_saved_state_is_bit_identical(method):
     eig, _, _ = small_system()
     pipe = dps.EigenPSFDPSPipeline(unet, sched, eig)
     y = torch.rand(1, 3, 16, 16)
-    kw = dict(num_inference_steps=12, method=method, sigma_y=0.01)
-    full, _ = pipe(y, generator=torch.Generator().manual_seed(3), **kw)
-    saved = {}
-
-    class Stop(Exception):
-        pass
-
-    def cb(i, t, x_t, x0_hat, res):
-        if i == 5:
-            saved.update(x_t=x_t.clone(), state=gen.get_state())
-            raise Stop
-
-    gen = torch.Generator().manual_seed(3)
-    with pytest.raises(Stop):
-        pipe(y, generator=gen, callback=cb, **kw)
-    gen2 = torch.Generator()
-    gen2.set_state(saved["state"])
-    resumed, _ = pipe(y, generator=gen2, x_T=saved["x_t"], start_index=6, **kw)
+    full, resumed = full_and_resumed(pipe, y, num_inference_steps=12, method=method, sigma_y=0.01)
     assert torch.equal(full, resumed)
 
 
@@ -484,14 +473,7 @@ def test_diffpir_near_exact_posterior_mean_and_beats_dps_at_a_tenth_of_the_steps
     """Analytic prior, so the posterior is Gaussian and its mean exact (dps.gaussian_posterior, checked
     against this file's own CG in test_dps_lands_near_exact_posterior_mean). DiffPIR at 100 steps
     must land near that mean, closer than DPS at 250 steps, with no backward pass."""
-    from skimage import data
-    from skimage.transform import resize
-    H = W = 32
-    img = resize(data.astronaut()[10:250, 120:360] / 255.0, (H, W), anti_aliasing=True)
-    x = torch.tensor(img, dtype=torch.float64).permute(2, 0, 1)[None]
-    pc = dict(blur_mode="defocus", kernel_size=7, grid_size=3, n_eigen_psfs=9, form="gather", boundary="circular",
-              defocus=dict(min_radius=1, max_radius=3))
-    eig, _, _ = physics.create_sv_blur_system(H, W, pc, seed=0, dtype=torch.float64)
+    x, eig, _ = face_under_defocus(32, kernel_size=7, max_radius=3)
     sigma = 0.01
     y = eig(x) + sigma * torch.randn(x.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     prior, sched = dps.load_model("analytic")
