@@ -88,30 +88,34 @@ def clip_per_image(g, max_norm: float):
     return g * (max_norm / norms).clamp(max=1).view(-1, *([1] * (g.ndim - 1)))
 
 
-def conjugate_gradient(apply_M, b, x, max_iter: int, tol: float):
+def conjugate_gradient(apply_M, b, x, max_iter: int, tol: float, precondition=None):
     """Solves M x = b for a symmetric positive (semi)definite M, image by image (dim 0).
 
     Warm-started at x. Image i stops when ‖b − M xᵢ‖ <= tol·‖bᵢ‖; a stopped image is frozen, so
-    its answer does not depend on its neighbours in the batch. Returns (x, iterations (B,)).
+    its answer does not depend on its neighbours in the batch. precondition: v ↦ P⁻¹v for a
+    symmetric positive definite P ≈ M (preconditioned CG), or None. Returns (x, iterations (B,)).
     """
     dims = tuple(range(1, b.ndim))
     dot = lambda u, v: (u * v).sum(dims, keepdim=True)  # noqa: E731  per-image inner product, (B, 1, 1, 1)
+    P = precondition or (lambda v: v)  # noqa: E731
     r = b - apply_M(x)
-    p, rs = r.clone(), dot(r, r)
+    z = P(r)
+    p, rz = z.clone(), dot(r, z)
     target = tol ** 2 * dot(b, b)
-    active = rs > target
+    active = (dot(r, r) if precondition else rz) > target
     iters = torch.zeros(b.shape[0], dtype=torch.long, device=b.device)
     for _ in range(max_iter):
         if not bool(active.any()):  # a host sync per iteration: cheap next to M
             break
         Mp = apply_M(p)
-        alpha = torch.where(active, rs / dot(p, Mp).clamp_min(1e-30), torch.zeros_like(rs))
+        alpha = torch.where(active, rz / dot(p, Mp).clamp_min(1e-30), torch.zeros_like(rz))
         x, r = x + alpha * p, r - alpha * Mp
-        rs_new = dot(r, r)
+        z = P(r)
+        rz_new = dot(r, z)
         iters += active.flatten().long()
-        p = torch.where(active, r + rs_new / rs.clamp_min(1e-30) * p, p)
-        rs = torch.where(active, rs_new, rs)
-        active = active & (rs > target)
+        p = torch.where(active, z + rz_new / rz.clamp_min(1e-30) * p, p)
+        rz = torch.where(active, rz_new, rz)
+        active = active & ((dot(r, r) if precondition else rz) > target)
     return x, iters
 
 
@@ -283,7 +287,8 @@ class EigenPSFDPSPipeline:
     `restored` is (B, C, H, W) in [0, 1]; with num_samples > 1 it is a dict with
     `samples` (B, S, C, H, W), `mean` and `std` (B, C, H, W).
     `intermediates` holds `steps`, `x0_hat` (CPU, [0, 1]) every `intermediate_freq` steps,
-    `residual` (per-image ‖y − A(x̂₀)‖ at those steps) and `cg_iterations` (DiffPIR, per step).
+    `residual` (per-image ‖y − A(x̂₀)‖ at those steps), `cg_iterations` (DiffPIR, the most of any
+    image, per step) and `cg_iterations_per_image` (DiffPIR, (steps, B·S), else None).
     """
 
     def __init__(self, unet, scheduler, operator):
@@ -353,7 +358,9 @@ class EigenPSFDPSPipeline:
             watch(i, x_t, x0_hat, res)
             if callback is not None:
                 callback(i, int(t), x_t, x0_hat, res)
-        watch.inter["cg_iterations"] = [int(n.max()) for n in ctx.stats["cg_iterations"]]
+        its = ctx.stats["cg_iterations"]                                    # per step: (B·S,) iterations
+        watch.inter["cg_iterations"] = [int(n.max()) for n in its]
+        watch.inter["cg_iterations_per_image"] = torch.stack(its).cpu() if its else None  # (steps, B·S)
 
         # 4. Back to [0, 1]; split posterior samples.
         x_0 = ((x_t + 1) / 2).clamp(0, 1)
@@ -570,7 +577,8 @@ def gaussian_posterior(prior, operator, y, sigma_y, n_samples=0, generator=None,
     mu = prior.mu.view(1, -1, 1, 1).expand(B, -1, H, W)
     b = half(operator.adjoint(y - operator((mu + 1) / 2))) / (2 * sigma_y ** 2)
     to_image = lambda w, m: (m + half(w) + 1) / 2  # noqa: E731
-    w_mean, _ = conjugate_gradient(Q, b, torch.zeros_like(b), max_iter, tol)
+    P_inv = _posterior_preconditioner(prior, operator, sigma_y, H, W, y.device)
+    w_mean, _ = conjugate_gradient(Q, b, torch.zeros_like(b), max_iter, tol, P_inv)
     mean = to_image(w_mean, mu)
     if not n_samples:
         return mean, None
@@ -578,8 +586,29 @@ def gaussian_posterior(prior, operator, y, sigma_y, n_samples=0, generator=None,
     e1 = torch.randn(b_s.shape, generator=generator, dtype=torch.float64, device=b.device)
     e2 = torch.randn((b_s.shape[0],) + tuple(y.shape[1:]), generator=generator, dtype=torch.float64, device=b.device)
     w_s, _ = conjugate_gradient(Q, b_s + e1 + half(operator.adjoint(e2)) / (2 * sigma_y), w_mean.repeat_interleave(
-        n_samples, 0), max_iter, tol)
+        n_samples, 0), max_iter, tol, P_inv)
     return mean, to_image(w_s, mu_s).reshape(B, n_samples, *mean.shape[1:])
+
+
+def _posterior_preconditioner(prior, operator, sigma_y, H, W, device):
+    """v ↦ P⁻¹v with P = I + Σ^{1/2} HᵀH Σ^{1/2} / (4σ²), H the periodic convolution with the
+    operator's PSF at the image centre: diagonal in the prior's channel basis and in Fourier, so
+    P⁻¹ is exact and cheap. It only steers CG (the answer is the same); it cuts the iterations
+    from thousands to tens when σ is small. None when A changes the image size."""
+    C = prior.config.in_channels
+    delta = torch.zeros(1, C, H, W, dtype=torch.float64, device=device)
+    delta[..., H // 2, W // 2] = 1
+    psf = operator(delta)
+    if psf.shape != delta.shape:
+        return None
+    psf = torch.roll(psf[0, 0], (-(H // 2), -(W // 2)), (0, 1))             # centred at index 0
+    gain = torch.fft.rfft2(psf).abs() ** 2                                   # |ĥ(f)|², (H, W//2+1)
+    inv = 1 / (1 + prior.prior_variance(H, W) * gain / (4 * sigma_y ** 2))   # (C, H, W//2+1)
+
+    def apply(v):
+        Z = torch.fft.rfft2(prior._rotate(v, prior.Q.T), norm="ortho") * inv
+        return prior._rotate(torch.fft.irfft2(Z, s=(H, W), norm="ortho"), prior.Q)
+    return apply
 
 
 def analytic_scheduler():

@@ -13,6 +13,7 @@ one-line error and exit code 2 before any results folder exists. Exit codes: 0 d
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import os
 import platform
@@ -71,6 +72,7 @@ FLAGS = {
     "gradient_clip": ("sampler.dps.gradient_clip", float, "DPS: max per-image gradient norm (0 = off)"),
     "num_samples": ("sampler.num_samples", int, "posterior samples per measurement"),
     "seed": ("run.seed", int, "random seed (PSFs, noise, sampling)"),
+    "batch_size": ("run.batch_size", int, "folder runs: measurements restored per sampler call"),
     "device": ("run.device", str, "auto | cpu | cuda | cuda:N"),
     "dtype": ("run.dtype", str, "UNet autocast dtype: float32 | bfloat16 | float16"),
     "compile": ("run.compile", str, "torch.compile mode for the UNet: off | default | reduce-overhead | max-autotune"),
@@ -101,7 +103,7 @@ def build_parser(defaults: dict) -> argparse.ArgumentParser:
     p.add_argument("--download_only", action="store_true",
                    help="download the model into --model_cache and exit (default: off)")
     p.add_argument("--resume", metavar="RUN_DIR", default=None,
-                   help="continue a preempted run from RUN_DIR/checkpoint.pt with its saved config (default: off)")
+                   help="continue a preempted run (or folder run, batch_...) from RUN_DIR/checkpoint.pt with its saved config (default: off)")
     return p
 
 
@@ -365,32 +367,65 @@ def _request_stop(signum, frame):
 CHECKPOINT_FORMAT, CHECKPOINT_VERSION = "eigenpsf-dps checkpoint", 2
 
 
-def save_checkpoint(path, p: Problem, x_t, next_index, gen, state):
-    """Everything needed to continue bit-identically: x_t, the step, the generator state, the
-    measurement and PSFs, and the progress so far. Written atomically.
-
-    Only tensors and plain containers (dict, list, str, int, float, bool, None) go in, so that
-    load_checkpoint can read it with torch.load(weights_only=True): no pickled object can run code.
-    """
+def _image_entry(p: Problem, gen, state) -> dict:
+    """One image's part of a checkpoint: its generator state, problem and progress so far."""
     import torch
 
     clean = None if p.clean is None else torch.from_numpy(p.clean)
-    ckpt = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
-            "x_t": x_t.detach().cpu(), "next_index": int(next_index), "generator_state": gen.get_state(),
+    return {"generator_state": gen.get_state(),
             "problem": {"name": p.name, "y": p.y.cpu(), "clean": clean, "grid": p.grid.cpu(),
                         "coords": [torch.as_tensor(c).cpu() for c in p.coords], "info": utils.jsonable(p.info)},
             "progress": {"steps_done": int(state["steps_done"]), "runtime": float(state["runtime"]),
                          "steps": [int(s) for s in state["steps"]], "x0_hat": list(state["x0_hat"]),
                          "residual": list(state["residual"])}}
-    torch.save(ckpt, path + ".tmp")
+
+
+def _write_checkpoint(path, body: dict) -> None:
+    """Written atomically. Only tensors and plain containers (dict, list, str, int, float, bool,
+    None) go in, so that load_checkpoint can read it with torch.load(weights_only=True): no
+    pickled object can run code."""
+    import torch
+
+    torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **body}, path + ".tmp")
     os.replace(path + ".tmp", path)
 
 
+def save_checkpoint(path, p: Problem, x_t, next_index, gen, state):
+    """Everything needed to continue a single run bit-identically: x_t, the step, the generator
+    state, the measurement and PSFs, and the progress so far."""
+    _write_checkpoint(path, {"x_t": x_t.detach().cpu(), "next_index": int(next_index), **_image_entry(p, gen, state)})
+
+
+def save_folder_checkpoint(path, items, x_t, next_index, inputs, rows):
+    """A folder run's checkpoint: the batch in flight (x_t of all its samples, each image's entry
+    and run folder), the input list, and the summary rows of the images already finished."""
+    _write_checkpoint(path, {"kind": "folder", "x_t": x_t.detach().cpu(), "next_index": int(next_index),
+                             "inputs": list(inputs), "rows": {str(i): utils.jsonable(r) for i, r in rows.items()},
+                             "images": [{**_image_entry(it.p, it.gen, it.view.state), "index": it.index,
+                                         "folder": os.path.basename(it.folder)} for it in items]})
+
+
 # key -> required type of a checkpoint entry (dotted keys reach into "problem" and "progress")
-CHECKPOINT_SCHEMA = {"x_t": "tensor", "next_index": int, "generator_state": "tensor",
-                     "problem.name": str, "problem.y": "tensor", "problem.grid": "tensor", "problem.coords": list,
-                     "problem.info": dict, "progress.steps_done": int, "progress.runtime": float,
-                     "progress.steps": list, "progress.x0_hat": list, "progress.residual": list}
+IMAGE_SCHEMA = {"generator_state": "tensor", "problem.name": str, "problem.y": "tensor", "problem.grid": "tensor",
+                "problem.coords": list, "problem.info": dict, "progress.steps_done": int, "progress.runtime": float,
+                "progress.steps": list, "progress.x0_hat": list, "progress.residual": list}
+CHECKPOINT_SCHEMA = {"x_t": "tensor", "next_index": int, **IMAGE_SCHEMA}
+FOLDER_SCHEMA = {"x_t": "tensor", "next_index": int, "inputs": list, "rows": dict, "images": list}
+FOLDER_IMAGE_SCHEMA = {**IMAGE_SCHEMA, "index": int, "folder": str}
+
+
+def _check_schema(path, ckpt, schema, where="") -> None:
+    import torch
+
+    for key, typ in schema.items():
+        node = ckpt
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        ok = torch.is_tensor(node) if typ == "tensor" else isinstance(node, typ) and not isinstance(node, bool)
+        if not ok:
+            want = "a tensor" if typ == "tensor" else typ.__name__
+            raise utils.UserError(f"checkpoint {path} is damaged: {where}{key} should be {want}, "
+                                  f"got {type(node).__name__}")
 
 
 def load_checkpoint(path) -> dict:
@@ -419,14 +454,12 @@ def load_checkpoint(path) -> dict:
     if ckpt.get("version") != CHECKPOINT_VERSION:
         raise utils.UserError(f"{path} has checkpoint format {ckpt.get('version')!r}; this version of the tool "
                               f"resumes format {CHECKPOINT_VERSION} only: start the run again")
-    for key, typ in CHECKPOINT_SCHEMA.items():
-        node = ckpt
-        for part in key.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        ok = torch.is_tensor(node) if typ == "tensor" else isinstance(node, typ) and not isinstance(node, bool)
-        if not ok:
-            want = "a tensor" if typ == "tensor" else typ.__name__
-            raise utils.UserError(f"checkpoint {path} is damaged: {key} should be {want}, got {type(node).__name__}")
+    if ckpt.get("kind") != "folder":
+        _check_schema(path, ckpt, CHECKPOINT_SCHEMA)
+        return ckpt
+    _check_schema(path, ckpt, FOLDER_SCHEMA)
+    for n, entry in enumerate(ckpt["images"]):
+        _check_schema(path, entry if isinstance(entry, dict) else {}, FOLDER_IMAGE_SCHEMA, f"images[{n}].")
     return ckpt
 
 
@@ -455,21 +488,31 @@ def restore(p: Problem, run_dir, cfg, device, dtype, gen, pipe, multiple, extra_
     inputs (restore_inputs), sampling (sample) and outputs (write_outputs).
     Returns (exit_code, metrics). resume: a checkpoint dict (see save_checkpoint) to continue from.
     """
-    view = restore_inputs(p, run_dir, cfg, device, pipe, multiple, extra_config, resume)
-    out, exit_code, error, partial = sample(p, view, run_dir, cfg, device, dtype, gen, pipe, resume)
-    write_outputs(p, view, run_dir, cfg, device, out, partial)
+    view = restore_inputs(p, run_dir, cfg, device, pipe, multiple, extra_config, resume and resume["progress"])
+    pipe.operator = view.op
+    ckpt = lambda x_t, nxt: save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), p, x_t, nxt, gen,  # noqa: E731
+                                            view.state)
+    start = (resume["x_t"], resume["next_index"]) if resume else None
+    out, exit_code, error, partial = sample([p], [view], cfg, device, dtype, gen, pipe, start, ckpt, run_dir)
+    write_outputs(p, view, run_dir, cfg, device, out, None if partial is None else partial[:1])
     if view.metrics["status"] == "complete" and resume:
         os.remove(os.path.join(run_dir, "checkpoint.pt"))
+    finish(view, run_dir, error)
+    return exit_code, view.metrics
+
+
+def finish(view: RunView, run_dir, error) -> None:
+    """metrics.json and metrics.txt, last, so that their presence means the folder is whole."""
     if error:
         view.metrics["error"] = error
     utils.write_json(os.path.join(run_dir, "metrics.json"), view.metrics)
     utils.write_metrics_txt(os.path.join(run_dir, "metrics.txt"), view.metrics)
-    return exit_code, view.metrics
 
 
-def restore_inputs(p: Problem, run_dir, cfg, device, pipe, multiple, extra_config, resume) -> RunView:
+def restore_inputs(p: Problem, run_dir, cfg, device, pipe, multiple, extra_config, progress) -> RunView:
     """1. Inputs: the operator the sampler sees, the run folder's config, problem files and
-    pictures of the input, and the metrics known before sampling."""
+    pictures of the input, and the metrics known before sampling. progress: a checkpoint's
+    progress to continue from (the folder exists then), or None."""
     import physics
     sc, rc = cfg["sampler"], cfg["run"]
     op, x_size, (top, left) = reconstruction_operator(p, cfg, multiple, device)
@@ -478,13 +521,12 @@ def restore_inputs(p: Problem, run_dir, cfg, device, pipe, multiple, extra_confi
     if gray_from_rgb:
         op = physics.LuminanceOperator(op)
     to_y = physics.luminance if gray_from_rgb else (lambda z: z)
-    pipe.operator = op
     H, W = p.y.shape[-2:]
     crop = lambda z: to_y(z)[..., top:top + H, left:left + W]  # noqa: E731
     images_dir, inter_dir = os.path.join(run_dir, "images"), os.path.join(run_dir, "intermediates")
-    os.makedirs(images_dir, exist_ok=resume is not None)
+    os.makedirs(images_dir, exist_ok=progress is not None)
     if rc["save_intermediates"] and sc["intermediate_freq"]:
-        os.makedirs(inter_dir, exist_ok=resume is not None)
+        os.makedirs(inter_dir, exist_ok=progress is not None)
     utils.save_yaml(os.path.join(run_dir, "config.yaml"), {**cfg, "resolved": extra_config})
     utils.save_psf_grid(os.path.join(run_dir, "psf_grid.npz"), p.grid, p.coords)
     # The exact problem, for others to reuse: y as the sampler sees it (unclipped) and the clean image.
@@ -507,34 +549,37 @@ def restore_inputs(p: Problem, run_dir, cfg, device, pipe, multiple, extra_confi
                        ssim_definition=utils.SSIM_DEFINITION)
     else:
         metrics["note"] = "real measurement: no clean image, so PSNR/SSIM are omitted"
-    state = resume["progress"] if resume else {"steps_done": 0, "runtime": 0.0, "steps": [], "x0_hat": [], "residual": []}
+    state = progress or {"steps_done": 0, "runtime": 0.0, "steps": [], "x0_hat": [], "residual": []}
     return RunView(op, x_size, crop, images_dir, inter_dir, metrics, state)
 
 
-def progress_callback(view: RunView, cfg, device, bar, name):
-    """The sampler's callback: progress bar, intermediates, the CPU time estimate, and stop
-    requests (raised as Preempted after a completed step, so the checkpoint is consistent)."""
-    sc, rc, state = cfg["sampler"], cfg["run"], view.state
-    n, first_step, t_session = sc["num_inference_steps"], state["steps_done"], time.time()
+def progress_callback(views, cfg, device, bar, name):
+    """The sampler's callback for a batch of images (one view each, num_samples rows each):
+    progress bar, each image's intermediates, the CPU time estimate, and stop requests (raised
+    as Preempted after a completed step, so the checkpoint is consistent)."""
+    sc, rc, S = cfg["sampler"], cfg["run"], cfg["sampler"]["num_samples"]
+    n, first_step, t_session = sc["num_inference_steps"], views[0].state["steps_done"], time.time()
 
     def callback(i, t, x_t, x0_hat, res):
-        state["steps_done"] = i + 1
         bar.update(1)
         freq = sc["intermediate_freq"]
-        if freq and (i % freq == 0 or i + 1 == n):
-            x0_img = view.crop((x0_hat[:1] + 1) / 2).clamp(0, 1)              # (1, C_y, H, W) in [0, 1]
-            state["steps"].append(i)
-            state["x0_hat"].append(x0_img.cpu())
-            state["residual"].append(res.cpu())
-            if rc["save_intermediates"]:  # every freq-th step and the final one
-                utils.save_image(os.path.join(view.inter_dir, f"step_{i:04d}.png"), x0_img)
+        for b, view in enumerate(views):   # x0_hat (B·S, C, H, W), res (B·S,): image b holds rows b·S … b·S+S−1
+            view.state["steps_done"] = i + 1
+            if freq and (i % freq == 0 or i + 1 == n):
+                x0_img = view.crop((x0_hat[b * S:b * S + 1] + 1) / 2).clamp(0, 1)   # (1, C_y, H, W) in [0, 1]
+                view.state["steps"].append(i)
+                view.state["x0_hat"].append(x0_img.cpu())
+                view.state["residual"].append(res[b * S:(b + 1) * S].cpu())
+                if rc["save_intermediates"]:  # every freq-th step and the final one
+                    utils.save_image(os.path.join(view.inter_dir, f"step_{i:04d}.png"), x0_img)
         if STOP["signal"] is not None:  # checked after a finished step: the state is consistent
             raise Preempted(i, x_t)
         if (i + 1) % sc["log_every"] == 0:
             bar.set_postfix(residual=f"{float(res.mean()):.4g}")  # the only host sync, every log_every steps
             done_here = i + 1 - first_step
             if done_here == sc["log_every"]:  # once: warm-up (compile, CUDA graphs, allocator) is behind us
-                view.timing.update(t=time.time(), step=i + 1)
+                for view in views:
+                    view.timing.update(t=time.time(), step=i + 1)
                 if device.type == "cpu":  # the estimate, on a line of its own
                     left = (time.time() - t_session) / done_here * (n - i - 1)
                     bar.write(f"INFO CPU run: about {utils.format_duration(left)} left for {n - i - 1} more steps "
@@ -542,58 +587,89 @@ def progress_callback(view: RunView, cfg, device, bar, name):
     return callback
 
 
-def sample(p: Problem, view: RunView, run_dir, cfg, device, dtype, gen, pipe, resume) -> tuple:
-    """2. The sampler, with a progress bar, under signal handlers that turn SIGTERM/SIGUSR1 and a
-    first Ctrl-C into a checkpoint. Returns (output or None, exit code, error or None, partial
-    x̂₀ of a diverged run or None)."""
+def is_out_of_memory(e: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError."""
+    import torch
+    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
+
+
+def out_of_memory_hint(ps, cfg, device) -> str:
+    """The one-line error for a batch that does not fit, with the settings that would shrink it."""
+    B, S = len(ps), cfg["sampler"]["num_samples"]
+    H, W = ps[0].y.shape[-2:]
+    fix = f"try --batch_size {max(1, B // 2)}" if B > 1 else \
+        "try a smaller --num_samples or --img_size, or --set run.gradient_checkpointing=true"
+    return (f"out of {device.type.upper()} memory sampling {B} image(s) x {S} sample(s) of {H}x{W} "
+            f"({B * S} in one call); {fix}")
+
+
+def sample(ps, views, cfg, device, dtype, generator, pipe, start, checkpoint, run_dir) -> tuple:
+    """2. The sampler over a batch (one problem and view per image; pipe.operator set for them all),
+    with a progress bar, under signal handlers that turn SIGTERM/SIGUSR1 and a first Ctrl-C into a
+    checkpoint. generator: a torch.Generator, or one per sample (B·S). start: (x_t, next index) to
+    continue from, or None. checkpoint(x_t, next_index) saves the stopped state; run_dir is the
+    folder --resume continues. Returns (output or None, exit code, error or None, partial x̂₀ of a
+    diverged run or None), the metrics of every view updated."""
     import torch
     from tqdm.auto import tqdm
 
     import dps
-    sc, rc, m, state = cfg["sampler"], cfg["run"], view.metrics, view.state
-    bar = tqdm(total=sc["num_inference_steps"], desc=f"{sc['method']} {p.name}", unit="step", dynamic_ncols=True)
+    sc, rc, state = cfg["sampler"], cfg["run"], views[0].state
+    name = ps[0].name if len(ps) == 1 else f"{len(ps)} images: {ps[0].name}…{ps[-1].name}"
+    bar = tqdm(total=sc["num_inference_steps"], desc=f"{sc['method']} {name}", unit="step", dynamic_ncols=True)
     bar.update(state["steps_done"])
     t0 = time.time() - state["runtime"]
-    exit_code, error, out, partial = 0, None, None, None
+    exit_code, error, out, partial, status, cg = 0, None, None, None, None, None
     old_handlers = {sig: signal.signal(sig, _request_stop) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     try:
-        out, inter = pipe(p.y, num_inference_steps=sc["num_inference_steps"], method=sc["method"],
-                          options=sc[sc["method"]], sigma_y=sigma_y(p, cfg), generator=gen,
-                          callback=progress_callback(view, cfg, device, bar, sc["method"]),
+        out, inter = pipe(torch.cat([p.y for p in ps]), num_inference_steps=sc["num_inference_steps"],
+                          method=sc["method"], options=sc[sc["method"]], sigma_y=sigma_y(ps[0], cfg),
+                          generator=generator, callback=progress_callback(views, cfg, device, bar, sc["method"]),
                           num_samples=sc["num_samples"],
                           clip_denoised=None if sc["clip_denoised"] == "auto" else sc["clip_denoised"], dtype=dtype,
                           gradient_checkpointing=rc["gradient_checkpointing"], check_every=sc["log_every"],
-                          x_size=view.x_size, x_T=resume["x_t"].to(device) if resume else None,
-                          start_index=resume["next_index"] if resume else 0)
-        m["status"] = "complete"
-        if inter["cg_iterations"]:
-            m.update(cg_iterations_mean=float(np.mean(inter["cg_iterations"])),
-                     cg_iterations_max=int(max(inter["cg_iterations"])))
+                          x_size=views[0].x_size, x_T=start[0].to(device) if start else None,
+                          start_index=start[1] if start else 0)
+        status, cg = "complete", inter.get("cg_iterations_per_image")
     except dps.DivergenceError as e:
-        exit_code, error, m["status"] = EXIT_DIVERGED, str(e), "diverged"
-        partial = e.partial[:1] if e.partial is not None else None
+        exit_code, error, status, partial = EXIT_DIVERGED, str(e), "diverged", e.partial
     except Preempted as e:
-        state["runtime"] = time.time() - t0
-        save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), p, e.x_t, e.step + 1, gen, state)
+        for view in views:
+            view.state["runtime"] = time.time() - t0
+        checkpoint(e.x_t, e.step + 1)
         ctrl_c = STOP["signal"] == signal.SIGINT
-        exit_code = EXIT_INTERRUPTED if ctrl_c else EXIT_PREEMPTED
-        m["status"] = "interrupted" if ctrl_c else "preempted"
+        exit_code, status = (EXIT_INTERRUPTED, "interrupted") if ctrl_c else (EXIT_PREEMPTED, "preempted")
         why = "interrupted by the user (Ctrl-C)" if ctrl_c else f"stopped by signal {STOP['signal']}"
         error = (f"{why} after step {e.step + 1}/{sc['num_inference_steps']}; "
                  f"checkpoint saved, continue with --resume {run_dir}")
     except KeyboardInterrupt:
-        exit_code, error = EXIT_INTERRUPTED, "interrupted by the user (second Ctrl-C: no checkpoint)"
-        m["status"] = "interrupted"
+        exit_code, error, status = EXIT_INTERRUPTED, "interrupted by the user (second Ctrl-C: no checkpoint)", "interrupted"
+    except (RuntimeError, MemoryError) as e:
+        if not (is_out_of_memory(e) or isinstance(e, MemoryError)):
+            raise
+        exit_code, error, status = EXIT_BAD_INPUT, out_of_memory_hint(ps, cfg, device), "error"
     finally:
         bar.close()
         for sig, h in old_handlers.items():
             signal.signal(sig, h)
-    runtime = time.time() - t0
-    m.update(runtime_s=runtime, steps_completed=state["steps_done"],
-             steps_per_s=state["steps_done"] / runtime if runtime > 0 else 0.0)
-    if view.timing and state["steps_done"] > view.timing["step"]:  # steady state, without the first steps
-        m["s_per_step_after_warmup"] = (time.time() - view.timing["t"]) / (state["steps_done"] - view.timing["step"])
+    record_sampling(views, cfg, status, time.time() - t0, cg)
     return out, exit_code, error, partial
+
+
+def record_sampling(views, cfg, status, runtime, cg) -> None:
+    """Each image's metrics after a sampler call: status, time (its share of the batch), speed,
+    and its own CG iterations (DiffPIR: cg (steps, B·S), per sample)."""
+    import torch
+    S = cfg["sampler"]["num_samples"]
+    for b, view in enumerate(views):
+        m, state = view.metrics, view.state
+        m.update(status=status, runtime_s=runtime / len(views), batch_size=len(views), batch_runtime_s=runtime,
+                 steps_completed=state["steps_done"], steps_per_s=state["steps_done"] / runtime if runtime > 0 else 0.0)
+        if view.timing and state["steps_done"] > view.timing["step"]:  # steady state, without the first steps
+            m["s_per_step_after_warmup"] = (time.time() - view.timing["t"]) / (state["steps_done"] - view.timing["step"])
+        if cg is not None and len(cg):
+            mine = torch.as_tensor(cg)[:, b * S:(b + 1) * S].amax(1)              # (steps,)
+            m.update(cg_iterations_mean=float(mine.double().mean()), cg_iterations_max=int(mine.max()))
 
 
 def write_outputs(p: Problem, view: RunView, run_dir, cfg, device, out, partial) -> None:
@@ -673,11 +749,28 @@ def check_channels(pipe, p: Problem) -> None:
                  "(Rec. 709 weights); the outputs are that luminance", p.name)
 
 
-def resume_run(run_dir, schema, given) -> int:
-    """Continues RUN_DIR from its checkpoint with its own saved config; bit-identical on CPU."""
+def problem_from_entry(entry, cfg, device) -> tuple:
+    """(Problem, generator) rebuilt from a checkpoint entry (see _image_entry)."""
     import torch
 
     import physics
+    gen = torch.Generator(device=device)
+    gen.set_state(entry["generator_state"])
+    q = entry["problem"]
+    grid = q["grid"].to(device)
+    H, W = q["y"].shape[-2:]
+    eig_op, grid_op, decomp = physics.build_operators(grid, H, W, cfg["physics"], tuple(q["coords"]))
+    clean = None if q["clean"] is None else q["clean"].numpy()
+    p = Problem(q["name"], q["y"].to(device), clean, grid, tuple(q["coords"]), eig_op.to(device), grid_op.to(device),
+                decomp, q["info"])
+    return p, gen
+
+
+def resume_run(run_dir, schema, given) -> int:
+    """Continues RUN_DIR (a run or a folder run) from its checkpoint with its own saved config;
+    bit-identical on CPU."""
+    import torch
+
     ckpt_path = os.path.join(run_dir, "checkpoint.pt")
     if not os.path.isfile(ckpt_path):
         raise utils.UserError(f"no checkpoint.pt in {run_dir}: nothing to resume")
@@ -688,24 +781,172 @@ def resume_run(run_dir, schema, given) -> int:
     cfg = utils.validate_config(saved, schema)
     ckpt = load_checkpoint(ckpt_path)
     device = resolve_device(cfg["run"]["device"])
-    gen = torch.Generator(device=device)
-    gen.set_state(ckpt["generator_state"])
-    q = ckpt["problem"]
-    grid = q["grid"].to(device)
-    H, W = q["y"].shape[-2:]
-    eig_op, grid_op, decomp = physics.build_operators(grid, H, W, cfg["physics"], tuple(q["coords"]))
-    clean = None if q["clean"] is None else q["clean"].numpy()
-    p = Problem(q["name"], q["y"].to(device), clean, grid, tuple(q["coords"]), eig_op.to(device), grid_op.to(device),
-                decomp, q["info"])
-    pipe, multiple = load_pipeline(cfg, device, p.y.shape[1])
-    log.info("resuming %s at step %d/%d", run_dir, ckpt["next_index"], cfg["sampler"]["num_inference_steps"])
     dtype = getattr(torch, cfg["run"]["dtype"])  # validated: float32 | bfloat16 | float16
+    log.info("resuming %s at step %d/%d", run_dir, ckpt["next_index"], cfg["sampler"]["num_inference_steps"])
+    if ckpt.get("kind") == "folder":
+        return run_folder(ckpt["inputs"], run_dir, cfg, device, dtype, extra, resume=ckpt)
+    p, gen = problem_from_entry(ckpt, cfg, device)
+    pipe, multiple = load_pipeline(cfg, device, p.y.shape[1])
     code, m = restore(p, run_dir, cfg, device, dtype, gen, pipe, multiple, extra, resume=ckpt)
     if code:
         print(f"error: {m['error']}", file=sys.stderr)
         return code
     print(run_dir)
     return 0
+
+
+# ----------------------------------------------------------------------------
+# Folder runs: --image_dir / --blurred_dir, up to run.batch_size measurements per sampler call
+# ----------------------------------------------------------------------------
+
+SUMMARY_KEYS = ("status", "psnr_blurred", "psnr_restored", "ssim_blurred", "ssim_restored", "data_residual_relative",
+                "operator_relative_error", "sigma_noise_estimated", "runtime_s", "batch_size", "error")
+
+
+@dataclass
+class Item:
+    """One measurement of a folder run on its way through a batch."""
+    index: int                     # its place in the sorted input list (and in summary.csv)
+    p: Problem
+    gen: object                    # its own generator: PSFs, noise and sampling
+    folder: str = ""               # its run folder, once made
+    progress: dict = None          # a checkpoint's progress to continue from
+    view: RunView = None
+
+
+def image_generator(seed: int, name: str, device):
+    """Each image of a folder run draws from its own generator, seeded from (seed, file name), so
+    that its result is the same at any batch size, beside any neighbours, and in any shard of the
+    folder (a Slurm array task, a re-run of the failures)."""
+    import hashlib
+
+    import torch
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def folder_groups(inputs, todo, cfg, device, measured, pipes, rows):
+    """Yields lists of up to run.batch_size prepared Items of one measurement shape (y's channels
+    and size, hence one sampling size after the UNet padding rule), as they fill, then the
+    partial ones. Only one partial list per shape is held. A file that cannot be prepared becomes
+    an error row."""
+    n, pending = cfg["run"]["batch_size"], {}
+    for i in todo:
+        path = inputs[i]
+        gen = image_generator(cfg["run"]["seed"], os.path.basename(path), device)
+        try:
+            p = prepare(path, cfg, device, gen, measured)
+            pipe, _ = load_pipeline(cfg, device, p.y.shape[1], pipes)
+            check_channels(pipe, p)
+        except (utils.UserError, ValueError) as e:  # a bad file is reported, not fatal
+            log.warning("skipping %s: %s", path, e)
+            rows[i] = {"file": os.path.basename(path), "status": "error", "error": str(e)}
+            continue
+        group = pending.setdefault(tuple(p.y.shape), [])
+        group.append(Item(i, p, gen))
+        if len(group) == n:
+            yield pending.pop(tuple(p.y.shape))
+    yield from pending.values()
+
+
+def restore_group(items, batch_dir, cfg, device, dtype, pipes, extra, shared, save, start=None) -> int:
+    """Restores a batch of Items in one sampler call and writes each image's folder and summary
+    row (save.rows). shared: one PSF grid for all (the operator is used as it is, not stacked).
+    start: (x_t, next index) of a resumed batch. If any image diverges, the batch is re-run one
+    image at a time from where it started, so that the others get their batch-of-one result."""
+    import copy
+
+    import physics
+    S = cfg["sampler"]["num_samples"]
+    pipe, multiple = load_pipeline(cfg, device, items[0].p.y.shape[1], pipes)
+    for it in items:
+        it.folder = it.folder or utils.make_run_dir(batch_dir, prefix=it.p.name)
+        it.view = restore_inputs(it.p, it.folder, cfg, device, pipe, multiple, extra, it.progress)
+    pipe.operator = items[0].view.op if shared else physics.stack_operators([it.view.op for it in items])
+    before = [(it.gen.get_state(), copy.deepcopy(it.view.state)) for it in items]
+    checkpoint = lambda x_t, nxt: save_folder_checkpoint(save.path, items, x_t, nxt, save.inputs, save.rows)  # noqa: E731
+    out, code, error, partial = sample([it.p for it in items], [it.view for it in items], cfg, device, dtype,
+                                       [it.gen for it in items for _ in range(S)], pipe, start, checkpoint, batch_dir)
+    if code == EXIT_DIVERGED and len(items) > 1:
+        log.warning("%s; restoring these %d images one at a time so that the others are unaffected",
+                    error, len(items))
+        for b, (it, (gen_state, progress)) in enumerate(zip(items, before)):
+            it.gen.set_state(gen_state)
+            it.progress = progress
+            one = None if start is None else (start[0][b * S:(b + 1) * S], start[1])
+            code_b = restore_group([it], batch_dir, cfg, device, dtype, pipes, extra, shared, save, one)
+            code = code_b if code_b in (EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_BAD_INPUT) or code == EXIT_DIVERGED \
+                else code
+            if code_b in (EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_BAD_INPUT):
+                break
+        return code
+    for b, it in enumerate(items):
+        write_outputs(it.p, it.view, it.folder, cfg, device, image_output(out, b, S),
+                      None if partial is None else partial[b * S:b * S + 1])
+        finish(it.view, it.folder, error)
+        m = it.view.metrics
+        save.rows[it.index] = {"file": os.path.basename(save.inputs[it.index]), "folder": os.path.basename(it.folder),
+                               **{k: m[k] for k in SUMMARY_KEYS if k in m}}
+    return code
+
+
+def image_output(out, b: int, S: int):
+    """Image b's share of a batch's output (see EigenPSFDPSPipeline), or None."""
+    if out is None:
+        return None
+    if isinstance(out, dict):
+        return {k: v[b:b + 1] for k, v in out.items()}
+    return out[b:b + 1]
+
+
+@dataclass
+class FolderSave:
+    """Where a folder run keeps its state: the checkpoint path, the input list and the rows so far."""
+    path: str
+    inputs: list
+    rows: dict
+
+
+def run_folder(inputs, batch_dir, cfg, device, dtype, extra, resume=None, pipes=None) -> int:
+    """4b. A folder run: one sub-folder per image and summary.csv in input order (kept current),
+    up to run.batch_size images per sampler call. A stop request checkpoints the batch in flight
+    into BATCH_DIR/checkpoint.pt; resume (that checkpoint) finishes it first, then the rest."""
+    d = cfg["data"]
+    measured = utils.load_psf_grid(d["psf_grid"]) if d["psf_grid"] else None
+    save = FolderSave(os.path.join(batch_dir, "checkpoint.pt"), list(inputs), {})
+    summary = lambda: utils.write_summary_csv(os.path.join(batch_dir, "summary.csv"),  # noqa: E731
+                                              [save.rows[i] for i in sorted(save.rows)])
+    pipes, first, start = {} if pipes is None else pipes, [], None
+    if resume is not None:
+        save.rows = {int(i): r for i, r in resume["rows"].items()}
+        for entry in resume["images"]:
+            p, gen = problem_from_entry(entry, cfg, device)
+            first.append(Item(entry["index"], p, gen, os.path.join(batch_dir, entry["folder"]), entry["progress"]))
+        start = (resume["x_t"], resume["next_index"])
+    busy = set(save.rows) | {it.index for it in first}
+    groups = folder_groups(inputs, [i for i in range(len(inputs)) if i not in busy], cfg, device, measured, pipes,
+                           save.rows)
+    worst = 0
+    for n, items in enumerate(itertools.chain([first] if first else [], groups)):
+        code = restore_group(items, batch_dir, cfg, device, dtype, pipes, extra, measured is not None, save,
+                             start if (first and n == 0) else None)
+        worst = worst or code
+        summary()
+        if code in (EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_BAD_INPUT):  # a stop ends the run, not just this batch
+            error = next(r["error"] for r in (save.rows.get(it.index, {}) for it in items) if r.get("error"))
+            print(f"error: {error}", file=sys.stderr)
+            return code
+    summary()
+    if os.path.exists(save.path):
+        os.remove(save.path)
+    n_err = sum(r["status"] != "complete" for r in save.rows.values())
+    log.info("batch done: %d/%d complete; summary in %s", len(save.rows) - n_err, len(inputs), batch_dir)
+    print(batch_dir)
+    if n_err and not worst:
+        print(f"error: {n_err} of {len(inputs)} images failed; see {os.path.join(batch_dir, 'summary.csv')}",
+              file=sys.stderr)
+        return EXIT_BATCH_INCOMPLETE
+    return worst
 
 
 def run(argv=None) -> int:
@@ -774,6 +1015,9 @@ def run(argv=None) -> int:
 
     # 4. One run folder, or a batch folder with one sub-folder per image and summary.csv.
     if not batch:
+        if rc["batch_size"] > 1:
+            log.warning("batch_size %d applies to folder runs (--image_dir, --blurred_dir); this run restores one "
+                        "image (use --num_samples for several samples of it)", rc["batch_size"])
         run_dir = utils.make_run_dir(rc["save_dir"])
         log.info("results: %s", run_dir)
         code, m = restore(first, run_dir, cfg, device, dtype, gen, pipe, multiple, extra)
@@ -787,36 +1031,9 @@ def run(argv=None) -> int:
         print(run_dir)
         return 0
     batch_dir = utils.make_run_dir(rc["save_dir"], prefix="batch")
-    log.info("batch of %d images: %s", len(inputs), batch_dir)
+    log.info("folder of %d images, up to %d per sampler call: %s", len(inputs), rc["batch_size"], batch_dir)
     utils.save_yaml(os.path.join(batch_dir, "config.yaml"), {**cfg, "resolved": extra})
-    keys = ("status", "psnr_blurred", "psnr_restored", "ssim_blurred", "ssim_restored", "data_residual_relative",
-            "operator_relative_error", "sigma_noise_estimated", "runtime_s", "error")
-    rows, worst = [], 0
-    for path in inputs:
-        row, code = {"file": os.path.basename(path)}, 0
-        try:
-            p = prepare(path, cfg, device, gen, measured)
-            pipe, multiple = load_pipeline(cfg, device, p.y.shape[1], pipes)
-            check_channels(pipe, p)
-        except (utils.UserError, ValueError) as e:  # a bad file is reported, not fatal
-            log.warning("skipping %s: %s", path, e)
-            rows.append({**row, "status": "error", "error": str(e)})
-        else:
-            sub = utils.make_run_dir(batch_dir, prefix=p.name)
-            code, m = restore(p, sub, cfg, device, dtype, gen, pipe, multiple, extra)
-            worst = worst or code
-            rows.append({**row, "folder": os.path.basename(sub), **{k: m[k] for k in keys if k in m}})
-        utils.write_summary_csv(os.path.join(batch_dir, "summary.csv"), rows)  # kept current as we go
-        if code in (EXIT_INTERRUPTED, EXIT_PREEMPTED):  # a stop request ends the batch, not just this image
-            break
-    n_err = sum(r["status"] != "complete" for r in rows)
-    log.info("batch done: %d/%d complete; summary in %s", len(rows) - n_err, len(inputs), batch_dir)
-    print(batch_dir)
-    if n_err and not worst:
-        print(f"error: {n_err} of {len(inputs)} images failed; see {os.path.join(batch_dir, 'summary.csv')}",
-              file=sys.stderr)
-        return EXIT_BATCH_INCOMPLETE
-    return worst
+    return run_folder(inputs, batch_dir, cfg, device, dtype, extra, pipes=pipes)
 
 
 def calibrate(cfg) -> int:

@@ -583,11 +583,12 @@ class SVBlurOperator(torch.nn.Module):
     transformed at a 5-smooth length), so the only boundary effect is the padding itself.
     """
 
-    def __init__(self, decomposition: EigenPSFDecomposition, form: str = "gather", boundary: str = "reflect"):
+    def __init__(self, decomposition: EigenPSFDecomposition, form: str = "gather", boundary: str = "reflect",
+                 max_chunk_bytes: int = 256 * 2 ** 20):
         super().__init__()
         _choice("form", form, FORMS)
         _choice("boundary", boundary, BOUNDARIES)
-        self.form, self.boundary = form, boundary
+        self.form, self.boundary, self.max_chunk_bytes = form, boundary, max_chunk_bytes
         self.register_buffer("basis_kernels", decomposition.basis_kernels.clone())      # ([B,] K, k, k)
         self.register_buffer("coefficient_maps", decomposition.coefficient_maps.clone())  # ([B,] K, H, W)
         self.H, self.W = self.coefficient_maps.shape[-2:]
@@ -625,17 +626,12 @@ class SVBlurOperator(torch.nn.Module):
             self._cache = {key: (pad, (spec, spec_t), C, C_pad)}
         return self._cache[key]
 
-    def _conv(self, z, spectra, transpose: bool):
-        """Circular convolution (or correlation, its transpose) on the FFT grid with each kernel."""
-        Z = torch.fft.rfft2(z, s=self.fft_shape)
-        return Z * spectra[1 if transpose else 0]
-
     def _irfft_crop(self, Z, origin):
         z = torch.fft.irfft2(Z, s=self.fft_shape)
         return z[..., origin:origin + self.H, origin:origin + self.W]
 
     @classmethod
-    def stacked(cls, decompositions, form: str = "gather", boundary: str = "reflect"):
+    def stacked(cls, decompositions, form: str = "gather", boundary: str = "reflect", max_chunk_bytes: int = 256 * 2 ** 20):
         """One operator for a batch of images, each with its own PSF grid: basis (B, K, k, k) and
         maps (B, K, H, W), K the largest of theirs (a missing component is zero and adds nothing).
         Image b of x, or its S consecutive samples when x holds B·S images, is blurred with
@@ -644,7 +640,7 @@ class SVBlurOperator(torch.nn.Module):
         grow = lambda t: F.pad(t, (0, 0, 0, 0, 0, K - t.shape[0]))  # noqa: E731  zero components up to K
         both = SimpleNamespace(basis_kernels=torch.stack([grow(d.basis_kernels) for d in decompositions]),
                                coefficient_maps=torch.stack([grow(d.coefficient_maps) for d in decompositions]))
-        return cls(both, form, boundary)
+        return cls(both, form, boundary, max_chunk_bytes)
 
     @property
     def batched(self) -> bool:
@@ -670,29 +666,63 @@ class SVBlurOperator(torch.nn.Module):
         y, in_dtype = _fft_dtype(y)
         return self._per_image(self._adjoint, y).to(in_dtype)
 
+    def _k_chunks(self, x):
+        """Slices over the K components such that one chunk's (N, C, K', Fh, Fw) spectra stay under
+        max_chunk_bytes: peak memory then grows linearly in the batch, not in batch × K. Without
+        autograd (DiffPIR, adjoints) the chunks' temporaries are freed as they go; under autograd
+        (DPS) each chunk keeps what its backward needs, as the unchunked product would."""
+        K = self.basis_kernels.shape[-3]
+        per_k = x.shape[0] * x.shape[1] * self.fft_shape[0] * self.fft_shape[1] * x.element_size() * 2
+        step = max(1, min(K, int(self.max_chunk_bytes // max(per_k, 1))))
+        return [slice(k, min(k + step, K)) for k in range(0, K, step)]
+
     def _forward(self, x):
-        pad, spec, C, C_pad = self._setup(x)
+        pad, (spec, _), C, C_pad = self._setup(x)
+        xp = pad.forward(x)[:, :, None]                                     # (N, C, 1, Hp, Wp)
         if self.form == "gather":
-            # 1. one FFT of the padded image (B, C, 1, Fh, Fw'); 2. K inverse FFTs; 3. weight and sum.
-            X = self._conv(pad.forward(x)[:, :, None], spec, transpose=False)
-            return (self._irfft_crop(X, self.r) * C).sum(2)
+            # 1. one FFT of the padded image (N, C, 1, Fh, Fw'); 2. K inverse FFTs; 3. weight and sum.
+            X = torch.fft.rfft2(xp, s=self.fft_shape)
+            return sum((self._irfft_crop(X * spec[..., ks, :, :], self.r) * C[..., ks, :, :]).sum(2)
+                       for ks in self._k_chunks(x))
         # scatter: 1. K FFTs of Pad(Cₖ) ⊙ Pad(x) = Pad(Cₖ ⊙ x); 2. sum spectra over K; 3. one inverse FFT.
-        # In-place products: these (B, C, K, ...) temporaries dominate the memory traffic.
-        Z = torch.fft.rfft2(pad.forward(x)[:, :, None] * C_pad, s=self.fft_shape).mul_(spec[0]).sum(2)
+        # In-place products: these (N, C, K, ...) temporaries dominate the memory traffic.
+        Z = sum(torch.fft.rfft2(xp * C_pad[..., ks, :, :], s=self.fft_shape).mul_(spec[..., ks, :, :]).sum(2)
+                for ks in self._k_chunks(x))
         return self._irfft_crop(Z, self.r)
 
     def _adjoint(self, y):
-        pad, spec, C, C_pad = self._setup(y)
-        pad_y = (self.fft_shape[0] - self.H - self.r, self.fft_shape[1] - self.W - self.r)
+        pad, (_, spec_t), C, C_pad = self._setup(y)
+        embed = (self.r, self.fft_shape[1] - self.W - self.r, self.r, self.fft_shape[0] - self.H - self.r)  # F.pad order
         if self.form == "gather":
             # Aᵀ = Padᵀ Σₖ Convₖᵀ Embed (Cₖ ⊙ ·): K FFTs, sum spectra, one inverse FFT.
-            z = F.pad(y[:, :, None] * C, (self.r, pad_y[1], self.r, pad_y[0]))
-            Z = torch.fft.rfft2(z, s=self.fft_shape).mul_(spec[1]).sum(2)
+            Z = sum(torch.fft.rfft2(F.pad(y[:, :, None] * C[..., ks, :, :], embed),
+                                    s=self.fft_shape).mul_(spec_t[..., ks, :, :]).sum(2)
+                    for ks in self._k_chunks(y))
             return pad.adjoint(torch.fft.irfft2(Z, s=self.fft_shape)[..., : self.Hp, : self.Wp])
         # scatter: Aᵀ = Padᵀ Σₖ Pad(Cₖ) ⊙ Convₖᵀ Embed(·): one FFT, K inverse FFTs, one Padᵀ.
-        z = F.pad(y[:, :, None], (self.r, pad_y[1], self.r, pad_y[0]))
-        zk = torch.fft.irfft2(self._conv(z, spec, transpose=True), s=self.fft_shape)[..., : self.Hp, : self.Wp]
-        return pad.adjoint((zk * C_pad).sum(2))
+        Y = torch.fft.rfft2(F.pad(y[:, :, None], embed), s=self.fft_shape)
+        return pad.adjoint(sum((torch.fft.irfft2(Y * spec_t[..., ks, :, :], s=self.fft_shape)[..., : self.Hp, : self.Wp]
+                                * C_pad[..., ks, :, :]).sum(2) for ks in self._k_chunks(y)))
+
+
+def stack_operators(ops):
+    """One operator for a batch whose image b (with its S consecutive samples) is seen by ops[b].
+
+    One operator object shared by the whole batch (one PSF grid) is returned as it is, never
+    copied B times. Otherwise the ops must have the same structure (LuminanceOperator and
+    CroppedOperator wrappers, same crop) around SVBlurOperators of one size; see
+    SVBlurOperator.stacked.
+    """
+    first = ops[0]
+    if all(op is first for op in ops):
+        return first
+    if isinstance(first, LuminanceOperator):
+        return LuminanceOperator(stack_operators([op.op for op in ops]))
+    if isinstance(first, CroppedOperator):
+        return CroppedOperator(stack_operators([op.op for op in ops]), first.top, first.left, first.H, first.W)
+    if not isinstance(first, SVBlurOperator):
+        raise TypeError(f"cannot stack {type(first).__name__} operators")
+    return SVBlurOperator.stacked(ops, first.form, first.boundary).to(first.basis_kernels.device)
 
 
 # ----------------------------------------------------------------------------

@@ -76,7 +76,7 @@ RANGES = {
     "sampler.diffpir.lambda": (1e-6, None), "sampler.diffpir.zeta": (0.0, 1.0),
     "sampler.diffpir.cg_max_iter": (1, 10000), "sampler.diffpir.cg_tol": (0.0, 1.0),
     "sampler.num_samples": (1, 1024), "sampler.intermediate_freq": (0, None), "sampler.log_every": (1, None),
-    "run.seed": (0, 2 ** 63 - 1),
+    "run.seed": (0, 2 ** 63 - 1), "run.batch_size": (1, 4096),
 }
 
 

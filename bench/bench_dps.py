@@ -9,6 +9,11 @@ DiffPIR) at batch 1 and batch 8 for each configuration, the ratio against the fp
 baseline measured in the same run, and the peak GPU memory. A DPS step is one UNet forward, one
 input-gradient backward and the EigenPSF operator; a DiffPIR step is one UNet forward and the CG
 data step (its share of the step time is printed).
+
+Then folder runs as `main.py --image_dir --batch_size N` does them (--folder_batches, default
+1,4,8): every image with its own PSF field (the stacked operator) and its own generator; s/image
+and the speed-up over batch 1, and the peak memory of that row (GPU: allocated; CPU: the
+process's peak resident set, UNet and Python included).
 """
 
 import argparse
@@ -96,6 +101,66 @@ def time_config(name, unet, sched, op, batch, size, steps, device, method="dps")
     return elapsed / steps, warm, peak, data_time[0] / elapsed
 
 
+def reset_peak_memory(device):
+    """GPU: the allocator's peak; CPU (Linux): the process's peak resident set (VmHWM), which
+    writing 5 to /proc/self/clear_refs resets to the current resident set."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # elsewhere the CPU figure is the peak so far
+
+
+def peak_memory_gb(device):
+    """GPU: peak allocated since reset_peak_memory; CPU: peak resident set of the process since then."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 2 ** 20  # kB
+    except (OSError, StopIteration):
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+def time_folder(unet, sched, batch, size, steps, device, method, dtype=torch.float32):
+    """(s/step, peak GB) of one sampler call on `batch` images, each with its own PSF field and
+    generator, as a folder run's batch is."""
+    pc = dict(blur_mode="motion", kernel_size=21 if size >= 64 else 7, grid_size=8, n_eigen_psfs=10)
+    ops = [physics.create_sv_blur_system(size, size, pc, device, seed=b)[0] for b in range(batch)]
+    pipe = dps.EigenPSFDPSPipeline(unet, sched, physics.stack_operators(ops))
+    y = torch.rand(batch, 3, size, size, device=device)
+    gens = [torch.Generator(device).manual_seed(b) for b in range(batch)]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    reset_peak_memory(device)
+    kw = dict(method=method, sigma_y=0.01, generator=gens, dtype=dtype, check_every=1000)
+    pipe(y, num_inference_steps=2, **kw)  # warm-up
+    sync()
+    t0 = time.perf_counter()
+    pipe(y, num_inference_steps=steps, **kw)
+    sync()
+    return (time.perf_counter() - t0) / steps, peak_memory_gb(device)
+
+
+def folder_table(unet, sched, batches, size, steps, device, samplers, dtype):
+    print(f"\nfolder runs (per-image PSF fields and generators), {dtype}; s/image at each sampler's default steps")
+    print(f"{'sampler':8s} {'batch':>5s} {'s/step':>8s} {'s/image':>8s} {'vs batch 1':>10s} {'peak GB':>8s}")
+    for method in samplers:
+        base = None
+        for batch in batches:
+            try:
+                s, peak = time_folder(unet, sched, batch, size, steps, device, method, dtype)
+            except torch.OutOfMemoryError:
+                print(f"{method:8s} {batch:5d} out of memory")
+                break
+            per_image = s * dps.DEFAULT_STEPS[method] / batch
+            base = base or per_image
+            print(f"{method:8s} {batch:5d} {s:8.3f} {per_image:8.1f} {base / per_image:9.2f}x {peak:8.2f}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -104,6 +169,8 @@ def main():
     ap.add_argument("--batches", default=None, help="comma list of batch sizes (default 1,8)")
     ap.add_argument("--samplers", default="dps,diffpir", help="comma list of samplers")
     ap.add_argument("--size", type=int, default=None, help="image side (CPU default 64, CUDA 256)")
+    ap.add_argument("--folder_batches", default="1,4,8", help="batch sizes of the folder-run table ('' skips it)")
+    ap.add_argument("--folder_dtype", default=None, help="float32 | bfloat16 (default: bfloat16 on CUDA)")
     args = ap.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -150,6 +217,11 @@ def main():
                 ratio = f"{base / per_image:10.2f}x" if base else "          -"
                 data = f"{100 * share:8.0f}%" if method == "diffpir" else "        -"
                 print(f"{method:8s} {name:14s} {batch:5d} {s:8.3f} {per_image:8.1f} {ratio} {warm:10.1f} {peak:8.2f} {data}")
+    if args.folder_batches:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cuda
+        dtype = getattr(torch, args.folder_dtype or ("bfloat16" if cuda else "float32"))
+        folder_table(unet, sched, [int(b) for b in args.folder_batches.split(",")], size, steps, device,
+                     args.samplers.split(","), dtype)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,11 @@
 # preempts. Both are forwarded to main.py, which finishes its step, writes checkpoint.pt and exits
 # with 75; this script then requeues the task, and the requeued task resumes from the checkpoint.
 #
-# Environment: MODEL_CACHE (shared hub cache), PYTHON (interpreter, default python),
+# Folder runs (--image_dir/--blurred_dir in the task line) restore BATCH_SIZE measurements per
+# sampler call (default: the task line's or config's); a stopped folder run resumes from its
+# batch_*/checkpoint.pt like a single run. Sensible values per GPU are in the README.
+#
+# Environment: MODEL_CACHE (shared hub cache), BATCH_SIZE, PYTHON (interpreter, default python),
 # EIGENPSF_DIR (repository, default the submit directory), HF_HUB_OFFLINE (default 1).
 set -uo pipefail
 
@@ -38,7 +42,7 @@ if [ -z "$LINE" ]; then echo "error: no task $TASK in $SWEEP_DIR/tasks.txt" >&2;
 TASK_DIR=$SWEEP_DIR/$(printf 'task_%04d' "$TASK")
 mkdir -p "$TASK_DIR"
 
-CKPT=$(ls "$TASK_DIR"/run_*/checkpoint.pt 2>/dev/null | tail -n 1)
+CKPT=$(ls -t "$TASK_DIR"/run_*/checkpoint.pt "$TASK_DIR"/batch_*/checkpoint.pt 2>/dev/null | head -n 1)
 if [ -n "$CKPT" ]; then
   echo "task $TASK: resuming $(dirname "$CKPT") (restart ${SLURM_RESTART_COUNT:-0})"
   ARGS=(--resume "$(dirname "$CKPT")")
@@ -46,6 +50,7 @@ else
   eval "ARGS=($LINE)"   # the line was written with shlex.join by sweep.py
   ARGS+=(--save_dir "$TASK_DIR")
   if [ -n "${MODEL_CACHE:-}" ]; then ARGS+=(--model_cache "$MODEL_CACHE"); fi
+  if [ -n "${BATCH_SIZE:-}" ]; then ARGS+=(--batch_size "$BATCH_SIZE"); fi
   echo "task $TASK: $PYTHON main.py ${ARGS[*]}"
 fi
 

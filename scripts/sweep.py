@@ -13,8 +13,11 @@ A spec is a small YAML file:
       physics.n_eigen_psfs: [5, 10]
     seeds: [0, 1]                     # optional
     images: [sample, data/face2.png]  # optional
+    image_dir: data/faces             # optional: every task restores this folder (instead of images) ...
+    batch_size: 8                     # ... this many measurements per sampler call (see README, per GPU)
 
-Task i runs `python main.py <args> --set key=value ... --seed s --image img --save_dir SWEEP_DIR/task_000i`.
+Task i runs `python main.py <args> --set key=value ... --seed s --image img --save_dir SWEEP_DIR/task_000i`
+(with image_dir: `--image_dir DIR --batch_size N`, and the task's results are a batch_* folder).
 """
 
 import argparse
@@ -32,7 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import utils  # noqa: E402
 
-SPEC_KEYS = {"sweep_dir", "args", "grid", "seeds", "images"}
+SPEC_KEYS = {"sweep_dir", "args", "grid", "seeds", "images", "image_dir", "batch_size"}
 METRIC_KEYS = ("psnr_blurred", "psnr_restored", "ssim_blurred", "ssim_restored", "operator_relative_error",
                "data_residual_relative", "runtime_s")
 
@@ -56,6 +59,15 @@ def expand(spec: dict):
             fail(f"grid key {key!r} needs a non-empty list of values")
     base = spec.get("args", [])
     base = shlex.split(base) if isinstance(base, str) else [str(a) for a in base]
+    if spec.get("image_dir") and spec.get("images"):
+        fail("give images (one per task) or image_dir (a folder per task), not both")
+    if spec.get("image_dir"):
+        base += ["--image_dir", str(spec["image_dir"])]
+    if "batch_size" in spec:
+        n = spec["batch_size"]
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            fail(f"batch_size must be a whole number >= 1, got {n!r}")
+        base += ["--batch_size", str(n)]
     axes = list(grid.items())
     if spec.get("seeds"):
         axes.append(("run.seed", spec["seeds"]))
@@ -97,11 +109,22 @@ def make(spec_path, out=None):
 
 
 def latest_metrics(task_dir):
-    runs = sorted(glob.glob(os.path.join(task_dir, "run_*", "metrics.json")), key=os.path.getmtime)
+    """(metrics, folder) of a task's latest run; a folder run (batch_*) gives the means of its
+    complete images' metrics, and status complete only when every image is."""
+    runs = sorted(glob.glob(os.path.join(task_dir, "run_*", "metrics.json")) +
+                  glob.glob(os.path.join(task_dir, "batch_*", "summary.csv")), key=os.path.getmtime)
     if not runs:
         return None, None
+    if runs[-1].endswith(".json"):
+        with open(runs[-1]) as f:
+            return json.load(f), os.path.dirname(runs[-1])
     with open(runs[-1]) as f:
-        return json.load(f), os.path.dirname(runs[-1])
+        images = list(csv.DictReader(f))
+    done = [r for r in images if r["status"] == "complete"]
+    m = {k: sum(float(r[k]) for r in done) / len(done) for k in METRIC_KEYS if done and all(r.get(k) for r in done)}
+    m["status"] = "complete" if len(done) == len(images) else f"{len(done)}/{len(images)} images complete"
+    m["images"] = len(images)
+    return m, os.path.dirname(runs[-1])
 
 
 def collect(sweep_dir):
@@ -117,6 +140,8 @@ def collect(sweep_dir):
         status = m.get("status", "unknown") if m else "missing"
         row = {**t, "status": status, **{k: (m or {}).get(k, "") for k in METRIC_KEYS},
                "run_dir": os.path.relpath(run_dir, sweep_dir) if run_dir else ""}
+        if m and "images" in m:  # a folder run: the metrics are means over its complete images
+            row["images"] = m["images"]
         if m and m.get("error"):
             row["error"] = m["error"]
         rows.append(row)

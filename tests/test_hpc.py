@@ -117,6 +117,38 @@ def test_sweep_make_and_collect_without_slurm(tmp_path):
     assert (sweep / "plot_sampler_dps_step_size.png").is_file() and (sweep / "plot_run_seed.png").is_file()
 
 
+def test_sweep_folder_tasks_pass_the_batch_size_and_resume_a_stopped_batch(tmp_path, capsys, monkeypatch):
+    """A sweep over folder runs: the batch size reaches main.py, a task stopped in the middle of
+    a batch is resumed by the job script from its batch_*/checkpoint.pt, and collect reads the
+    folder's summary."""
+    from test_batch import stop_at, write_images
+    from test_main import run_in_process
+    src = write_images(tmp_path / "imgs", [(40, 40, 3)] * 3)
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(f"sweep_dir: {tmp_path / 'sweep'}\nargs: \"{SWEEP_ARGS}\"\nimage_dir: {src}\nbatch_size: 2\n"
+                    f"grid:\n  sampler.dps.step_size: [1.0]\n")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "sweep.py"), "make", str(spec)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    line = (tmp_path / "sweep" / "tasks.txt").read_text().splitlines()[0]
+    assert f"--image_dir {src} --batch_size 2" in line
+    # Task 0 as the job script would start it, stopped after step 2 of its first batch.
+    stop_at(monkeypatch, batch_number=1, step=2)
+    code, err = run_in_process([*line.split(), "--save_dir", str(tmp_path / "sweep" / "task_0000")], capsys,
+                               monkeypatch)
+    assert code == main.EXIT_PREEMPTED, err[-2000:]
+    monkeypatch.undo()
+    env = {**os.environ, "SLURM_ARRAY_TASK_ID": "0", "EIGENPSF_DIR": ROOT, "PYTHON": sys.executable}
+    r = subprocess.run(["bash", os.path.join(ROOT, "scripts", "slurm_array.sh"), str(tmp_path / "sweep")],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and "task 0: resuming" in r.stdout and "/batch_" in r.stdout, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "sweep.py"), "collect", str(tmp_path / "sweep")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    (row,) = csv.DictReader(open(tmp_path / "sweep" / "summary.csv"))
+    assert row["status"] == "complete" and row["images"] == "3" and float(row["psnr_restored"]) > 0
+
+
 def test_sweep_rejects_unknown_keys(tmp_path):
     spec = tmp_path / "bad.yaml"
     spec.write_text("grid:\n  sampler.stepsize: [1, 2]\n")

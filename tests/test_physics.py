@@ -321,3 +321,39 @@ def test_stacked_operator_is_each_images_own_operator_and_exactly_adjoint(form):
         assert abs(lhs - rhs) < 1e-10 * abs(lhs)
     with pytest.raises(ValueError, match="holds 3 images"):
         both(x[:4])
+
+
+@pytest.mark.parametrize("form", ["gather", "scatter"])
+def test_component_chunks_change_nothing(form):
+    """Chunking over K (to bound a batch's peak memory) gives the unchunked result, forward and
+    adjoint, batched or not; a budget below one component's spectra still makes progress."""
+    H = W = 20
+    pc = dict(blur_mode="motion", kernel_size=5, grid_size=3, n_eigen_psfs=6, form=form, boundary="reflect",
+              motion=dict(max_length=4))
+    decomps = [physics.create_sv_blur_system(H, W, pc, seed=s, dtype=torch.float64)[2] for s in range(2)]
+    g = torch.Generator().manual_seed(1)
+    x, y = (torch.rand(4, 3, H, W, generator=g, dtype=torch.float64) for _ in range(2))
+    for make in (lambda **kw: physics.SVBlurOperator(decomps[0], form, "reflect", **kw),
+                 lambda **kw: physics.SVBlurOperator.stacked(decomps, form, "reflect", **kw)):
+        whole, chunked = make(), make(max_chunk_bytes=1)
+        assert len(chunked._k_chunks(x)) == 6 and len(whole._k_chunks(x)) == 1
+        torch.testing.assert_close(chunked(x), whole(x), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(chunked.adjoint(y), whole.adjoint(y), rtol=1e-12, atol=1e-12)
+
+
+def test_stack_operators_keeps_wrappers_and_never_copies_a_shared_grid():
+    """A batch with one shared operator gets that very object back (no B copies); per-image
+    operators inside crop and luminance wrappers stack inside the same wrappers."""
+    H = W = 20
+    pc = dict(blur_mode="motion", kernel_size=5, grid_size=3, n_eigen_psfs=3, form="gather", boundary="reflect",
+              motion=dict(max_length=4))
+    ops = [physics.SVBlurOperator(physics.create_sv_blur_system(H, W, pc, seed=s, dtype=torch.float64)[2])
+           for s in range(2)]
+    assert physics.stack_operators([ops[0], ops[0], ops[0]]) is ops[0]
+    wrap = lambda op: physics.LuminanceOperator(physics.CroppedOperator(op, 1, 2, 17, 15))  # noqa: E731
+    both = physics.stack_operators([wrap(op) for op in ops])
+    x = torch.rand(2, 3, H, W, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    out = both(x)
+    assert out.shape == (2, 1, 17, 15)
+    for b, op in enumerate(ops):
+        torch.testing.assert_close(out[b:b + 1], wrap(op)(x[b:b + 1]), rtol=1e-12, atol=1e-12)

@@ -1,0 +1,186 @@
+"""Folder runs in batches (--batch_size): the same answers as one image at a time, a resume in the
+middle of a batch, and the errors a too-large batch gives."""
+
+import csv
+import glob
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import dps
+import main
+from helpers import save_tiny_model
+from test_main import FAST, run_in_process
+
+# Columns of summary.csv that describe how the run was scheduled, not what it computed.
+SCHEDULING = {"folder", "runtime_s", "batch_size"}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
+
+
+def write_images(folder, shapes, seed=0):
+    """PNG files im0.png … of the given (H, W) or (H, W, 1) shapes; gray ones are saved as L."""
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i, shape in enumerate(shapes):
+        a = (rng.random(shape) * 255).astype(np.uint8)
+        Image.fromarray(a[..., 0] if a.ndim == 3 and a.shape[-1] == 1 else a).save(os.path.join(folder, f"im{i}.png"))
+    return str(folder)
+
+
+def folder_run(args, save_dir, capsys, monkeypatch):
+    """(exit code, stderr, batch folder) of one in-process folder run."""
+    code, err = run_in_process([*args, "--save_dir", str(save_dir)], capsys, monkeypatch)
+    (batch,) = glob.glob(os.path.join(save_dir, "batch_*"))
+    return code, err, batch
+
+
+def results(batch):
+    """{file: (summary row without scheduling columns, restored.npy, mean_posterior_std or None)}."""
+    out = {}
+    for row in csv.DictReader(open(os.path.join(batch, "summary.csv"))):
+        sub = os.path.join(batch, row["folder"])
+        out[row["file"]] = ({k: v for k, v in row.items() if k not in SCHEDULING}, np.load(os.path.join(sub, "restored.npy")))
+    return out
+
+
+def assert_same_results(a, b, atol=1e-5):
+    assert list(a) == list(b)
+    for f in a:
+        row_a, row_b = a[f][0], b[f][0]
+        assert row_a["status"] == row_b["status"] == "complete", (f, row_a, row_b)
+        for key in row_a:
+            if key not in ("file", "status"):
+                assert float(row_a[key]) == pytest.approx(float(row_b[key]), abs=1e-5), (f, key)
+        np.testing.assert_allclose(a[f][1], b[f][1], atol=atol, rtol=0, err_msg=f)
+
+
+SIM = ["--model_id", "analytic", "--device", "cpu", *FAST, "--num_inference_steps", "6"]
+
+
+@pytest.mark.parametrize("sampler,samples", [("dps", "1"), ("diffpir", "2")])
+def test_batched_folder_equals_one_at_a_time(tmp_path, capsys, monkeypatch, sampler, samples):
+    """Simulation: every image has its own PSF field (a stacked operator); 5 images at batch 2 run
+    as 2 + 2 + 1 and give each image's batch-1 result and summary row."""
+    src = write_images(tmp_path / "imgs", [(40, 40, 3), (50, 36, 3), (40, 40, 3), (44, 52, 3), (33, 33, 3)])
+    args = [*SIM, "--image_dir", src, "--sampler", sampler, "--num_samples", samples]
+    one = folder_run([*args, "--batch_size", "1"], tmp_path / "b1", capsys, monkeypatch)
+    two = folder_run([*args, "--batch_size", "2"], tmp_path / "b2", capsys, monkeypatch)
+    assert one[0] == 0 and two[0] == 0, two[1][-2000:]
+    assert "2 images: im0…im1" in two[1] and "2 images" not in one[1]
+    assert_same_results(results(one[2]), results(two[2]))
+    if samples == "2":
+        for f in ("im0", "im4"):
+            (a,), (b,) = (glob.glob(os.path.join(d, f"{f}_*", "images", "std.png")) for d in (one[2], two[2]))
+            np.testing.assert_array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+
+
+@pytest.mark.parametrize("sampler", sorted(dps.SAMPLERS))
+def test_batched_real_folder_groups_mixed_shapes(tmp_path, capsys, monkeypatch, tiny_model, sampler):
+    """Real data with one shared PSF grid: sizes that need padding for the UNet, and a gray
+    measurement under an RGB prior, are grouped by shape; each equals its batch-1 result."""
+    src = write_images(tmp_path / "ys", [(32, 32, 3), (30, 37, 3), (32, 32, 1), (30, 37, 3), (32, 32, 3)], seed=1)
+    psfs = np.zeros((3, 3, 5, 5))
+    psfs[..., 2, 2], psfs[..., 2, 3] = 1.0, 0.5
+    np.save(tmp_path / "g.npy", psfs)
+    args = ["--model_id", tiny_model, "--device", "cpu", "--blurred_dir", src, "--psf_grid", str(tmp_path / "g.npy"),
+            "--sigma_noise", "0.05", "--n_eigen_psfs", "3", "--num_inference_steps", "4", "--sampler", sampler]
+    one = folder_run([*args, "--batch_size", "1"], tmp_path / "b1", capsys, monkeypatch)
+    two = folder_run([*args, "--batch_size", "2"], tmp_path / "b2", capsys, monkeypatch)
+    assert one[0] == 0 and two[0] == 0, two[1][-2000:]
+    # im0 + im4 (32x32 RGB) and im1 + im3 (30x37, padded) share calls; the gray im2 runs alone.
+    assert "2 images: im0…im4" in two[1] and "2 images: im1…im3" in two[1] and f"{sampler} im2" in two[1]
+    assert_same_results(results(one[2]), results(two[2]))
+    assert [r["file"] for r in csv.DictReader(open(os.path.join(two[2], "summary.csv")))] == \
+        [f"im{i}.png" for i in range(5)]
+
+
+def stop_at(monkeypatch, batch_number, step):
+    """Asks for a stop (as SIGTERM does) after `step` of the `batch_number`-th sampler call."""
+    calls = {"n": 0}
+    original = main.progress_callback
+
+    def patched(views, cfg, device, bar, name):
+        calls["n"] += 1
+        inner, n = original(views, cfg, device, bar, name), calls["n"]
+
+        def callback(i, t, x_t, x0_hat, res):
+            if n == batch_number and i == step:
+                main.STOP["signal"] = signal.SIGTERM
+            return inner(i, t, x_t, x0_hat, res)
+        return callback
+    monkeypatch.setattr(main, "progress_callback", patched)
+
+
+@pytest.mark.parametrize("sampler", sorted(dps.SAMPLERS))
+def test_resume_in_the_middle_of_a_batched_folder_run_is_bit_identical(tmp_path, capsys, monkeypatch, sampler):
+    src = write_images(tmp_path / "imgs", [(40, 40, 3)] * 5, seed=2)
+    args = [*SIM, "--image_dir", src, "--batch_size", "2", "--sampler", sampler, "--num_samples", "2"]
+    full = folder_run(args, tmp_path / "full", capsys, monkeypatch)
+    assert full[0] == 0, full[1][-2000:]
+    stop_at(monkeypatch, batch_number=2, step=2)
+    code, err, batch = folder_run(args, tmp_path / "cut", capsys, monkeypatch)
+    assert code == main.EXIT_PREEMPTED and f"continue with --resume {batch}" in err, err[-2000:]
+    rows = list(csv.DictReader(open(os.path.join(batch, "summary.csv"))))
+    assert [r["status"] for r in rows] == ["complete", "complete", "preempted", "preempted"]
+    assert os.path.isfile(os.path.join(batch, "checkpoint.pt"))
+    monkeypatch.undo()
+    code, err = run_in_process(["--resume", batch], capsys, monkeypatch)
+    assert code == 0, err[-2000:]
+    assert not os.path.exists(os.path.join(batch, "checkpoint.pt"))
+    a, b = results(full[2]), results(batch)
+    assert list(a) == list(b)
+    for f in a:
+        assert a[f][0] == b[f][0], f
+        np.testing.assert_array_equal(a[f][1], b[f][1], err_msg=f)
+    # The stopped batch's images kept their folders; none was made twice.
+    assert len(glob.glob(os.path.join(batch, "im*_*"))) == 5
+
+
+def test_a_diverging_batch_is_rerun_one_image_at_a_time(tmp_path, capsys, monkeypatch, caplog):
+    """If one image of a batch diverges, the others must not fail with it: the batch is redone
+    image by image from its start, which gives exactly the batch-1 results."""
+    src = write_images(tmp_path / "imgs", [(40, 40, 3)] * 3, seed=3)
+    args = [*SIM, "--image_dir", src, "--num_samples", "2"]
+    one = folder_run([*args, "--batch_size", "1"], tmp_path / "b1", capsys, monkeypatch)
+    original = dps.EigenPSFDPSPipeline.__call__
+
+    def diverge_when_batched(self, y, *a, **kw):
+        if y.shape[0] > 1:  # stands in for one image of the batch blowing up
+            raise dps.DivergenceError(3, 6, None, {}, method="dps")
+        return original(self, y, *a, **kw)
+    monkeypatch.setattr(dps.EigenPSFDPSPipeline, "__call__", diverge_when_batched)
+    code, err, batch = folder_run([*args, "--batch_size", "3"], tmp_path / "b3", capsys, monkeypatch)
+    assert code == 0 and "restoring these 3 images one at a time" in caplog.text, err[-2000:]
+    assert_same_results(results(one[2]), results(batch), atol=0)
+
+
+def test_a_batch_too_large_for_memory_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    src = write_images(tmp_path / "imgs", [(40, 40, 3)] * 4, seed=4)
+
+    def out_of_memory(self, y, *a, **kw):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(dps.EigenPSFDPSPipeline, "__call__", out_of_memory)
+    code, err, batch = folder_run([*SIM, "--image_dir", src, "--batch_size", "4"], tmp_path / "out", capsys,
+                                  monkeypatch)
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert code == main.EXIT_BAD_INPUT and len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    assert "out of CPU memory" in lines[0] and "try --batch_size 2" in lines[0]
+    rows = list(csv.DictReader(open(os.path.join(batch, "summary.csv"))))
+    assert [r["status"] for r in rows] == ["error"] * 4
+
+
+def test_batched_checkpoint_damage_is_named(tmp_path):
+    """A folder checkpoint is validated entry by entry, like a single run's."""
+    ckpt = {"format": main.CHECKPOINT_FORMAT, "version": main.CHECKPOINT_VERSION, "kind": "folder",
+            "x_t": torch.zeros(1), "next_index": 3, "inputs": ["a.png"], "rows": {}, "images": [{"index": 0}]}
+    torch.save(ckpt, tmp_path / "checkpoint.pt")
+    with pytest.raises(main.utils.UserError, match=r"damaged: images\[0\]\.generator_state should be a tensor"):
+        main.load_checkpoint(str(tmp_path / "checkpoint.pt"))
