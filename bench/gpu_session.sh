@@ -9,11 +9,12 @@
 #            compiled, CUDA graphs, DiffPIR; then SIGTERM + --resume against an uninterrupted run
 #   physics  operator timings on the GPU
 #   dps      sampler s/step and s/image: fp32 / bf16 / CUDA graphs at batch 1 and 8, bf16 x0_hat error
+#   folder   folder runs (per-image PSFs and generators), bf16: s/image and peak memory at batch 1, 4, 8, 16
 #   samplers DPS vs DiffPIR against the exact Gaussian posterior (analytic prior), 64x64 and 128x128
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench_out}
-STAGES=${STAGES:-"tests e2e physics dps samplers"}
+STAGES=${STAGES:-"tests e2e physics dps folder samplers"}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
@@ -33,5 +34,7 @@ stage tests 240 bash -c "python -m pytest -q -p no:cacheprovider tests/test_cuda
 stage e2e 300 python bench/cuda_e2e.py --steps 100 --timeout 200 \
   --only "dps fp32,dps bf16,dps graphs-bf16,diffpir bf16,diffpir graphs-bf16"
 stage physics 90 python bench/bench_physics.py --device cuda
-stage dps 240 python bench/bench_dps.py --steps 20 --configs fp32,bf16,graphs-bf16 --batches 1,8
+stage dps 240 python bench/bench_dps.py --steps 20 --configs fp32,bf16,graphs-bf16 --batches 1,8 --folder_batches ""
+stage folder 150 python bench/bench_dps.py --steps 20 --configs bf16 --batches 1 --samplers dps,diffpir \
+  --folder_batches 1,4,8,16
 stage samplers 180 python bench/bench_samplers.py --device cuda
