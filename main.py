@@ -910,24 +910,59 @@ class FolderSave:
 def run_folder(inputs, batch_dir, cfg, device, dtype, extra, resume=None, pipes=None) -> int:
     """4b. A folder run: one sub-folder per image and summary.csv in input order (kept current),
     up to run.batch_size images per sampler call. A stop request checkpoints the batch in flight
-    into BATCH_DIR/checkpoint.pt; resume (that checkpoint) finishes it first, then the rest."""
+    (or, between batches, the images done) into BATCH_DIR/checkpoint.pt; resume (that checkpoint)
+    finishes its batch first, then the rest."""
     d = cfg["data"]
     measured = utils.load_psf_grid(d["psf_grid"]) if d["psf_grid"] else None
     save = FolderSave(os.path.join(batch_dir, "checkpoint.pt"), list(inputs), {})
-    summary = lambda: utils.write_summary_csv(os.path.join(batch_dir, "summary.csv"),  # noqa: E731
-                                              [save.rows[i] for i in sorted(save.rows)])
-    pipes, first, start = {} if pipes is None else pipes, [], None
+    first, start = [], None
     if resume is not None:
         save.rows = {int(i): r for i, r in resume["rows"].items()}
         for entry in resume["images"]:
             p, gen = problem_from_entry(entry, cfg, device)
             first.append(Item(entry["index"], p, gen, os.path.join(batch_dir, entry["folder"]), entry["progress"]))
-        start = (resume["x_t"], resume["next_index"])
+        start = (resume["x_t"], resume["next_index"]) if first else None
+    # Between batches too, a signal only asks for a stop: the batch's outputs are finished first.
+    old_handlers = {sig: signal.signal(sig, _request_stop) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    try:
+        code, stopped = folder_loop(first, start, batch_dir, cfg, device, dtype, extra, measured,
+                                    {} if pipes is None else pipes, save)
+    finally:
+        for sig, h in old_handlers.items():
+            signal.signal(sig, h)
+    if stopped:
+        return code
+    if os.path.exists(save.path):
+        os.remove(save.path)
+    n_err = sum(r["status"] != "complete" for r in save.rows.values())
+    log.info("batch done: %d/%d complete; summary in %s", len(save.rows) - n_err, len(inputs), batch_dir)
+    print(batch_dir)
+    if n_err and not code:
+        print(f"error: {n_err} of {len(inputs)} images failed; see {os.path.join(batch_dir, 'summary.csv')}",
+              file=sys.stderr)
+        return EXIT_BATCH_INCOMPLETE
+    return code
+
+
+def folder_loop(first, start, batch_dir, cfg, device, dtype, extra, measured, pipes, save) -> tuple:
+    """The batches of a folder run, the resumed one (first, from start) before the others.
+    Returns (exit code, whether the run stopped early)."""
+    import torch
+    summary = lambda: utils.write_summary_csv(os.path.join(batch_dir, "summary.csv"),  # noqa: E731
+                                              [save.rows[i] for i in sorted(save.rows)])
     busy = set(save.rows) | {it.index for it in first}
-    groups = folder_groups(inputs, [i for i in range(len(inputs)) if i not in busy], cfg, device, measured, pipes,
-                           save.rows)
+    groups = folder_groups(save.inputs, [i for i in range(len(save.inputs)) if i not in busy], cfg, device,
+                           measured, pipes, save.rows)
     worst = 0
     for n, items in enumerate(itertools.chain([first] if first else [], groups)):
+        if STOP["signal"] is not None:  # asked between batches: nothing in flight
+            summary()
+            save_folder_checkpoint(save.path, [], torch.zeros(0), 0, save.inputs, save.rows)
+            ctrl_c = STOP["signal"] == signal.SIGINT
+            why = "interrupted by the user (Ctrl-C)" if ctrl_c else f"stopped by signal {STOP['signal']}"
+            print(f"error: {why} between batches, {len(save.rows)}/{len(save.inputs)} images done; checkpoint "
+                  f"saved, continue with --resume {batch_dir}", file=sys.stderr)
+            return (EXIT_INTERRUPTED if ctrl_c else EXIT_PREEMPTED), True
         code = restore_group(items, batch_dir, cfg, device, dtype, pipes, extra, measured is not None, save,
                              start if (first and n == 0) else None)
         worst = worst or code
@@ -935,18 +970,9 @@ def run_folder(inputs, batch_dir, cfg, device, dtype, extra, resume=None, pipes=
         if code in (EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_BAD_INPUT):  # a stop ends the run, not just this batch
             error = next(r["error"] for r in (save.rows.get(it.index, {}) for it in items) if r.get("error"))
             print(f"error: {error}", file=sys.stderr)
-            return code
+            return code, True
     summary()
-    if os.path.exists(save.path):
-        os.remove(save.path)
-    n_err = sum(r["status"] != "complete" for r in save.rows.values())
-    log.info("batch done: %d/%d complete; summary in %s", len(save.rows) - n_err, len(inputs), batch_dir)
-    print(batch_dir)
-    if n_err and not worst:
-        print(f"error: {n_err} of {len(inputs)} images failed; see {os.path.join(batch_dir, 'summary.csv')}",
-              file=sys.stderr)
-        return EXIT_BATCH_INCOMPLETE
-    return worst
+    return worst, False
 
 
 def run(argv=None) -> int:
@@ -1094,7 +1120,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print("error: interrupted before sampling started", file=sys.stderr)
+        print("error: interrupted outside the sampler (no checkpoint written)", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 

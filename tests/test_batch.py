@@ -184,3 +184,28 @@ def test_batched_checkpoint_damage_is_named(tmp_path):
     torch.save(ckpt, tmp_path / "checkpoint.pt")
     with pytest.raises(main.utils.UserError, match=r"damaged: images\[0\]\.generator_state should be a tensor"):
         main.load_checkpoint(str(tmp_path / "checkpoint.pt"))
+
+
+def test_a_stop_between_batches_checkpoints_the_images_done(tmp_path, capsys, monkeypatch):
+    """A signal that arrives while no batch is sampling (writing outputs, preparing the next) is
+    honoured at the next batch boundary: checkpoint, exit 75, and the resumed run equals an
+    uninterrupted one."""
+    src = write_images(tmp_path / "imgs", [(40, 40, 3)] * 3, seed=5)
+    args = [*SIM, "--image_dir", src, "--batch_size", "2"]
+    full = folder_run(args, tmp_path / "full", capsys, monkeypatch)
+    original = main.restore_group
+
+    def then_stop(*a, **kw):  # the signal lands after the first batch, outside the sampler
+        code = original(*a, **kw)
+        main.STOP["signal"] = signal.SIGTERM
+        return code
+    monkeypatch.setattr(main, "restore_group", then_stop)
+    code, err, batch = folder_run(args, tmp_path / "cut", capsys, monkeypatch)
+    assert code == main.EXIT_PREEMPTED and "between batches, 2/3 images done" in err, err[-2000:]
+    monkeypatch.undo()
+    code, err = run_in_process(["--resume", batch], capsys, monkeypatch)
+    assert code == 0, err[-2000:]
+    a, b = results(full[2]), results(batch)
+    assert list(a) == list(b) == ["im0.png", "im1.png", "im2.png"]
+    for f in a:
+        np.testing.assert_array_equal(a[f][1], b[f][1], err_msg=f)
