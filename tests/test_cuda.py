@@ -1,6 +1,5 @@
 """The CUDA paths, on CUDA. Skipped where no GPU is present (CI); bench/gpu_session.sh runs them."""
 
-import os
 
 import pytest
 import torch

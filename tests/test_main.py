@@ -42,6 +42,25 @@ def run_in_process(args, capsys, monkeypatch, env=None):
     return code, capsys.readouterr().err
 
 
+def cli(args, capsys, monkeypatch, caplog, env=None):
+    """run_in_process with what run_cli returns: .returncode, .stdout, and .stderr holding both
+    the stderr text and the log lines (INFO and up), as the CLI's console shows them."""
+    import logging
+    from types import SimpleNamespace
+    caplog.set_level(logging.INFO)
+    caplog.clear()
+    for key, value in (env or {}).items():
+        monkeypatch.setenv(key, value)
+    capsys.readouterr()
+    try:
+        code = main.main(args)
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    logs = "".join(f"{r.levelname} {r.getMessage()}\n" for r in caplog.records)
+    return SimpleNamespace(returncode=code, stdout=out.out, stderr=logs + out.err)
+
+
 def run_dirs(save_dir):
     return sorted(d for d in os.listdir(save_dir) if d.startswith("run_")) if os.path.isdir(save_dir) else []
 
@@ -51,10 +70,10 @@ def tiny_model(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
 
 
-def test_end_to_end_tiny_unet_writes_every_output(tmp_path, tiny_model):
+def test_end_to_end_tiny_unet_writes_every_output(tmp_path, tiny_model, capsys, monkeypatch, caplog):
     save = tmp_path / "results"
-    r = run_cli(["--model_id", tiny_model, "--img_size", "64", "--num_inference_steps", "5", "--num_samples", "2",
-                 "--set", "sampler.intermediate_freq=2", "--save_dir", str(save), "--seed", "7"])
+    r = cli(["--model_id", tiny_model, "--img_size", "64", "--num_inference_steps", "5", "--num_samples", "2",
+             "--set", "sampler.intermediate_freq=2", "--save_dir", str(save), "--seed", "7"], capsys, monkeypatch, caplog)
     assert r.returncode == 0, r.stderr
     (run,) = run_dirs(save)
     d = save / run
@@ -94,10 +113,12 @@ def test_offline_quickstart_from_readme_beats_blurred(tmp_path):
 
 
 @pytest.mark.slow
-def test_same_seed_same_result(tmp_path):
+def test_same_seed_same_result(tmp_path, capsys, monkeypatch, caplog):
+    """One run in a fresh process, one in this one (after whatever ran here before): same image."""
     outs = []
     for i in range(2):
-        r = run_cli(["--model_id", "analytic", *FAST, "--save_dir", str(tmp_path / str(i)), "--no_intermediates"])
+        args = ["--model_id", "analytic", *FAST, "--save_dir", str(tmp_path / str(i)), "--no_intermediates"]
+        r = run_cli(args) if i == 0 else cli(args, capsys, monkeypatch, caplog)
         assert r.returncode == 0, r.stderr
         d = tmp_path / str(i) / run_dirs(tmp_path / str(i))[0]
         outs.append(np.asarray(Image.open(d / "images/restored.png")))
@@ -176,9 +197,9 @@ def test_bad_input_one_line_exit_2_no_folder(case, tmp_path, files, http_server,
     assert run_dirs(save) == [] and (not save.exists() or "--save_dir" in args)  # not even an empty folder
 
 
-def test_divergence_keeps_partial_results_and_exits_3(tmp_path, tiny_model):
-    r = run_cli(["--model_id", tiny_model, *FAST, "--step_size", "1e38", "--set", "sampler.clip_denoised=false",
-                 "--set", "sampler.log_every=1", "--save_dir", str(tmp_path)])
+def test_divergence_keeps_partial_results_and_exits_3(tmp_path, tiny_model, capsys, monkeypatch, caplog):
+    r = cli(["--model_id", tiny_model, *FAST, "--step_size", "1e38", "--set", "sampler.clip_denoised=false",
+             "--set", "sampler.log_every=1", "--save_dir", str(tmp_path)], capsys, monkeypatch, caplog)
     assert r.returncode == 3, r.stderr[-2000:]
     assert "diverged at step" in r.stderr and "Traceback" not in r.stderr
     m = json.loads((tmp_path / run_dirs(tmp_path)[0] / "metrics.json").read_text())

@@ -15,7 +15,7 @@ import main
 import physics
 import utils
 from helpers import save_tiny_model
-from test_main import FAST, ROOT, run_cli, run_dirs
+from test_main import FAST, ROOT, cli, run_cli, run_dirs
 
 
 def one_run(save_dir):
@@ -31,9 +31,9 @@ def gray16(tmp_path_factory):
     return str(path)
 
 
-def test_gray_16bit_input_gives_gray_16bit_output_with_a_gray_prior(tmp_path, gray16):
-    r = run_cli(["--model_id", "analytic", "--image", gray16, *FAST, "--num_samples", "2",
-                 "--set", "sampler.intermediate_freq=2", "--save_dir", str(tmp_path)], timeout=300)
+def test_gray_16bit_input_gives_gray_16bit_output_with_a_gray_prior(tmp_path, gray16, capsys, monkeypatch, caplog):
+    r = cli(["--model_id", "analytic", "--image", gray16, *FAST, "--num_samples", "2",
+             "--set", "sampler.intermediate_freq=2", "--save_dir", str(tmp_path)], capsys, monkeypatch, caplog)
     assert r.returncode == 0, r.stderr[-2000:]
     run = one_run(tmp_path)
     assert np.load(os.path.join(run, "restored.npy")).shape == (32, 32, 1)
@@ -46,9 +46,10 @@ def test_gray_16bit_input_gives_gray_16bit_output_with_a_gray_prior(tmp_path, gr
     assert sorted(os.listdir(os.path.join(run, "intermediates"))) == ["step_0000.png", "step_0002.png", "step_0004.png"]
 
 
-def test_gray_measurement_with_rgb_model_uses_luminance(tmp_path, gray16):
+def test_gray_measurement_with_rgb_model_uses_luminance(tmp_path, gray16, capsys, monkeypatch, caplog):
     model = save_tiny_model(tmp_path / "m")
-    r = run_cli(["--model_id", model, "--image", gray16, *FAST, "--save_dir", str(tmp_path / "out")], timeout=300)
+    r = cli(["--model_id", model, "--image", gray16, *FAST, "--save_dir", str(tmp_path / "out")], capsys, monkeypatch,
+            caplog)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "comparing y with the luminance of A(x)" in r.stderr
     run = one_run(tmp_path / "out")
@@ -82,7 +83,7 @@ def test_gray_analytic_prior_is_the_luminance_of_the_rgb_prior():
     assert torch.allclose(unet.mu, (w @ rgb.mu).view(1), rtol=1e-12)
 
 
-def test_default_k_capped_for_a_small_measured_grid_explicit_k_stays_an_error(tmp_path):
+def test_default_k_capped_for_a_small_measured_grid_explicit_k_stays_an_error(tmp_path, capsys, monkeypatch, caplog):
     psfs = np.zeros((3, 3, 5, 5))
     psfs[..., 2, 2] = 1
     psfs[..., 2, 3] = np.linspace(0.1, 0.9, 9).reshape(3, 3)
@@ -90,21 +91,22 @@ def test_default_k_capped_for_a_small_measured_grid_explicit_k_stays_an_error(tm
     Image.fromarray((np.random.default_rng(0).random((40, 40, 3)) * 255).astype(np.uint8)).save(tmp_path / "y.png")
     base = ["--model_id", "analytic", "--blurred", str(tmp_path / "y.png"), "--psf_grid", str(tmp_path / "g.npy"),
             "--num_inference_steps", "2"]
-    r = run_cli(base + ["--save_dir", str(tmp_path / "a")], timeout=300)
+    r = cli(base + ["--save_dir", str(tmp_path / "a")], capsys, monkeypatch, caplog)
     assert r.returncode == 0 and "the default K=10 exceeds the 9 PSFs of the grid; using K=9" in r.stderr, r.stderr[-2000:]
-    r = run_cli(base + ["--n_eigen_psfs", "10", "--save_dir", str(tmp_path / "b")], timeout=300)
+    r = cli(base + ["--n_eigen_psfs", "10", "--save_dir", str(tmp_path / "b")], capsys, monkeypatch, caplog)
     assert r.returncode == 2 and "n_eigen_psfs must be in 1..9" in r.stderr and run_dirs(tmp_path / "b") == []
 
 
-def test_small_kernel_scales_default_sizes_but_not_explicit_ones(tmp_path):
+def test_small_kernel_scales_default_sizes_but_not_explicit_ones(tmp_path, capsys, monkeypatch, caplog):
     base = ["--model_id", "analytic", "--img_size", "32", "--grid_size", "auto", "--n_eigen_psfs", "all",
             "--num_inference_steps", "2", "--kernel_size", "9"]
-    r = run_cli(base + ["--save_dir", str(tmp_path / "a")], timeout=300)
+    r = cli(base + ["--save_dir", str(tmp_path / "a")], capsys, monkeypatch, caplog)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "scaled the default motion sizes to fit: min_length=1.6, max_length=8" in r.stderr
     saved = utils.load_config(os.path.join(one_run(tmp_path / "a"), "config.yaml"))
     assert saved["physics"]["motion"]["max_length"] == 8 and saved["physics"]["n_eigen_psfs"] == "all"
-    r = run_cli(base + ["--set", "physics.motion.max_length=12", "--save_dir", str(tmp_path / "b")], timeout=300)
+    r = cli(base + ["--set", "physics.motion.max_length=12", "--save_dir", str(tmp_path / "b")], capsys, monkeypatch,
+            caplog)
     assert r.returncode == 2 and "increase kernel_size" in r.stderr
 
 

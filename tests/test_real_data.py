@@ -12,7 +12,7 @@ from PIL import Image
 import physics
 import utils
 from helpers import save_tiny_model
-from test_main import run_cli, run_dirs, run_in_process
+from test_main import cli, run_dirs, run_in_process
 
 SMALL = ["--kernel_size", "7", "--grid_size", "4", "--n_eigen_psfs", "6", "--set", "physics.motion.max_length=6",
          "--set", "physics.defocus.max_radius=3"]
@@ -40,19 +40,20 @@ MARGIN_DB = {"dps": 0.0, "diffpir": -0.5}
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["dps", "diffpir"])
-def test_round_trip_simulate_save_grid_then_restore_real(tmp_path, sampler):
+def test_round_trip_simulate_save_grid_then_restore_real(tmp_path, sampler, capsys, monkeypatch, caplog):
     """Simulate, export the grid, then restore the saved blurred.png as a real measurement."""
     grid_file = tmp_path / "grid.npz"
     common = ["--model_id", "analytic", "--img_size", "64", "--blur_mode", "defocus", "--num_samples", "8",
               *SAMPLER_ARGS[sampler], "--no_intermediates", *SMALL]
-    r = run_cli(common + ["--sigma_noise", "0.05", "--save_psf_grid", str(grid_file), "--save_dir", str(tmp_path / "sim")])
+    r = cli(common + ["--sigma_noise", "0.05", "--save_psf_grid", str(grid_file), "--save_dir", str(tmp_path / "sim")],
+            capsys, monkeypatch, caplog)
     assert r.returncode == 0, r.stderr[-2000:]
     sim = only_run(tmp_path / "sim")
     z = np.load(grid_file)
     assert z["psfs"].shape == (4, 4, 7, 7) and z["positions"].shape == (4, 4, 2)
     assert np.allclose(np.load(sim / "psf_grid.npz")["psfs"], z["psfs"])  # the run folder has it too
-    r = run_cli(common + ["--blurred", str(sim / "images/blurred.png"), "--psf_grid", str(grid_file),
-                          "--sigma_noise", "auto", "--save_dir", str(tmp_path / "real")])
+    r = cli(common + ["--blurred", str(sim / "images/blurred.png"), "--psf_grid", str(grid_file),
+                      "--sigma_noise", "auto", "--save_dir", str(tmp_path / "real")], capsys, monkeypatch, caplog)
     assert r.returncode == 0, r.stderr[-2000:]
     real = only_run(tmp_path / "real")
     clean = sim / "images/clean.png"
@@ -127,13 +128,13 @@ def test_positions_must_be_rectilinear_and_used(tmp_path, blurred_png, capsys, m
 
 
 @pytest.mark.parametrize("model", ["tiny", "analytic"])
-def test_odd_size_measurement_restores_to_same_size(tmp_path, blurred_png, model):
+def test_odd_size_measurement_restores_to_same_size(tmp_path, blurred_png, model, capsys, monkeypatch, caplog):
     grid = write_grid(tmp_path / "g.npy", good_psfs())
     model_id = save_tiny_model(tmp_path / "m") if model == "tiny" else "analytic"
     Image.open(blurred_png).crop((0, 0, 47, 37)).save(tmp_path / "odd.png")  # 37 x 47, odd on both sides
-    r = run_cli(["--model_id", model_id, "--blurred", str(tmp_path / "odd.png"), "--psf_grid", grid,
-                 "--num_inference_steps", "4", "--set", "physics.n_eigen_psfs=all", "--save_dir", str(tmp_path / "out")],
-                timeout=300)
+    r = cli(["--model_id", model_id, "--blurred", str(tmp_path / "odd.png"), "--psf_grid", grid,
+             "--num_inference_steps", "4", "--set", "physics.n_eigen_psfs=all", "--save_dir", str(tmp_path / "out")],
+            capsys, monkeypatch, caplog)
     assert r.returncode == 0, r.stderr[-2000:]
     d = only_run(tmp_path / "out")
     for name in ("restored.png", "blurred.png"):
@@ -152,15 +153,15 @@ def test_cropped_operator_adjoint():
     assert abs(lhs - rhs) < 1e-10 * abs(lhs)
 
 
-def test_folder_batch_skips_corrupt_and_reports_it(tmp_path):
+def test_folder_batch_skips_corrupt_and_reports_it(tmp_path, capsys, monkeypatch, caplog):
     src = tmp_path / "imgs"
     src.mkdir()
     rng = np.random.default_rng(1)
     for name in ("a.png", "b.jpg"):
         Image.fromarray((rng.random((40, 40, 3)) * 255).astype(np.uint8)).save(src / name)
     (src / "c_corrupt.png").write_bytes(b"not an image at all")
-    r = run_cli(["--model_id", "analytic", "--image_dir", str(src), "--img_size", "32", *SMALL,
-                 "--num_inference_steps", "3", "--save_dir", str(tmp_path / "out")], timeout=300)
+    r = cli(["--model_id", "analytic", "--image_dir", str(src), "--img_size", "32", *SMALL,
+             "--num_inference_steps", "3", "--save_dir", str(tmp_path / "out")], capsys, monkeypatch, caplog)
     assert r.returncode == 4 and "1 of 3 images failed" in r.stderr, r.stderr[-2000:]
     (batch,) = [d for d in os.listdir(tmp_path / "out") if d.startswith("batch_")]
     rows = list(csv.DictReader(open(tmp_path / "out" / batch / "summary.csv")))
@@ -173,14 +174,14 @@ def test_folder_batch_skips_corrupt_and_reports_it(tmp_path):
         assert float(by_file[f]["psnr_blurred"]) > 0
 
 
-def test_blurred_dir_batch(tmp_path, blurred_png):
+def test_blurred_dir_batch(tmp_path, blurred_png, capsys, monkeypatch, caplog):
     src = tmp_path / "ys"
     src.mkdir()
     Image.open(blurred_png).save(src / "one.png")
     Image.open(blurred_png).crop((0, 0, 45, 33)).save(src / "two.tif")
     grid = write_grid(tmp_path / "g.npy", good_psfs())
-    r = run_cli(["--model_id", "analytic", "--blurred_dir", str(src), "--psf_grid", grid, "--num_inference_steps", "3",
-                 "--n_eigen_psfs", "4", "--save_dir", str(tmp_path / "out")], timeout=300)
+    r = cli(["--model_id", "analytic", "--blurred_dir", str(src), "--psf_grid", grid, "--num_inference_steps", "3",
+             "--n_eigen_psfs", "4", "--save_dir", str(tmp_path / "out")], capsys, monkeypatch, caplog)
     assert r.returncode == 0, r.stderr[-2000:]
     (batch,) = os.listdir(tmp_path / "out")
     rows = list(csv.DictReader(open(tmp_path / "out" / batch / "summary.csv")))
