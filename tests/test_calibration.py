@@ -9,7 +9,7 @@ import tifffile
 import torch
 
 import physics
-from test_main import run_cli
+from test_main import cli
 
 FIELD = dict(sigma_scale=1.2, mu_scale=0.0)  # correlated Gaussians centred on their source
 # (a PSF's offset from its source cannot be measured without knowing where the sources are: the
@@ -88,12 +88,12 @@ def write_tif(path, img):
     return str(path)
 
 
-def test_cli_writes_grid_pictures_and_report(tmp_path):
+def test_cli_writes_grid_pictures_and_report(tmp_path, capsys, monkeypatch, caplog):
     field, img = field_and_target(50, beads=True)
     src = write_tif(tmp_path / "spots.tif", img)
     out = tmp_path / "grid.npz"
-    r = run_cli(["--calibration", src, "--grid_size", "4", "--kernel_size", "15", "--save_psf_grid", str(out),
-                 "--save_dir", str(tmp_path / "res")], timeout=300)
+    r = cli(["--calibration", src, "--grid_size", "4", "--kernel_size", "15", "--save_psf_grid", str(out),
+             "--save_dir", str(tmp_path / "res")], capsys, monkeypatch, caplog)
     assert r.returncode == 0, r.stderr[-2000:]
     run = r.stdout.strip().splitlines()[-1]
     for f in ("psf_grid.npz", "calibration.json", "config.yaml", "images/spots.png", "images/psf_grid.png",
@@ -128,19 +128,19 @@ BAD = {"blank image": (blank, "15", "no usable point sources"),
 
 
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_calibration_input_exit_2_and_no_grid(case, tmp_path):
+def test_bad_calibration_input_exit_2_and_no_grid(case, tmp_path, capsys, monkeypatch, caplog):
     make, k, pattern = BAD[case]
     src = write_tif(tmp_path / "c.tif", make())
     out = tmp_path / "grid.npz"
-    r = run_cli(["--calibration", src, "--grid_size", "4", "--kernel_size", k, "--save_psf_grid", str(out),
-                 "--save_dir", str(tmp_path / "res")], timeout=300)
+    r = cli(["--calibration", src, "--grid_size", "4", "--kernel_size", k, "--save_psf_grid", str(out),
+             "--save_dir", str(tmp_path / "res")], capsys, monkeypatch, caplog)
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert r.returncode == 2 and len(lines) == 1 and pattern in lines[0], r.stderr[-2000:]
     assert not out.exists() and not (tmp_path / "res").exists()
 
 
 @pytest.mark.slow
-def test_restoring_with_the_estimated_grid_is_as_good_as_with_the_true_grid(tmp_path):
+def test_restoring_with_the_estimated_grid_is_as_good_as_with_the_true_grid(tmp_path, capsys, monkeypatch, caplog):
     """A scene through the same optics, restored once with the calibrated grid and once with the
     true node grid (analytic prior, same seed): within 0.5 dB PSNR of each other."""
     import utils
@@ -162,9 +162,9 @@ def test_restoring_with_the_estimated_grid_is_as_good_as_with_the_true_grid(tmp_
     clean = scene[k // 2:k // 2 + H, k // 2:k // 2 + H]
     psnr, restored = {}, {}
     for name in ("est", "true", "wrong"):
-        r = run_cli(["--model_id", "analytic", "--blurred", str(tmp_path / "y.tif"), "--psf_grid", str(tmp_path / f"{name}.npz"),
-                     "--num_samples", "2", "--num_inference_steps", "30", "--step_size", "8", "--seed", "0",
-                     "--no_intermediates", "--save_dir", str(tmp_path / name)], timeout=300)
+        r = cli(["--model_id", "analytic", "--blurred", str(tmp_path / "y.tif"), "--psf_grid", str(tmp_path / f"{name}.npz"),
+                 "--num_samples", "2", "--num_inference_steps", "30", "--step_size", "8", "--seed", "0",
+                 "--no_intermediates", "--save_dir", str(tmp_path / name)], capsys, monkeypatch, caplog)
         assert r.returncode == 0, r.stderr[-2000:]
         run = r.stdout.strip().splitlines()[-1]
         restored[name] = np.load(os.path.join(run, "restored.npy")).astype(np.float64)
