@@ -13,7 +13,7 @@ import torch
 import physics
 import utils
 from physics import FORMS, GroundTruthBlur, SVBlurSimulator, build_operators, compute_eigen_decomposition
-from test_main import FAST, run_cli, run_dirs
+from test_main import FAST, cli, run_dirs
 
 SMALL = {"motion": dict(max_length=4), "correlated": dict(sigma_scale=0.35, mu_scale=0.3),
          "mixed": dict(max_length=4, max_radius=2), "random_iid": dict(max_length=4, max_radius=2, sigma_scale=0.4)}
@@ -152,13 +152,13 @@ def test_ssim_is_wang_2004():
 
 
 @pytest.mark.slow
-def test_measurement_independent_of_reconstruction_choices(tmp_path):
+def test_measurement_independent_of_reconstruction_choices(tmp_path, capsys, monkeypatch, caplog):
     base = ["--model_id", "analytic", *FAST, "--num_inference_steps", "1", "--no_intermediates"]
     runs = {"default": [], "boundary": ["--set", "physics.boundary=zeros"], "K": ["--n_eigen_psfs", "all"],
             "seed": ["--seed", "1"]}
     out = {}
     for name, extra in runs.items():
-        r = run_cli(base + extra + ["--save_dir", str(tmp_path / name)], timeout=300)
+        r = cli(base + extra + ["--save_dir", str(tmp_path / name)], capsys, monkeypatch, caplog)
         assert r.returncode == 0, r.stderr[-2000:]
         run = tmp_path / name / run_dirs(tmp_path / name)[0]
         out[name] = (np.load(run / "measurement.npy"), np.load(run / "clean.npy"),
