@@ -15,7 +15,7 @@ import pytest
 
 import main
 from helpers import save_tiny_model
-from test_main import ROOT, run_cli, run_dirs
+from test_main import ROOT, cli, run_cli, run_dirs
 
 SWEEP_ARGS = ("--model_id analytic --img_size 32 --kernel_size 7 --grid_size 4 --n_eigen_psfs 4 "
               "--num_inference_steps 5 --set physics.motion.max_length=6 --no_intermediates")
@@ -43,7 +43,9 @@ def wait_for_first_step(save_dir):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["dps", "diffpir"])
-def test_sigterm_then_resume_is_bit_identical(tmp_path, tiny_model, sampler):
+def test_sigterm_then_resume_is_bit_identical(tmp_path, tiny_model, sampler, capsys, monkeypatch, caplog):
+    """The stop is a real signal to a real process; the resume and the uninterrupted reference
+    run in this process (same code, same thread count)."""
     args = ["--model_id", tiny_model, "--img_size", "48", "--num_inference_steps", "50", "--sampler", sampler]
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), *args, "--save_dir", str(tmp_path / "a")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -55,11 +57,11 @@ def test_sigterm_then_resume_is_bit_identical(tmp_path, tiny_model, sampler):
     assert (run / "checkpoint.pt").is_file() and "--resume" in err
     m = json.loads((run / "metrics.json").read_text())
     assert m["status"] == "preempted" and 0 < m["steps_completed"] < 50
-    r = run_cli(["--resume", str(run)])
+    r = cli(["--resume", str(run)], capsys, monkeypatch, caplog)
     assert r.returncode == 0, r.stderr[-2000:]
     assert not (run / "checkpoint.pt").exists()
     assert json.loads((run / "metrics.json").read_text())["status"] == "complete"
-    ref = run_cli(args + ["--save_dir", str(tmp_path / "b")])
+    ref = cli(args + ["--save_dir", str(tmp_path / "b")], capsys, monkeypatch, caplog)
     assert ref.returncode == 0
     full = tmp_path / "b" / run_dirs(tmp_path / "b")[0]
     assert np.array_equal(np.load(run / "restored.npy"), np.load(full / "restored.npy"))
@@ -80,8 +82,8 @@ def test_ctrl_c_checkpoints_like_sigterm_and_exits_130(tmp_path, tiny_model):
     assert "--resume" in err and main.load_checkpoint(str(run / "checkpoint.pt"))["next_index"] == m["steps_completed"]
 
 
-def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
-    r = run_cli(["--resume", str(tmp_path)])
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path, capsys, monkeypatch, caplog):
+    r = cli(["--resume", str(tmp_path)], capsys, monkeypatch, caplog)
     assert r.returncode == 2 and "no checkpoint.pt" in r.stderr and "Traceback" not in r.stderr
 
 
