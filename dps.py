@@ -187,7 +187,7 @@ class StepContext:
     y: torch.Tensor
     generator: object
     options: dict
-    sigma_y: float
+    sigma_y: float | torch.Tensor   # one σ_y, or one per sample (B·S, 1, 1, 1) float64
     stats: dict = field(default_factory=lambda: {"cg_iterations": []})
 
 
@@ -241,7 +241,10 @@ def diffpir_step(ctx, i, t, x_t):
         x0_hat = tweedie_estimate(x_t, ctx.eps(x_t, i), a_t)
         if sched.config.clip_sample:
             x0_hat = x0_hat.clamp(-1, 1)
-        rho = opt["lambda"] * max(ctx.sigma_y, SIGMA_Y_FLOOR) ** 2 * a_t / (1 - a_t)
+        sig = ctx.sigma_y
+        floored = sig.clamp_min(SIGMA_Y_FLOOR) if torch.is_tensor(sig) else max(sig, SIGMA_Y_FLOOR)
+        rho = opt["lambda"] * floored ** 2 * a_t / (1 - a_t)       # in float64, as a Python float would be
+        rho = rho.to(x_t.dtype) if torch.is_tensor(rho) else rho
         x0_data, iters = data_proximal_step(ctx.operator, ctx.y, x0_hat, rho, opt["cg_max_iter"], opt["cg_tol"])
         ctx.stats["cg_iterations"].append(iters)
         eps_hat = (x_t - a_t ** 0.5 * x0_data) / (1 - a_t) ** 0.5
@@ -309,7 +312,8 @@ class EigenPSFDPSPipeline:
                  gradient_checkpointing=False, check_every=10, x_T=None, start_index=0, x_size=None):
         """Runs `method` (a key of SAMPLERS) with `options` (its settings; defaults in SAMPLERS).
 
-        sigma_y: the measurement noise std on y's [0, 1] scale (DiffPIR's ρ_t; DPS ignores it).
+        sigma_y: the measurement noise std on y's [0, 1] scale (DiffPIR's ρ_t; DPS ignores it), or a
+            sequence of B of them, one per image.
         generator: a torch.Generator, or a list of B·num_samples generators (one per image, as in
             diffusers), used for x_T and every noise draw, in diffusers' order.
         callback(i, t, x_t, x0_hat, residual_norm): called after every step with device tensors;
@@ -326,8 +330,7 @@ class EigenPSFDPSPipeline:
         opt = sampler_options(method, options)
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        if not sigma_y >= 0:
-            raise ValueError(f"sigma_y must be >= 0, got {sigma_y}")
+        sigma = per_sample_sigma(sigma_y, y.shape[0], num_samples, y.device)
         sched = self._scheduler(clip_denoised)
         check_num_inference_steps(num_inference_steps, sched, method)
         # Timesteps stay on the host: the scheduler's scalar arithmetic on t then never waits for the GPU.
@@ -348,7 +351,7 @@ class EigenPSFDPSPipeline:
         shape = (y_rep.shape[0], self.unet.config.in_channels) + tuple(x_size or y_rep.shape[-2:])  # the prior's channels
         x_t = randn_tensor(shape, generator=generator, device=y.device, dtype=torch.float32) if x_T is None \
             else x_T.to(y.device, torch.float32)
-        ctx = StepContext(eps, sched, self.operator, y_rep, generator, opt, float(sigma_y))
+        ctx = StepContext(eps, sched, self.operator, y_rep, generator, opt, sigma)
         step, watch = SAMPLERS[method][0], _Watch(y_rep, len(timesteps), check_every, intermediate_freq, method)
 
         # 3. The steps; the watch keeps intermediates and stops on divergence.
@@ -368,6 +371,19 @@ class EigenPSFDPSPipeline:
             return x_0, watch.inter
         samples = x_0.reshape(B, num_samples, *x_0.shape[1:])
         return {"samples": samples, "mean": samples.mean(1), "std": samples.std(1)}, watch.inter
+
+
+def per_sample_sigma(sigma_y, B: int, num_samples: int, device):
+    """σ_y as the step functions take it: a float, or for B per-image values a (B·S, 1, 1, 1)
+    float64 tensor (each image's value for its S samples)."""
+    if not isinstance(sigma_y, (list, tuple, torch.Tensor)):
+        if not sigma_y >= 0:
+            raise ValueError(f"sigma_y must be >= 0, got {sigma_y}")
+        return float(sigma_y)
+    s = torch.as_tensor(sigma_y, dtype=torch.float64, device=device).flatten()
+    if s.shape != (B,) or not bool((s >= 0).all()):
+        raise ValueError(f"sigma_y must be one value >= 0 or {B} of them (one per image), got {sigma_y}")
+    return s.repeat_interleave(num_samples).view(-1, 1, 1, 1)
 
 
 class _Watch:

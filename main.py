@@ -483,6 +483,12 @@ def sigma_y(p: Problem, cfg) -> float:
     return float(p.info["sigma_noise_estimated"] if s == "auto" else s)
 
 
+def batch_sigma_y(ps, cfg):
+    """One σ_y for the sampler, or one per image where they differ (estimated per measurement)."""
+    sigmas = [sigma_y(p, cfg) for p in ps]
+    return sigmas[0] if len(set(sigmas)) == 1 else sigmas
+
+
 def restore(p: Problem, run_dir, cfg, device, dtype, gen, pipe, multiple, extra_config, resume=None) -> tuple:
     """The configured sampler on one problem, writing the documented run folder, in three parts:
     inputs (restore_inputs), sampling (sample) and outputs (write_outputs).
@@ -623,7 +629,7 @@ def sample(ps, views, cfg, device, dtype, generator, pipe, start, checkpoint, ru
     old_handlers = {sig: signal.signal(sig, _request_stop) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     try:
         out, inter = pipe(torch.cat([p.y for p in ps]), num_inference_steps=sc["num_inference_steps"],
-                          method=sc["method"], options=sc[sc["method"]], sigma_y=sigma_y(ps[0], cfg),
+                          method=sc["method"], options=sc[sc["method"]], sigma_y=batch_sigma_y(ps, cfg),
                           generator=generator, callback=progress_callback(views, cfg, device, bar, sc["method"]),
                           num_samples=sc["num_samples"],
                           clip_denoised=None if sc["clip_denoised"] == "auto" else sc["clip_denoised"], dtype=dtype,

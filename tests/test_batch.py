@@ -85,19 +85,22 @@ def test_batched_folder_equals_one_at_a_time(tmp_path, capsys, monkeypatch, samp
 @pytest.mark.parametrize("sampler", sorted(dps.SAMPLERS))
 def test_batched_real_folder_groups_mixed_shapes(tmp_path, capsys, monkeypatch, tiny_model, sampler):
     """Real data with one shared PSF grid: sizes that need padding for the UNet, and a gray
-    measurement under an RGB prior, are grouped by shape; each equals its batch-1 result."""
+    measurement under an RGB prior, are grouped by shape; each equals its batch-1 result, with
+    the noise σ estimated per measurement (DiffPIR's ρ_t is then per image)."""
     src = write_images(tmp_path / "ys", [(32, 32, 3), (30, 37, 3), (32, 32, 1), (30, 37, 3), (32, 32, 3)], seed=1)
     psfs = np.zeros((3, 3, 5, 5))
     psfs[..., 2, 2], psfs[..., 2, 3] = 1.0, 0.5
     np.save(tmp_path / "g.npy", psfs)
     args = ["--model_id", tiny_model, "--device", "cpu", "--blurred_dir", src, "--psf_grid", str(tmp_path / "g.npy"),
-            "--sigma_noise", "0.05", "--n_eigen_psfs", "3", "--num_inference_steps", "4", "--sampler", sampler]
+            "--sigma_noise", "auto", "--n_eigen_psfs", "3", "--num_inference_steps", "4", "--sampler", sampler]
     one = folder_run([*args, "--batch_size", "1"], tmp_path / "b1", capsys, monkeypatch)
     two = folder_run([*args, "--batch_size", "2"], tmp_path / "b2", capsys, monkeypatch)
     assert one[0] == 0 and two[0] == 0, two[1][-2000:]
     # im0 + im4 (32x32 RGB) and im1 + im3 (30x37, padded) share calls; the gray im2 runs alone.
     assert "2 images: im0…im4" in two[1] and "2 images: im1…im3" in two[1] and f"{sampler} im2" in two[1]
     assert_same_results(results(one[2]), results(two[2]))
+    sigmas = {float(r["sigma_noise_estimated"]) for r in csv.DictReader(open(os.path.join(two[2], "summary.csv")))}
+    assert len(sigmas) == 5  # every measurement has its own σ
     assert [r["file"] for r in csv.DictReader(open(os.path.join(two[2], "summary.csv")))] == \
         [f"im{i}.png" for i in range(5)]
 

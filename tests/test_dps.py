@@ -554,3 +554,20 @@ def test_diffpir_through_cropped_luminance_operator():
         assert out.shape == (1, 3, 16, 16) and torch.isfinite(out).all()
         res[lam] = float(inter["residual"][-1][0])
     assert res[1.0] < 0.5 * res[1e30], res
+
+
+def test_per_image_sigma_y_gives_each_image_its_own_diffpir_result():
+    """σ_y given per image (as folder runs with estimated noise do): image b of the batch equals
+    its run alone with its own σ_y; a wrong count is a clear error."""
+    eig, _, _ = small_system(16, 16, n=3)
+    pipe = dps.EigenPSFDPSPipeline(*dps.load_model("analytic"), eig)  # a prior without batch-dependent rounding
+    y = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
+    kw = dict(num_inference_steps=5, method="diffpir")
+    both, _ = pipe(y, sigma_y=[0.01, 0.2], generator=gens([1, 2]), **kw)
+    for b, s in enumerate([0.01, 0.2]):
+        alone, _ = pipe(y[b:b + 1], sigma_y=s, generator=gens([1 + b]), **kw)
+        torch.testing.assert_close(both[b:b + 1], alone, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(both[1:], pipe(y[1:], sigma_y=0.01, generator=gens([2]), **kw)[0])  # σ matters
+    with pytest.raises(ValueError, match="one per image"):
+        pipe(y, sigma_y=[0.1, 0.1, 0.1], **kw)
