@@ -223,8 +223,8 @@ def test_make_run_dir_is_unique_under_contention(tmp_path):
     assert len(set(made)) == 16 and len(run_dirs(tmp_path)) == 16
 
 
-def test_help_lists_every_flag():
-    r = run_cli(["--help"])
+def test_help_lists_every_flag(capsys, monkeypatch, caplog):
+    r = cli(["--help"], capsys, monkeypatch, caplog)
     assert r.returncode == 0
     for flag in ["--config", "--set", "--no_intermediates", "--download_only", *[f"--{n}" for n in main.FLAGS]]:
         assert flag in r.stdout, flag
@@ -276,13 +276,14 @@ def test_metrics_use_fixed_range():
 
 
 @pytest.mark.slow
-def test_download_only_then_offline_run(tmp_path, tiny_model):
-    """The login-node / compute-node workflow against a fake hub on localhost."""
+def test_download_only_then_offline_run(tmp_path, tiny_model, capsys, monkeypatch, caplog):
+    """The login-node / compute-node workflow against a fake hub on localhost: the download in
+    this process, the offline run in a fresh one, as a compute node would start it."""
     from fakehub import FakeHub, files_from_dir
     cache = tmp_path / "hf-cache"
     with FakeHub("acme/tiny-ddpm", files_from_dir(tiny_model)) as hub:
-        r = run_cli(["--download_only", "--model_id", "acme/tiny-ddpm", "--model_cache", str(cache)],
-                    env={"HF_ENDPOINT": hub.endpoint})
+        r = cli(["--download_only", "--model_id", "acme/tiny-ddpm", "--model_cache", str(cache)], capsys, monkeypatch,
+                caplog, env={"HF_ENDPOINT": hub.endpoint})
     assert r.returncode == 0, r.stderr[-2000:]
     assert "HF_HUB_OFFLINE=1" in r.stdout and str(cache) in r.stdout
     r = run_cli(["--model_id", "acme/tiny-ddpm", "--model_cache", str(cache), *FAST, "--save_dir", str(tmp_path / "res")],
