@@ -2,7 +2,7 @@
 weights saved locally with save_pretrained: speed does not depend on weight values), then a
 SIGTERM mid-run and `--resume` against an uninterrupted run.
 
-    python bench/cuda_e2e.py --steps 100 --out bench_out
+    python bench/cuda_e2e.py --steps 100 --folder
 
 Prints, per configuration: status, wall time of the whole process, the warm-up (compile, CUDA
 graphs) and the steady seconds per step (metrics.json's s_per_step_after_warmup), and the
@@ -61,7 +61,7 @@ def metrics_of(save_dir):
 
 
 def timings(common, work, steps, timeout):
-    print(f"| config | status | wall s | warm-up s | s/step steady | s/image at default steps |\n|---|---|---|---|---|---|")
+    print("| config | status | wall s | warm-up s | s/step steady | s/image at default steps |\n|---|---|---|---|---|---|")
     for name, extra in CONFIGS.items():
         save_dir = os.path.join(work, name.replace(" ", "_"))
         try:
@@ -105,6 +105,40 @@ def sigterm_resume(common, work, timeout):
     print(f"resumed vs uninterrupted: bit-identical {np.array_equal(x, y)}, max |diff| {np.abs(x - y).max():.3g}")
 
 
+def folder_runs(common, work, steps, timeout, n_images=8):
+    """main.py --image_dir on n_images images at --batch_size 1 and 4 and 8 (bf16): s/image from the
+    batches' runtimes, and the largest difference of any restoration from its batch-1 result."""
+    from PIL import Image
+    src = os.path.join(work, "folder_in")
+    os.makedirs(src, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n_images):
+        Image.fromarray((rng.random((256, 256, 3)) * 255).astype(np.uint8)).save(os.path.join(src, f"im{i}.png"))
+    print("| folder run, bf16 | status | wall s | s/image (sampling) | max diff vs batch 1 |\n|---|---|---|---|---|")
+    first = None
+    for bs in (1, 4, 8):
+        save_dir = os.path.join(work, f"folder_b{bs}")
+        try:
+            r, wall = main_py(common + ["--image_dir", src, "--batch_size", str(bs), "--dtype", "bfloat16",
+                                        "--num_inference_steps", str(steps)], save_dir, timeout)
+        except subprocess.TimeoutExpired:
+            print(f"| batch {bs} | timed out after {timeout} s | | | |", flush=True)
+            continue
+        if r.returncode != 0:
+            print(f"| batch {bs} | exit {r.returncode}: {r.stderr.strip().splitlines()[-1][:150]} | | | |", flush=True)
+            continue
+        (batch,) = [d for d in os.listdir(save_dir) if d.startswith("batch_")]
+        out = {}
+        for d in sorted(os.listdir(os.path.join(save_dir, batch))):
+            if os.path.isfile(os.path.join(save_dir, batch, d, "metrics.json")):
+                with open(os.path.join(save_dir, batch, d, "metrics.json")) as f:
+                    out[d.split("_")[0]] = (json.load(f)["runtime_s"], np.load(os.path.join(save_dir, batch, d, "restored.npy")))
+        first = first or out
+        diff = max(float(np.abs(out[k][1] - first[k][1]).max()) for k in out)
+        print(f"| batch {bs} | {len(out)}/{n_images} done | {wall:.1f} | {sum(v[0] for v in out.values()) / len(out):.2f} "
+              f"| {diff:.3g} |", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=100)
@@ -112,6 +146,7 @@ def main():
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--timeout", type=int, default=300, help="seconds per main.py run")
     ap.add_argument("--only", default="", help="comma list of configs (default: all)")
+    ap.add_argument("--folder", action="store_true", help="also folder runs of 8 images at --batch_size 1, 4, 8")
     args = ap.parse_args()
     if args.only:
         for name in set(CONFIGS) - set(args.only.split(",")):
@@ -120,6 +155,8 @@ def main():
     model = save_model(os.path.join(work, "celebahq_random"))
     common = ["--model_id", model, "--img_size", str(args.size), "--device", args.device, "--no_intermediates"]
     timings(common, work, args.steps, args.timeout)
+    if args.folder:
+        folder_runs(common, work, args.steps, args.timeout)
     sigterm_resume(["--model_id", model, "--img_size", str(args.size), "--device", args.device], work, args.timeout)
 
 

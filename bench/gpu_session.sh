@@ -1,20 +1,24 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark, in stages, each with its own time limit, logs under ${OUT:-bench_out}/.
-#   bash bench/gpu_session.sh            # all stages (about 10 minutes on an H100, much of it torch.compile)
+#   bash bench/gpu_session.sh            # all stages
 #   STAGES="tests e2e" bash bench/gpu_session.sh
+# With 15 minutes of GPU time in all (machine start included), run it in two calls:
+#   STAGES="tests e2e"                 (at most 360 s)
+#   STAGES="samplers dps folder physics" (at most 420 s)
 # Stages, most important first:
-#   tests    tests/test_cuda.py on the GPU (operators, resume with CUDA generators, bf16, compile), then
-#            the physics and sampler unit tests (on that machine's CPU)
+#   tests    tests/test_cuda.py on the GPU (operators, resume with CUDA generators, bf16, compile,
+#            batched images), then the physics and sampler unit tests (on that machine's CPU)
 #   e2e      python main.py at 256x256, ddpm-celebahq-256 architecture with random weights: fp32, bf16,
-#            compiled, CUDA graphs, DiffPIR; then SIGTERM + --resume against an uninterrupted run
-#   physics  operator timings on the GPU
+#            CUDA graphs, DiffPIR; a folder of 8 images at --batch_size 1, 4, 8; then SIGTERM + --resume
+#            against an uninterrupted run
+#   samplers DPS vs DiffPIR against the exact Gaussian posterior (analytic prior), 64x64 and 128x128
 #   dps      sampler s/step and s/image: fp32 / bf16 / CUDA graphs at batch 1 and 8, bf16 x0_hat error
 #   folder   folder runs (per-image PSFs and generators), bf16: s/image and peak memory at batch 1, 4, 8, 16
-#   samplers DPS vs DiffPIR against the exact Gaussian posterior (analytic prior), 64x64 and 128x128
+#   physics  operator timings on the GPU
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench_out}
-STAGES=${STAGES:-"tests e2e physics dps folder samplers"}
+STAGES=${STAGES:-"tests e2e samplers dps folder physics"}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
@@ -29,12 +33,12 @@ stage() {  # stage NAME SECONDS COMMAND...: run it under a time limit, log to $O
   echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0)) s" | tee -a "$OUT/$name.txt"
 }
 
-stage tests 240 bash -c "python -m pytest -q -p no:cacheprovider tests/test_cuda.py -rs && \
+stage tests 150 bash -c "python -m pytest -q -p no:cacheprovider tests/test_cuda.py -rs && \
   python -m pytest -q -p no:cacheprovider -n 8 -m 'not slow' tests/test_physics.py tests/test_dps.py"
-stage e2e 300 python bench/cuda_e2e.py --steps 100 --timeout 200 \
-  --only "dps fp32,dps bf16,dps graphs-bf16,diffpir bf16,diffpir graphs-bf16"
-stage physics 90 python bench/bench_physics.py --device cuda
-stage dps 240 python bench/bench_dps.py --steps 20 --configs fp32,bf16,graphs-bf16 --batches 1,8 --folder_batches ""
-stage folder 150 python bench/bench_dps.py --steps 20 --configs bf16 --batches 1 --samplers dps,diffpir \
+stage e2e 210 python bench/cuda_e2e.py --steps 100 --timeout 120 --folder \
+  --only "dps fp32,dps bf16,dps graphs-bf16,diffpir bf16"
+stage samplers 150 python bench/bench_samplers.py --device cuda
+stage dps 120 python bench/bench_dps.py --steps 20 --configs fp32,bf16,graphs-bf16 --batches 1,8 --folder_batches ""
+stage folder 90 python bench/bench_dps.py --steps 20 --configs bf16 --batches 1 --samplers dps,diffpir \
   --folder_batches 1,4,8,16
-stage samplers 180 python bench/bench_samplers.py --device cuda
+stage physics 60 python bench/bench_physics.py --device cuda
