@@ -554,9 +554,13 @@ class AnalyticPrior(torch.nn.Module):
 
     def apply_covariance(self, x, power=1.0):
         """Σ^power · (x − 0) for (B, C, H, W) x; power may be negative or fractional."""
+        return self.filter(x, self.prior_variance(*x.shape[-2:]) ** power)
+
+    def filter(self, x, gain):
+        """Q F⁻¹(gain · F(Qᵀ x)): a (C, H, W//2+1) gain per channel of the prior's eigenbasis and per
+        frequency (orthonormal rFFT), in float64; the operators diagonal where Σ is."""
         H, W = x.shape[-2:]
-        Z = torch.fft.rfft2(self._rotate(x.to(torch.float64), self.Q.T), norm="ortho")
-        Z = Z * self.prior_variance(H, W) ** power
+        Z = torch.fft.rfft2(self._rotate(x.to(torch.float64), self.Q.T), norm="ortho") * gain
         return self._rotate(torch.fft.irfft2(Z, s=(H, W), norm="ortho"), self.Q).to(x.dtype)
 
 
@@ -620,11 +624,7 @@ def _posterior_preconditioner(prior, operator, sigma_y, H, W, device):
     psf = torch.roll(psf[0, 0], (-(H // 2), -(W // 2)), (0, 1))             # centred at index 0
     gain = torch.fft.rfft2(psf).abs() ** 2                                   # |ĥ(f)|², (H, W//2+1)
     inv = 1 / (1 + prior.prior_variance(H, W) * gain / (4 * sigma_y ** 2))   # (C, H, W//2+1)
-
-    def apply(v):
-        Z = torch.fft.rfft2(prior._rotate(v, prior.Q.T), norm="ortho") * inv
-        return prior._rotate(torch.fft.irfft2(Z, s=(H, W), norm="ortho"), prior.Q)
-    return apply
+    return lambda v: prior.filter(v, inv)
 
 
 def analytic_scheduler():

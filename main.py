@@ -13,6 +13,7 @@ one-line error and exit code 2 before any results folder exists. Exit codes: 0 d
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import logging
 import os
@@ -364,6 +365,28 @@ def _request_stop(signum, frame):
     STOP["signal"] = signum
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """Within the block SIGTERM, SIGUSR1 and a first Ctrl-C only set STOP (see _request_stop);
+    the previous handlers come back after it."""
+    old = {sig: signal.signal(sig, _request_stop) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
+def stop_outcome() -> tuple:
+    """(exit code, status, why) for the stop request in STOP."""
+    if STOP["signal"] == signal.SIGINT:
+        return EXIT_INTERRUPTED, "interrupted", "interrupted by the user (Ctrl-C)"
+    return EXIT_PREEMPTED, "preempted", f"stopped by signal {STOP['signal']}"
+
+
 CHECKPOINT_FORMAT, CHECKPOINT_VERSION = "eigenpsf-dps checkpoint", 2
 
 
@@ -626,38 +649,34 @@ def sample(ps, views, cfg, device, dtype, generator, pipe, start, checkpoint, ru
     bar.update(state["steps_done"])
     t0 = time.time() - state["runtime"]
     exit_code, error, out, partial, status, cg = 0, None, None, None, None, None
-    old_handlers = {sig: signal.signal(sig, _request_stop) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
-    try:
-        out, inter = pipe(torch.cat([p.y for p in ps]), num_inference_steps=sc["num_inference_steps"],
-                          method=sc["method"], options=sc[sc["method"]], sigma_y=batch_sigma_y(ps, cfg),
-                          generator=generator, callback=progress_callback(views, cfg, device, bar, sc["method"]),
-                          num_samples=sc["num_samples"],
-                          clip_denoised=None if sc["clip_denoised"] == "auto" else sc["clip_denoised"], dtype=dtype,
-                          gradient_checkpointing=rc["gradient_checkpointing"], check_every=sc["log_every"],
-                          x_size=views[0].x_size, x_T=start[0].to(device) if start else None,
-                          start_index=start[1] if start else 0)
-        status, cg = "complete", inter.get("cg_iterations_per_image")
-    except dps.DivergenceError as e:
-        exit_code, error, status, partial = EXIT_DIVERGED, str(e), "diverged", e.partial
-    except Preempted as e:
-        for view in views:
-            view.state["runtime"] = time.time() - t0
-        checkpoint(e.x_t, e.step + 1)
-        ctrl_c = STOP["signal"] == signal.SIGINT
-        exit_code, status = (EXIT_INTERRUPTED, "interrupted") if ctrl_c else (EXIT_PREEMPTED, "preempted")
-        why = "interrupted by the user (Ctrl-C)" if ctrl_c else f"stopped by signal {STOP['signal']}"
-        error = (f"{why} after step {e.step + 1}/{sc['num_inference_steps']}; "
-                 f"checkpoint saved, continue with --resume {run_dir}")
-    except KeyboardInterrupt:
-        exit_code, error, status = EXIT_INTERRUPTED, "interrupted by the user (second Ctrl-C: no checkpoint)", "interrupted"
-    except (RuntimeError, MemoryError) as e:
-        if not (is_out_of_memory(e) or isinstance(e, MemoryError)):
-            raise
-        exit_code, error, status = EXIT_BAD_INPUT, out_of_memory_hint(ps, cfg, device), "error"
-    finally:
-        bar.close()
-        for sig, h in old_handlers.items():
-            signal.signal(sig, h)
+    with stop_requests():  # also while the checkpoint is written
+        try:
+            out, inter = pipe(torch.cat([p.y for p in ps]), num_inference_steps=sc["num_inference_steps"],
+                              method=sc["method"], options=sc[sc["method"]], sigma_y=batch_sigma_y(ps, cfg),
+                              generator=generator, callback=progress_callback(views, cfg, device, bar, sc["method"]),
+                              num_samples=sc["num_samples"],
+                              clip_denoised=None if sc["clip_denoised"] == "auto" else sc["clip_denoised"],
+                              dtype=dtype, gradient_checkpointing=rc["gradient_checkpointing"],
+                              check_every=sc["log_every"], x_size=views[0].x_size,
+                              x_T=start[0].to(device) if start else None, start_index=start[1] if start else 0)
+            status, cg = "complete", inter.get("cg_iterations_per_image")
+        except dps.DivergenceError as e:
+            exit_code, error, status, partial = EXIT_DIVERGED, str(e), "diverged", e.partial
+        except Preempted as e:
+            for view in views:
+                view.state["runtime"] = time.time() - t0
+            checkpoint(e.x_t, e.step + 1)
+            exit_code, status, why = stop_outcome()
+            error = (f"{why} after step {e.step + 1}/{sc['num_inference_steps']}; "
+                     f"checkpoint saved, continue with --resume {run_dir}")
+        except KeyboardInterrupt:
+            exit_code, error, status = EXIT_INTERRUPTED, "interrupted by the user (second Ctrl-C: no checkpoint)", "interrupted"
+        except (RuntimeError, MemoryError) as e:
+            if not (is_out_of_memory(e) or isinstance(e, MemoryError)):
+                raise
+            exit_code, error, status = EXIT_BAD_INPUT, out_of_memory_hint(ps, cfg, device), "error"
+        finally:
+            bar.close()
     record_sampling(views, cfg, status, time.time() - t0, cg)
     return out, exit_code, error, partial
 
@@ -929,13 +948,9 @@ def run_folder(inputs, batch_dir, cfg, device, dtype, extra, resume=None, pipes=
             first.append(Item(entry["index"], p, gen, os.path.join(batch_dir, entry["folder"]), entry["progress"]))
         start = (resume["x_t"], resume["next_index"]) if first else None
     # Between batches too, a signal only asks for a stop: the batch's outputs are finished first.
-    old_handlers = {sig: signal.signal(sig, _request_stop) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
-    try:
+    with stop_requests():
         code, stopped = folder_loop(first, start, batch_dir, cfg, device, dtype, extra, measured,
                                     {} if pipes is None else pipes, save)
-    finally:
-        for sig, h in old_handlers.items():
-            signal.signal(sig, h)
     if stopped:
         return code
     if os.path.exists(save.path):
@@ -964,11 +979,10 @@ def folder_loop(first, start, batch_dir, cfg, device, dtype, extra, measured, pi
         if STOP["signal"] is not None:  # asked between batches: nothing in flight
             summary()
             save_folder_checkpoint(save.path, [], torch.zeros(0), 0, save.inputs, save.rows)
-            ctrl_c = STOP["signal"] == signal.SIGINT
-            why = "interrupted by the user (Ctrl-C)" if ctrl_c else f"stopped by signal {STOP['signal']}"
+            code, _, why = stop_outcome()
             print(f"error: {why} between batches, {len(save.rows)}/{len(save.inputs)} images done; checkpoint "
                   f"saved, continue with --resume {batch_dir}", file=sys.stderr)
-            return (EXIT_INTERRUPTED if ctrl_c else EXIT_PREEMPTED), True
+            return code, True
         code = restore_group(items, batch_dir, cfg, device, dtype, pipes, extra, measured is not None, save,
                              start if (first and n == 0) else None)
         worst = worst or code

@@ -575,6 +575,11 @@ def _fast_len(n: int) -> int:
 # 5. EigenPSF operator (FFT, batched over K and channels)
 # ----------------------------------------------------------------------------
 
+# Default cap on an operator's temporaries per chunk (K components, or PSF rows): peak memory then
+# grows linearly with the batch and the image, and the chunks stay large enough to run at full speed.
+MAX_CHUNK_BYTES = 256 * 2 ** 20
+
+
 class SVBlurOperator(torch.nn.Module):
     """A(x) = Σₖ Cₖ ⊙ (x ∗ Bₖ) (gather) or Σₖ Bₖ ∗ (Cₖ ⊙ x) (scatter), with exact adjoint.
 
@@ -584,7 +589,7 @@ class SVBlurOperator(torch.nn.Module):
     """
 
     def __init__(self, decomposition: EigenPSFDecomposition, form: str = "gather", boundary: str = "reflect",
-                 max_chunk_bytes: int = 256 * 2 ** 20):
+                 max_chunk_bytes: int = MAX_CHUNK_BYTES):
         super().__init__()
         _choice("form", form, FORMS)
         _choice("boundary", boundary, BOUNDARIES)
@@ -631,7 +636,8 @@ class SVBlurOperator(torch.nn.Module):
         return z[..., origin:origin + self.H, origin:origin + self.W]
 
     @classmethod
-    def stacked(cls, decompositions, form: str = "gather", boundary: str = "reflect", max_chunk_bytes: int = 256 * 2 ** 20):
+    def stacked(cls, decompositions, form: str = "gather", boundary: str = "reflect",
+                max_chunk_bytes: int = MAX_CHUNK_BYTES):
         """One operator for a batch of images, each with its own PSF grid: basis (B, K, k, k) and
         maps (B, K, H, W), K the largest of theirs (a missing component is zero and adds nothing).
         Image b of x, or its S consecutive samples when x holds B·S images, is blurred with
@@ -784,7 +790,7 @@ class GridSVBlurOperator(torch.nn.Module):
     """
 
     def __init__(self, kernel_grid, img_height, img_width, form="gather", boundary="reflect",
-                 interpolation="bilinear", node_coords=None, max_chunk_bytes: int = 256 * 2 ** 20):
+                 interpolation="bilinear", node_coords=None, max_chunk_bytes: int = MAX_CHUNK_BYTES):
         super().__init__()
         validate_kernel_grid(kernel_grid)
         _choice("form", form, FORMS)
