@@ -54,6 +54,21 @@ def main_py(args, save_dir, timeout):
     return r, time.time() - t0
 
 
+def main_py_row(label, args, save_dir, timeout, n_cols):
+    """main_py, or None after printing the table row (label, what went wrong, n_cols − 2 blanks)
+    of a run that timed out or failed."""
+    blanks = " |" * (n_cols - 2)
+    try:
+        r, wall = main_py(args, save_dir, timeout)
+    except subprocess.TimeoutExpired:
+        print(f"| {label} | timed out after {timeout} s |{blanks}", flush=True)
+        return None
+    if r.returncode != 0:
+        print(f"| {label} | exit {r.returncode}: {r.stderr.strip().splitlines()[-1][:150]} |{blanks}", flush=True)
+        return None
+    return r, wall
+
+
 def metrics_of(save_dir):
     (run,) = [d for d in os.listdir(save_dir) if d.startswith("run_")]
     with open(os.path.join(save_dir, run, "metrics.json")) as f:
@@ -64,14 +79,10 @@ def timings(common, work, steps, timeout):
     print("| config | status | wall s | warm-up s | s/step steady | s/image at default steps |\n|---|---|---|---|---|---|")
     for name, extra in CONFIGS.items():
         save_dir = os.path.join(work, name.replace(" ", "_"))
-        try:
-            r, wall = main_py(common + ["--num_inference_steps", str(steps), *extra], save_dir, timeout)
-        except subprocess.TimeoutExpired:
-            print(f"| {name} | timed out after {timeout} s | | | | |", flush=True)
+        ran = main_py_row(name, common + ["--num_inference_steps", str(steps), *extra], save_dir, timeout, 6)
+        if ran is None:
             continue
-        if r.returncode != 0:
-            print(f"| {name} | exit {r.returncode}: {r.stderr.strip().splitlines()[-1][:150]} | | | | |", flush=True)
-            continue
+        _, wall = ran
         _, m = metrics_of(save_dir)
         steady = m.get("s_per_step_after_warmup", float("nan"))
         warm = m["runtime_s"] - steady * m["steps_completed"]
@@ -118,15 +129,11 @@ def folder_runs(common, work, steps, timeout, n_images=8):
     first = None
     for bs in (1, 4, 8):
         save_dir = os.path.join(work, f"folder_b{bs}")
-        try:
-            r, wall = main_py(common + ["--image_dir", src, "--batch_size", str(bs), "--dtype", "bfloat16",
-                                        "--num_inference_steps", str(steps)], save_dir, timeout)
-        except subprocess.TimeoutExpired:
-            print(f"| batch {bs} | timed out after {timeout} s | | | |", flush=True)
+        ran = main_py_row(f"batch {bs}", common + ["--image_dir", src, "--batch_size", str(bs), "--dtype", "bfloat16",
+                                                   "--num_inference_steps", str(steps)], save_dir, timeout, 5)
+        if ran is None:
             continue
-        if r.returncode != 0:
-            print(f"| batch {bs} | exit {r.returncode}: {r.stderr.strip().splitlines()[-1][:150]} | | | |", flush=True)
-            continue
+        _, wall = ran
         (batch,) = [d for d in os.listdir(save_dir) if d.startswith("batch_")]
         out = {}
         for d in sorted(os.listdir(os.path.join(save_dir, batch))):

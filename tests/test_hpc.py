@@ -87,10 +87,11 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path, capsys, monkeypatc
     assert r.returncode == 2 and "no checkpoint.pt" in r.stderr and "Traceback" not in r.stderr
 
 
-def make_sweep(tmp_path, grid="sampler.dps.step_size: [0.5, 2.0]", seeds=None):
+def make_sweep(tmp_path, grid="sampler.dps.step_size: [0.5, 2.0]", seeds=None, extra=""):
+    """sweep.py make on a spec of SWEEP_ARGS, the grid, optional seeds and extra spec lines."""
     spec = tmp_path / "sweep.yaml"
     spec.write_text(f"sweep_dir: {tmp_path / 'sweep'}\nargs: \"{SWEEP_ARGS}\"\ngrid:\n  {grid}\n"
-                    + (f"seeds: {seeds}\n" if seeds else ""))
+                    + (f"seeds: {seeds}\n" if seeds else "") + extra)
     r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "sweep.py"), "make", str(spec)],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -126,12 +127,7 @@ def test_sweep_folder_tasks_pass_the_batch_size_and_resume_a_stopped_batch(tmp_p
     from test_batch import stop_at, write_images
     from test_main import run_in_process
     src = write_images(tmp_path / "imgs", [(40, 40, 3)] * 3)
-    spec = tmp_path / "sweep.yaml"
-    spec.write_text(f"sweep_dir: {tmp_path / 'sweep'}\nargs: \"{SWEEP_ARGS}\"\nimage_dir: {src}\nbatch_size: 2\n"
-                    f"grid:\n  sampler.dps.step_size: [1.0]\n")
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "sweep.py"), "make", str(spec)],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    make_sweep(tmp_path, grid="sampler.dps.step_size: [1.0]", extra=f"image_dir: {src}\nbatch_size: 2\n")
     line = (tmp_path / "sweep" / "tasks.txt").read_text().splitlines()[0]
     assert f"--image_dir {src} --batch_size 2" in line
     # Task 0 as the job script would start it, stopped after step 2 of its first batch.

@@ -28,35 +28,34 @@ def run_cli(args, cwd=ROOT, timeout=600, env=None):
                           cwd=cwd, timeout=timeout, env={**os.environ, **(env or {})})
 
 
-def run_in_process(args, capsys, monkeypatch, env=None):
+def call_main(args, capsys, monkeypatch, env=None):
     """main.main(args) in this process: the code `python main.py` runs, without the 6-10 s of
-    interpreter and torch start-up. Returns (exit code, stderr). An uncaught exception (what the
-    CLI would show as a traceback) propagates and fails the test."""
+    interpreter and torch start-up. Returns (exit code, captured stdout/stderr). An uncaught
+    exception (what the CLI would show as a traceback) propagates and fails the test."""
     for key, value in (env or {}).items():
         monkeypatch.setenv(key, value)
     capsys.readouterr()
     try:
         code = main.main(args)
-    except SystemExit as e:  # argparse exits on a bad flag, as the CLI does
+    except SystemExit as e:  # argparse exits on a bad flag or --help, as the CLI does
         code = e.code
-    return code, capsys.readouterr().err
+    return code, capsys.readouterr()
+
+
+def run_in_process(args, capsys, monkeypatch, env=None):
+    """(exit code, stderr) of call_main."""
+    code, captured = call_main(args, capsys, monkeypatch, env)
+    return code, captured.err
 
 
 def cli(args, capsys, monkeypatch, caplog, env=None):
-    """run_in_process with what run_cli returns: .returncode, .stdout, and .stderr holding both
-    the stderr text and the log lines (INFO and up), as the CLI's console shows them."""
+    """call_main with what run_cli returns: .returncode, .stdout, and .stderr holding both the
+    stderr text and the log lines (INFO and up), as the CLI's console shows them."""
     import logging
     from types import SimpleNamespace
     caplog.set_level(logging.INFO)
     caplog.clear()
-    for key, value in (env or {}).items():
-        monkeypatch.setenv(key, value)
-    capsys.readouterr()
-    try:
-        code = main.main(args)
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
+    code, out = call_main(args, capsys, monkeypatch, env)
     logs = "".join(f"{r.levelname} {r.getMessage()}\n" for r in caplog.records)
     return SimpleNamespace(returncode=code, stdout=out.out, stderr=logs + out.err)
 
