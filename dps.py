@@ -257,7 +257,7 @@ def diffpir_step(ctx, i, t, x_t):
 # name -> (step function, default options). The defaults equal config.yaml's sampler.<name> section.
 SAMPLERS = {
     "dps": (dps_step, {"step_size": 1.0, "gradient_clip": 0.0}),
-    "diffpir": (diffpir_step, {"lambda": 1.0, "zeta": 0.1, "cg_max_iter": 10, "cg_tol": 1e-3}),
+    "diffpir": (diffpir_step, {"lambda": 7.0, "zeta": 0.3, "cg_max_iter": 10, "cg_tol": 1e-3}),
 }
 DEFAULT_STEPS = {"dps": 1000, "diffpir": 100}
 

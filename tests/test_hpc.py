@@ -203,6 +203,7 @@ AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 MpiDefault=none
 ReturnToService=2
+SchedulerParameters=sched_interval=1
 NodeName=localhost CPUs=2 State=UNKNOWN
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 """)
@@ -236,6 +237,20 @@ def sbatch(env, sweep, array, extra=()):
                         str(sweep)], capture_output=True, text=True, env={**env, "PYTHON": sys.executable}, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     return r.stdout.strip().split(";")[0]
+
+
+def job_state(env, job):
+    r = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, env=env)
+    return r.stdout.strip()
+
+
+def run_status(task_dir):
+    """metrics.json's status of the task's one run folder, or None while it is absent or being written."""
+    try:
+        (metrics,) = task_dir.glob("run_*/metrics.json")
+        return json.loads(metrics.read_text())["status"]
+    except (ValueError, KeyError, OSError):
+        return None
 
 
 def queue_empty(env, job):
@@ -276,12 +291,16 @@ def test_slurm_preemption_requeues_and_resumes_bit_identically(slurm, tmp_path, 
     subprocess.run(["scancel", "--batch", "--signal=USR1", f"{job}_0"], env=slurm, check=True)
     wait_for(lambda: list((sweep / "task_0000").glob("run_*/checkpoint.pt")), 120, "the checkpoint")
     wait_for(lambda: "requeueing" in (sweep / f"slurm-{job}_0.out").read_text(), 60, "the requeue")
-    time.sleep(2)
-    # Slurm holds requeued jobs for a while (BeginTime); release it now.
-    subprocess.run(["scontrol", "update", f"jobid={job}_0", "StartTime=now"], env=slurm, capture_output=True)
-    wait_for(lambda: queue_empty(slurm, job), 300, "the resumed task to finish")
+    # Slurm holds a requeued job for a while (BeginTime). Release it once it is pending again; an
+    # update sent while the old run is still completing is lost, and the test then waits minutes.
+    wait_for(lambda: job_state(slurm, f"{job}_0") == "PENDING", 120, "the requeued task to be pending")
+    wait_for(lambda: subprocess.run(["scontrol", "update", f"jobid={job}_0", "StartTime=now"], env=slurm,
+                                    capture_output=True).returncode == 0, 60, "the requeued task's release")
+    # The queue can look empty for a moment while the released task starts, so wait for the run's
+    # own record first.
+    wait_for(lambda: run_status(sweep / "task_0000") == "complete", 300, "the resumed task to finish")
+    wait_for(lambda: queue_empty(slurm, job), 60, "the job to leave the queue")
     (run,) = (sweep / "task_0000").glob("run_*")
-    assert json.loads((run / "metrics.json").read_text())["status"] == "complete"
     assert "resuming" in (sweep / f"slurm-{job}_0.out").read_text()
     ref = run_cli(args.split() + ["--save_dir", str(tmp_path / "ref")])
     assert ref.returncode == 0

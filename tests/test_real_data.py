@@ -29,13 +29,9 @@ def png_psnr(a, b):
     return utils.psnr(a, b)
 
 
-# DiffPIR's λ = 1 (its official deblurring setting) trusts σ = 0.05 data too much for the analytic prior:
-# 4-sample means at 64² measured 18.5 dB (λ = 1) and 20.6 dB (λ = 4) against 20.2 dB blurred and 22.1 dB
-# for the exact posterior mean (README). So DiffPIR runs at λ = 4 here, and must come within 0.5 dB of the
-# blurred image (measured 22.2 against 22.6 dB; at λ = 1, 19.1 dB), where DPS must beat it.
-SAMPLER_ARGS = {"dps": ["--num_inference_steps", "200", "--step_size", "8"],
-                "diffpir": ["--sampler", "diffpir", "--set", "sampler.diffpir.lambda=4"]}
-MARGIN_DB = {"dps": 0.0, "diffpir": -0.5}
+# DiffPIR at its defaults (λ = 7, ζ = 0.3); both samplers must beat the blurred image
+# (measured: DiffPIR 23.55 dB against 22.61 dB blurred).
+SAMPLER_ARGS = {"dps": ["--num_inference_steps", "200", "--step_size", "8"], "diffpir": ["--sampler", "diffpir"]}
 
 
 @pytest.mark.slow
@@ -45,8 +41,9 @@ def test_round_trip_simulate_save_grid_then_restore_real(tmp_path, sampler, caps
     grid_file = tmp_path / "grid.npz"
     common = ["--model_id", "analytic", "--img_size", "64", "--blur_mode", "defocus", "--num_samples", "8",
               *SAMPLER_ARGS[sampler], "--no_intermediates", *SMALL]
-    r = cli(common + ["--sigma_noise", "0.05", "--save_psf_grid", str(grid_file), "--save_dir", str(tmp_path / "sim")],
-            capsys, monkeypatch, caplog)
+    # The simulation run is only needed for its measurement and grid, so it samples briefly.
+    r = cli(common + ["--sigma_noise", "0.05", "--save_psf_grid", str(grid_file), "--save_dir", str(tmp_path / "sim"),
+                      "--num_samples", "1", "--num_inference_steps", "5"], capsys, monkeypatch, caplog)
     assert r.returncode == 0, r.stderr[-2000:]
     sim = only_run(tmp_path / "sim")
     z = np.load(grid_file)
@@ -57,7 +54,8 @@ def test_round_trip_simulate_save_grid_then_restore_real(tmp_path, sampler, caps
     assert r.returncode == 0, r.stderr[-2000:]
     real = only_run(tmp_path / "real")
     clean = sim / "images/clean.png"
-    assert png_psnr(clean, real / "images/restored.png") > png_psnr(clean, sim / "images/blurred.png") + MARGIN_DB[sampler]
+    p_restored, p_blurred = png_psnr(clean, real / "images/restored.png"), png_psnr(clean, sim / "images/blurred.png")
+    assert p_restored > p_blurred, (p_restored, p_blurred)
     m = json.loads((real / "metrics.json").read_text())
     assert m["sampler"] == sampler and (real / "images/std.png").is_file()
     assert 0 < m["s_per_step_after_warmup"] < m["runtime_s"]  # the steady rate, past the first log_every steps
