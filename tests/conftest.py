@@ -17,7 +17,9 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT") and "OMP_NUM_THREADS" not in os.e
 def pytest_collection_modifyitems(items):
     """Under `--dist loadgroup` every test is scheduled on its own (files are too uneven to balance
     two workers), except the Slurm tests: they share one expensive cluster, started once on the
-    worker that runs them all."""
+    worker that runs them all. Slow tests go first, so that the short ones fill in at the end
+    instead of one worker waiting for the other's last long test."""
     for item in items:
         if item.get_closest_marker("slurm"):
             item.add_marker(pytest.mark.xdist_group("slurm"))
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order otherwise

@@ -103,9 +103,9 @@ def readme_quickstart():
 
 
 @pytest.mark.slow
-def test_offline_quickstart_from_readme_beats_blurred(tmp_path):
-    """Runs the README's offline command verbatim (plus --save_dir)."""
-    r = run_cli(readme_quickstart() + ["--save_dir", str(tmp_path)], timeout=900)
+def test_offline_quickstart_from_readme_beats_blurred(tmp_path, capsys, monkeypatch, caplog):
+    """Runs the README's offline command verbatim (plus --save_dir), in this process."""
+    r = cli(readme_quickstart() + ["--save_dir", str(tmp_path)], capsys, monkeypatch, caplog)
     assert r.returncode == 0, r.stderr
     m = json.loads((tmp_path / run_dirs(tmp_path)[0] / "metrics.json").read_text())
     assert m["psnr_restored"] > m["psnr_blurred"], m
