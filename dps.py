@@ -42,7 +42,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
 import physics
@@ -670,6 +670,8 @@ def cached_snapshot(model_id, cache_dir=None, revision="main"):
 
 
 def _load_dir(path, device, dtype):
+    from diffusers import UNet2DModel  # here, not at the top: ~2 s of start-up that the analytic prior
+    #                                    and every early error exit do not need
     unet_dir = os.path.join(path, "unet") if os.path.isdir(os.path.join(path, "unet")) else path
     sched_dir = os.path.join(path, "scheduler") if os.path.isdir(os.path.join(path, "scheduler")) else path
     try:

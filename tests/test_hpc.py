@@ -301,8 +301,8 @@ def test_slurm_preemption_requeues_and_resumes_bit_identically(slurm, tmp_path, 
     time.sleep(2)
     wait_for(lambda: subprocess.run(["scontrol", "update", f"jobid={job}_0", "StartTime=now"], env=slurm,
                                     capture_output=True).returncode == 0, 60, "the requeued task's release")
-    # The queue can look empty for a moment while the released task starts, so wait for the run's
-    # own record first.
+    # Wait for the run's own record, not for an empty queue: a task that Slurm drops leaves the
+    # queue too, and the timeout then reports the status, the queue and the job log.
     log = sweep / f"slurm-{job}_0.out"
     state = lambda: (f"run status {run_status(sweep / 'task_0000')}, queue: {job_state(slurm, job + '_0')!r}\n"  # noqa: E731
                      f"{log.read_text()[-3000:]}")
