@@ -670,8 +670,9 @@ def cached_snapshot(model_id, cache_dir=None, revision="main"):
 
 
 def _load_dir(path, device, dtype):
-    from diffusers import UNet2DModel  # here, not at the top: ~2 s of start-up that the analytic prior
-    #                                    and every early error exit do not need
+    # Imported here, not at the top: about 2 s of start-up that the analytic prior and every early
+    # error exit do not need.
+    from diffusers import UNet2DModel
     unet_dir = os.path.join(path, "unet") if os.path.isdir(os.path.join(path, "unet")) else path
     sched_dir = os.path.join(path, "scheduler") if os.path.isdir(os.path.join(path, "scheduler")) else path
     try:

@@ -303,9 +303,9 @@ def test_slurm_preemption_requeues_and_resumes_bit_identically(slurm, tmp_path, 
                                     capture_output=True).returncode == 0, 60, "the requeued task's release")
     # Wait for the run's own record, not for an empty queue: a task that Slurm drops leaves the
     # queue too, and the timeout then reports the status, the queue and the job log.
-    log = sweep / f"slurm-{job}_0.out"
-    state = lambda: (f"run status {run_status(sweep / 'task_0000')}, queue: {job_state(slurm, job + '_0')!r}\n"  # noqa: E731
-                     f"{log.read_text()[-3000:]}")
+    def state():
+        log = (sweep / f"slurm-{job}_0.out").read_text()[-3000:]
+        return f"run status {run_status(sweep / 'task_0000')}, queue: {job_state(slurm, f'{job}_0')!r}\n{log}"
     wait_for(lambda: run_status(sweep / "task_0000") == "complete", 300, "the resumed task to finish", state)
     wait_for(lambda: queue_empty(slurm, job), 60, "the job to leave the queue")
     (run,) = (sweep / "task_0000").glob("run_*")
