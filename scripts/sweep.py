@@ -174,7 +174,7 @@ def plot_against(sweep_dir, key, rows):
         ax.set_ylabel(metric.replace("_", " "))
         ax.grid(alpha=0.3)
     fig.suptitle(f"mean over {len(rows)} complete runs", fontsize=9)
-    utils._save(fig, os.path.join(sweep_dir, f"plot_{key.replace('.', '_')}.png"))
+    utils._save(fig, os.path.join(sweep_dir, f"plot_{key.replace('.', '_')}.png"), tight=True)
 
 
 def _sort_key(v):
