@@ -2,14 +2,27 @@
 
     python bench/bench_calibration.py
 
-For correlated Gaussians and defocus disks, a regular array (one source per cell) and scattered
-beads (3-8 per cell), prints the relative L2 error against the true node PSFs of the per-pixel
-field at peak SNR 10, 20, 50, 100 and 1000, with the time of each estimate (256x256, 4x4 grid,
-15x15 PSFs).
+1. For correlated Gaussians and defocus disks, a regular array (one source per cell) and scattered
+   beads (3-8 per cell): the relative L2 error against the true node PSFs of the per-pixel field at
+   peak SNR 10, 20, 50, 100 and 1000, with the time of each estimate (256x256, 4x4 grid, 15x15 PSFs).
+2. How much L2 error a tiny change of the PSF is (a 0.05 px shift; a 0.05 px larger disk): the
+   scale against which the 5% bound should be read.
+3. Six random fields of Nyquist-sampled Gaussians (widths 1-3 px, 384x384, 21x21): the error at
+   SNR 100 and 20 per field, with how much the field curves within a cell (the PSF's second
+   difference over a quarter cell, relative to the PSF: what a few spots per cell cannot follow).
+4. End to end: a scene through the same optics restored with the estimated grid and with the true
+   node grid (analytic prior, same seed, 128x128): the PSNR difference.
+5. The registration floor: one noise-free spot with its true sub-pixel offset, shifted back by
+   spline interpolation (order 1, 3, 5), against the PSF drawn at offset 0: round Gaussians of
+   several widths, and the defocus disks of section 1. RMS over 30 random offsets.
 """
 
+import contextlib
+import io
+import logging
 import os
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -21,11 +34,20 @@ import physics  # noqa: E402
 FIELDS = {"correlated": dict(sigma_scale=1.2, mu_scale=0.0), "defocus": dict(max_radius=5.0)}
 
 
-def main():
+def rel(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def field_of(mode, H, k, seed, **params):
+    return physics.SVBlurSimulator(H, H, k, 4, dtype=torch.float64).simulate_field(mode, seed=seed, **params)
+
+
+def error_vs_snr():
     snrs = (10, 20, 50, 100, 1000)
+    print("1. relative L2 error against the true node PSFs (256x256, 4x4, 15x15)")
     print(f"{'PSFs':11s} {'layout':7s} " + " ".join(f"{'SNR ' + str(s):>9s}" for s in snrs) + "   time")
     for mode, params in FIELDS.items():
-        field = physics.SVBlurSimulator(256, 256, 15, 4, dtype=torch.float64).simulate_field(mode, seed=0, **params)
+        field = field_of(mode, 256, 15, 0, **params)
         true = field.node_grid().numpy()
         for beads in (False, True):
             errs, t = [], 0.0
@@ -34,10 +56,126 @@ def main():
                 t0 = time.perf_counter()
                 cal = physics.estimate_psf_grid(img, 4, 15)
                 t = max(t, time.perf_counter() - t0)
-                errs.append(np.linalg.norm(cal.psfs - true) / np.linalg.norm(true))
+                errs.append(rel(cal.psfs, true))
             print(f"{mode:11s} {'beads' if beads else 'array':7s} " + " ".join(f"{100 * e:8.1f}%" for e in errs)
                   + f"   {t:.2f} s")
 
 
+def sensitivity():
+    print("\n2. L2 size of a tiny change of the true node PSFs")
+    for mode, params in FIELDS.items():
+        field = field_of(mode, 256, 15, 0, **params)
+        true = field.node_grid().numpy()
+        line = f"{mode:11s} shifted 0.05 px: {100 * rel(field.shifted(0.05, 0).node_grid().numpy(), true):.1f}%"
+        if mode == "defocus":
+            wider = field_of(mode, 256, 15, 0, min_radius=1.05, max_radius=5.05).node_grid().numpy()
+            line += f"; radius 0.05 px larger: {100 * rel(wider, true):.1f}%"
+        print(line)
+
+
+def curvature(field):
+    """Largest second difference of the PSF over a quarter cell around any node, relative to it."""
+    ys, xs = field.node_coords()
+    q = field.H / field.G / 4
+    worst = 0.0
+    for y in ys:
+        for x in xs:
+            P = field.psfs_on_grid(torch.stack([y - q, y, y + q]), torch.stack([x - q, x, x + q])).numpy()
+            c = P[1, 1]
+            for a, b in ((P[0, 1], P[2, 1]), (P[1, 0], P[1, 2])):
+                worst = max(worst, np.linalg.norm((a + b) / 2 - c) / np.linalg.norm(c))
+    return worst
+
+
+def six_fields():
+    print("\n3. six fields of Nyquist-sampled Gaussians (sigma_scale 2: widths 1-3 px; 384x384, 4x4, 21x21)")
+    print("seed  array SNR 100  SNR 20   beads SNR 100  SNR 20   fewest beads/cell  curvature")
+    for seed in range(6):
+        field = field_of("correlated", 384, 21, seed, sigma_scale=2.0, mu_scale=0.0)
+        true = field.node_grid().numpy()
+        row, fewest = [], 0
+        for beads in (False, True):
+            for snr in (100, 20):
+                img, _, _ = physics.calibration_target(field, snr, beads, np.random.default_rng(seed))
+                cal = physics.estimate_psf_grid(img, 4, 21)
+                row.append(rel(cal.psfs, true))
+                fewest = int(cal.counts.min()) if beads else fewest
+        print(f"{seed:4d}  {100 * row[0]:12.1f}% {100 * row[1]:6.1f}%  {100 * row[2]:13.1f}% {100 * row[3]:6.1f}%"
+              f"   {fewest:17d}  {100 * curvature(field):8.1f}%")
+
+
+def restore(y_path, grid_path, out):
+    """restored.npy of main.py on y with the grid (analytic prior, fixed seed)."""
+    import main
+    with contextlib.redirect_stdout(io.StringIO()) as printed, contextlib.redirect_stderr(io.StringIO()):
+        code = main.main(["--model_id", "analytic", "--blurred", y_path, "--psf_grid", grid_path, "--num_samples", "2",
+                          "--num_inference_steps", "30", "--step_size", "8", "--seed", "0", "--no_intermediates",
+                          "--save_dir", out])
+    assert code == 0, f"main.py failed on {grid_path}"
+    return np.load(os.path.join(printed.getvalue().strip().splitlines()[-1], "restored.npy")).astype(np.float64)
+
+
+def end_to_end():
+    import tifffile
+
+    import utils
+    print("\n4. restoring with the estimated grid vs the true node grid (128x128, 4x4, 15x15, y with noise 0.02)")
+    logging.disable(logging.WARNING)
+    H, k, tmp = 128, 15, tempfile.mkdtemp()
+    for mode, params in FIELDS.items():
+        field = field_of(mode, H, k, 3, **params)
+        coords = tuple(c.numpy() for c in field.node_coords())
+        scene = utils.load_scene("sample", H, k // 2)
+        y = physics.GroundTruthBlur(field, "scatter")(utils.to_tensor(scene).double())
+        y = (y + 0.02 * torch.randn(y.shape, generator=torch.Generator().manual_seed(0), dtype=y.dtype)).clamp(0, 1)
+        y_path = os.path.join(tmp, f"y_{mode}.tif")
+        tifffile.imwrite(y_path, utils.to_numpy(y).astype(np.float32), photometric="rgb")
+        clean = scene[k // 2:k // 2 + H, k // 2:k // 2 + H]
+        utils.save_psf_grid(os.path.join(tmp, "true.npz"), field.node_grid(), coords)
+        p_true = utils.psnr(clean, restore(y_path, os.path.join(tmp, "true.npz"), tmp))
+        for beads in (False, True):
+            for snr in (100, 20):
+                img, _, _ = physics.calibration_target(field, snr, beads, np.random.default_rng(3))
+                cal = physics.estimate_psf_grid(img, 4, k)
+                utils.save_psf_grid(os.path.join(tmp, "est.npz"), cal.psfs, coords)
+                p_est = utils.psnr(clean, restore(y_path, os.path.join(tmp, "est.npz"), tmp))
+                print(f"{mode:11s} {'beads' if beads else 'array':5s} SNR {snr:3d}: L2 {100 * rel(cal.psfs, field.node_grid().numpy()):5.1f}%"
+                      f"   PSNR {p_est:.2f} dB vs {p_true:.2f} dB with the true grid ({p_est - p_true:+.2f} dB)")
+
+
+def registration_floor():
+    from scipy.ndimage import shift
+    print("\n5. registering one noise-free spot with its true offset (RMS relative L2 over 30 offsets)")
+    rng = np.random.default_rng(0)
+    offsets = rng.uniform(-0.5, 0.5, (30, 2))
+    v = np.arange(-10, 11)                                     # 21x21 drawn, the central 15x15 compared
+
+    def gaussian(sigma, dy, dx):
+        yy, xx = np.meshgrid(v - dy, v - dx, indexing="ij")
+        return np.exp(-0.5 * (yy ** 2 + xx ** 2) / sigma ** 2)
+
+    def floor(draw, true):
+        errs = {order: [] for order in (1, 3, 5)}
+        for dy, dx in offsets:
+            observed = draw(dy, dx)
+            for order in errs:
+                back = shift(observed, (0, 0)[:observed.ndim - 2] + (-dy, -dx), order=order, mode="constant")
+                back = back[..., 3:-3, 3:-3]
+                back = back / back.sum((-2, -1), keepdims=True)
+                errs[order].append(rel(back, true))
+        return "  ".join(f"order {o}: {100 * np.sqrt(np.mean(np.square(e))):5.1f}%" for o, e in errs.items())
+
+    for sigma in (0.6, 0.7, 0.8, 1.0, 1.5):
+        true = gaussian(sigma, 0, 0)[3:-3, 3:-3]
+        print(f"Gaussian sigma {sigma:.1f} px   " + floor(lambda dy, dx: gaussian(sigma, dy, dx), true / true.sum()))
+    disks = field_of("defocus", 256, 21, 0, **FIELDS["defocus"])
+    true = field_of("defocus", 256, 15, 0, **FIELDS["defocus"]).node_grid().numpy()
+    print("defocus disks (section 1) " + floor(lambda dy, dx: disks.shifted(dy, dx).node_grid().numpy(), true))
+
+
 if __name__ == "__main__":
-    main()
+    error_vs_snr()
+    sensitivity()
+    six_fields()
+    end_to_end()
+    registration_floor()
