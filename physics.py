@@ -1242,7 +1242,7 @@ def _node_psf(own, spots, node_y, node_x, cell_h, cell_w):
     per-pixel quadratic fit of the PSF against position, P(p) ≈ a + b·d + d·C·d with d = p − node,
     weighted by a tricube of the distance (LOESS): a is the PSF at the node. The spots of the
     neighbouring cells pin the curvature that one cell's 3-8 spots cannot (measured: 9.7 -> 8.7%
-    for the bench's defocus beads at SNR 100, and 5.4 -> 4.1% for a fast-varying Gaussian field).
+    for the bench's defocus beads at SNR 100, and 5.4 -> 4.2% for a fast-varying Gaussian field).
     Otherwise (one spot per cell: an array target, whose spot sits at the node) the plain mean of
     the cell's own spots.
     own: this cell's spots; spots: every accepted spot; each (psf (k, k), row, col, snr).
