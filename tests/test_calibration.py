@@ -36,16 +36,19 @@ def rel_error(est, true):
 
 
 # Nyquist-sampled Gaussians (widths 1-3 px, the simulator's default sigma_scale; 21x21 kernels, so
-# 384x384 to fit 3-8 beads per cell). bench/bench_calibration.py runs six such fields: arrays meet
-# both bounds on all six, beads on five (the sixth, seed 4, curves fastest within cells: 7.3%).
+# 384x384 to fit 3-8 beads per cell), on the six fields of bench/bench_calibration.py section 3.
 # Narrower PSFs (sigma < 0.8 px) are undersampled, and one spot cannot be registered sub-pixel to
-# 5% (README, "Calibration"). Arrays run on all six fields here, beads on seed 0.
+# 5% (README, "Calibration").
 NYQUIST = dict(sigma_scale=2.0, mu_scale=0.0)
+# Field 4 curves within its cells faster than 3-8 beads per cell can follow (7.3% at SNR 100); a
+# known limit, kept visible: the test fails if it starts to pass, so the README can be updated.
+CURVES = pytest.mark.xfail(strict=True, reason="beads on field 4: the PSF curves within cells (README)")
+CASES = [pytest.param(seed, beads, snr, bound, id=f"{'beads' if beads else 'array'}-{seed}-snr{snr}",
+                      marks=[CURVES] if (seed, beads, snr) == (4, True, 100) else [])
+         for beads in (False, True) for seed in range(6) for snr, bound in ((100, 0.05), (20, 0.15))]
 
 
-@pytest.mark.parametrize("seed,beads", [(s, False) for s in range(6)] + [(0, True)],
-                         ids=[f"array-{s}" for s in range(6)] + ["beads-0"])
-@pytest.mark.parametrize("snr,bound", [(100, 0.05), (20, 0.15)])
+@pytest.mark.parametrize("seed,beads,snr,bound", CASES)
 def test_estimated_grid_matches_true_node_psfs(seed, beads, snr, bound):
     field, img = field_and_target(snr, beads, H=384, k=21, seed=seed, field=NYQUIST)
     cal = physics.estimate_psf_grid(img, 4, 21)
