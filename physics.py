@@ -1094,6 +1094,7 @@ class Calibration:
     snr: object                # (G, G) median peak SNR of the accepted spots (0 where none)
     filled: list               # (i, j) cells filled from their neighbours
     noise: float               # robust noise std of the background-subtracted image
+    narrow_sigma: float        # median σ (px) of the accepted spots along their narrow axis
 
     def rejected(self) -> dict:
         return {r: sum(s["status"] == r for s in self.spots) for r in REJECTIONS}
@@ -1170,6 +1171,30 @@ def _centroid(img, r, c, k):
     return cy, cx
 
 
+UNDERSAMPLED_SIGMA = 0.8  # px: below this a spot cannot be registered sub-pixel to a few % (README)
+
+
+def _narrow_sigma(img, cy, cx, k):
+    """σ along a spot's narrow axis, in px, before any interpolation (which would widen it): the
+    smaller eigenvalue of the second moments about the centroid, in a disk that shrinks to 3σ + 1
+    px (twice) so that the background noise of the whole box does not swamp a narrow spot."""
+    h = k // 2
+    ry, rx = int(round(cy)), int(round(cx))
+    box = img[ry - h:ry + h + 1, rx - h:rx + h + 1]
+    v = np.arange(-h, h + 1)
+    yy, xx = v[:, None] + (ry - cy), v[None, :] + (rx - cx)
+    radius, sigma = float(h), 0.0
+    for _ in range(3):
+        w = box * (yy ** 2 + xx ** 2 <= radius ** 2)
+        total = w.sum()
+        if total <= 0:
+            return 0.0
+        a, b, c = (w * yy * yy).sum() / total, (w * xx * xx).sum() / total, (w * yy * xx).sum() / total
+        sigma = math.sqrt(max((a + b) / 2 - math.sqrt(((a - b) / 2) ** 2 + c * c), 0.0))
+        radius = min(float(h), max(2.0, 3 * sigma + 1))
+    return sigma
+
+
 def _registered_cutout(img, cy, cx, k):
     """The k×k PSF around (cy, cx), shifted sub-pixel (cubic spline) so that the centroid sits on
     the kernel centre, normalised to sum 1."""
@@ -1225,7 +1250,7 @@ def estimate_psf_grid(image, grid_size: int, kernel_size: int, saturation=None, 
         if s["status"] != "accepted":
             continue
         cy, cx = _centroid(img, int(s["row"]), int(s["col"]), k)
-        s["row"], s["col"] = cy, cx
+        s["row"], s["col"], s["sigma"] = cy, cx, _narrow_sigma(img, cy, cx, k)
         i, j = min(int((cy + 0.5) * G / H), G - 1), min(int((cx + 0.5) * G / W), G - 1)
         cells[i][j].append((_registered_cutout(img, cy, cx, k), cy, cx, s["snr"]))
     return _assemble_grid(cells, spots, noise, H, W, k)
@@ -1259,6 +1284,16 @@ def _node_psf(own, spots, node_y, node_x, cell_h, cell_w):
     return np.linalg.lstsq(X, P, rcond=None)[0][0]
 
 
+def _rejection_hint(rejected, many):
+    """What most likely went wrong when more than `many` spots were rejected for one reason."""
+    if rejected["overlap"] > many:
+        return "; is kernel_size larger than the spot spacing?"
+    if rejected["hot pixel"] > many:
+        return ("; spots one pixel wide cannot be told from hot pixels: are the PSFs undersampled "
+                "(image with more magnification)?")
+    return ""
+
+
 def _assemble_grid(cells, spots, noise, H, W, k) -> Calibration:
     """5. Cell PSFs; empty cells filled from their neighbours, or an error when too many."""
     G = len(cells)
@@ -1266,11 +1301,11 @@ def _assemble_grid(cells, spots, noise, H, W, k) -> Calibration:
     rejected = {r: sum(s["status"] == r for s in spots) for r in REJECTIONS}
     why = ", ".join(f"{n} {r}" for r, n in rejected.items() if n) or "none"
     if counts.sum() == 0:
-        hint = "; is kernel_size larger than the spot spacing?" if rejected["overlap"] > len(spots) / 2 else ""
+        hint = _rejection_hint(rejected, len(spots) / 2)
         raise ValueError(f"no usable point sources in the calibration image ({len(spots)} candidates rejected: {why}){hint}")
     empty = [(int(i), int(j)) for i, j in np.argwhere(counts == 0)]
     if len(empty) > MAX_EMPTY_FRACTION * G * G:
-        hint = "; is kernel_size larger than the spot spacing?" if rejected["overlap"] > counts.sum() else ""
+        hint = _rejection_hint(rejected, counts.sum())
         raise ValueError(f"{len(empty)} of {G * G} grid cells have no usable spot (rows, cols {empty[:12]}"
                          f"{'...' if len(empty) > 12 else ''}); spread point sources over the whole field or lower "
                          f"grid_size (rejected: {why}){hint}")
@@ -1294,4 +1329,5 @@ def _assemble_grid(cells, spots, noise, H, W, k) -> Calibration:
     psfs /= psfs.sum((-2, -1), keepdims=True)
     snr = np.array([[np.median([m[3] for m in cells[i][j]]) if cells[i][j] else 0.0 for j in range(G)]
                     for i in range(G)])
-    return Calibration(psfs, np.stack(np.meshgrid(ys, xs, indexing="ij"), -1), spots, counts, snr, empty, noise)
+    narrow = float(np.median([s["sigma"] for s in spots if s["status"] == "accepted"]))
+    return Calibration(psfs, np.stack(np.meshgrid(ys, xs, indexing="ij"), -1), spots, counts, snr, empty, noise, narrow)
