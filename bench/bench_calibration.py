@@ -15,6 +15,8 @@
 5. The registration floor: one noise-free spot with its true sub-pixel offset, shifted back by
    spline interpolation (order 1, 3, 5), against the PSF drawn at offset 0: round Gaussians of
    several widths, and the defocus disks of section 1. RMS over 30 random offsets.
+6. An oracle: section 1's disks at SNR 100 with every spot's cut-out replaced by the true PSF at
+   its position (perfect registration). What is left is the cost of the grid's spatial sampling.
 """
 
 import contextlib
@@ -173,9 +175,25 @@ def registration_floor():
     print("defocus disks (section 1) " + floor(lambda dy, dx: disks.shifted(dy, dx).node_grid().numpy(), true))
 
 
+def perfect_registration():
+    print("\n6. defocus disks at SNR 100 with perfect registration (each cut-out = the true PSF at its spot)")
+    field = field_of("defocus", 256, 15, 0, **FIELDS["defocus"])
+    true = field.node_grid().numpy()
+    actual = physics._registered_cutout
+    try:
+        physics._registered_cutout = lambda img, cy, cx, k: field.psfs_on_grid(
+            torch.tensor([cy]), torch.tensor([cx]))[0, 0].numpy()
+        for beads in (False, True):
+            img, _, _ = physics.calibration_target(field, 100, beads, np.random.default_rng(0))
+            print(f"{'beads' if beads else 'array'}: {100 * rel(physics.estimate_psf_grid(img, 4, 15).psfs, true):.1f}%")
+    finally:
+        physics._registered_cutout = actual
+
+
 if __name__ == "__main__":
     error_vs_snr()
     sensitivity()
     six_fields()
     end_to_end()
     registration_floor()
+    perfect_registration()
