@@ -1218,8 +1218,10 @@ def estimate_psf_grid(image, grid_size: int, kernel_size: int, saturation=None, 
        and normalised to sum 1.
     5. Spots are assigned to a G×G grid of equal cells; each cell's spots make its "effective PSF"
        at the node (their average; with enough spots nearby, a local quadratic fit across the
-       neighbouring cells evaluated at the node: _node_psf); empty cells are filled from their neighbours, and more than MAX_EMPTY_FRACTION empty
-       cells is an error naming them.
+       neighbouring cells evaluated at the node: _node_psf); empty cells are filled from their
+       neighbours, and more than MAX_EMPTY_FRACTION empty cells is an error naming them.
+       Each spot's narrow-axis σ is measured on its raw pixels (_narrow_sigma), to tell the user
+       when the spots are undersampled.
 
     image: (H, W) float, gray, any linear scale. Raises ValueError on unusable input.
     """

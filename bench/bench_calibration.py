@@ -141,7 +141,8 @@ def end_to_end():
                 cal = physics.estimate_psf_grid(img, 4, k)
                 utils.save_psf_grid(os.path.join(tmp, "est.npz"), cal.psfs, coords)
                 p_est = utils.psnr(clean, restore(y_path, os.path.join(tmp, "est.npz"), tmp))
-                print(f"{mode:11s} {'beads' if beads else 'array':5s} SNR {snr:3d}: L2 {100 * rel(cal.psfs, field.node_grid().numpy()):5.1f}%"
+                err = rel(cal.psfs, field.node_grid().numpy())
+                print(f"{mode:11s} {'beads' if beads else 'array':5s} SNR {snr:3d}: L2 {100 * err:5.1f}%"
                       f"   PSNR {p_est:.2f} dB vs {p_true:.2f} dB with the true grid ({p_est - p_true:+.2f} dB)")
 
 
