@@ -1262,7 +1262,7 @@ LOCAL_FIT_RADIUS = 1.2   # cells: how far from a node the spots of a local fit m
 LOCAL_FIT_MIN_SPOTS = 10  # fewer within that radius (an array target has 5): the cell's own mean
 
 
-def _node_psf(own, spots, node_y, node_x, cell_h, cell_w):
+def _node_psf(own, pos, P, node_y, node_x, cell_h, cell_w):
     """The effective PSF at one node (k², flat).
 
     With LOCAL_FIT_MIN_SPOTS or more spots within LOCAL_FIT_RADIUS cells (bead targets), a
@@ -1272,18 +1272,17 @@ def _node_psf(own, spots, node_y, node_x, cell_h, cell_w):
     for the bench's defocus beads at SNR 100, and 5.4 -> 4.2% for a fast-varying Gaussian field).
     Otherwise (one spot per cell: an array target, whose spot sits at the node) the plain mean of
     the cell's own spots.
-    own: this cell's spots; spots: every accepted spot; each (psf (k, k), row, col, snr).
+    own: this cell's spots, each (psf (k, k), row, col, snr); pos (N, 2) [row, col] and P (N, k²)
+    the positions and flattened PSFs of every accepted spot, built once for all nodes.
     """
-    dy = np.array([s[1] - node_y for s in spots]) / cell_h
-    dx = np.array([s[2] - node_x for s in spots]) / cell_w
+    dy, dx = (pos[:, 0] - node_y) / cell_h, (pos[:, 1] - node_x) / cell_w
     near = np.flatnonzero(np.hypot(dy, dx) < LOCAL_FIT_RADIUS)
     if len(near) < LOCAL_FIT_MIN_SPOTS:
         return np.mean([s[0].ravel() for s in own], 0)
     y, x = dy[near], dx[near]
     w = np.sqrt((1 - (np.hypot(y, x) / LOCAL_FIT_RADIUS) ** 3) ** 3)        # √tricube: weighted least squares
     X = np.stack([np.ones_like(y), y, x, y * y, x * x, y * x], 1) * w[:, None]  # (n, 6)
-    P = np.stack([spots[i][0].ravel() for i in near]) * w[:, None]             # (n, k²)
-    return np.linalg.lstsq(X, P, rcond=None)[0][0]
+    return np.linalg.lstsq(X, P[near] * w[:, None], rcond=None)[0][0]
 
 
 def _rejection_hint(rejected, many):
@@ -1314,8 +1313,10 @@ def _assemble_grid(cells, spots, noise, H, W, k) -> Calibration:
     ys, xs = grid_node_coords(G, H).numpy(), grid_node_coords(G, W).numpy()
     psfs = np.full((G, G, k, k), np.nan)
     every = [s for row in cells for cell in row for s in cell]
+    pos = np.array([(s[1], s[2]) for s in every])                   # (N, 2)
+    P = np.stack([s[0].ravel() for s in every])                     # (N, k²)
     for i, j in np.argwhere(counts > 0):
-        psfs[i, j] = _node_psf(cells[i][j], every, ys[i], xs[j], H / G, W / G).reshape(k, k)
+        psfs[i, j] = _node_psf(cells[i][j], pos, P, ys[i], xs[j], H / G, W / G).reshape(k, k)
     todo = list(empty)
     while todo:  # fill from filled 8-neighbours, outward
         done = []
