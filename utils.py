@@ -558,23 +558,23 @@ def plot_comparison(path, panels):
     _save(fig, path)
 
 
-def _colorbar(fig, im, x, y, h, label):
-    """A colorbar 0.15 in wide at (x, y) inches, h tall, labelled on its right."""
-    fig.colorbar(im, cax=_axes(fig, x, y, 0.15, h, off=False), label=label)
+def _image_with_colorbar(path, data, title, fontsize, label, width, right, **imshow):
+    """One (H, W) array `width` inches wide, titled, with a labelled colorbar in `right` inches of
+    margin; 0.1 in below for the colorbar's end labels."""
+    height = width * data.shape[0] / data.shape[1]
+    fig = _plt().figure(figsize=(width + right, height + TITLE_IN + 0.1))
+    ax = _axes(fig, 0, 0.1, width, height)
+    im = ax.imshow(data, **imshow)
+    _title(ax, title, fontsize)
+    fig.colorbar(im, cax=_axes(fig, width + 0.15, 0.1, 0.15, height, off=False), label=label)
+    _save(fig, path)
 
 
 def plot_std(path, std):
     """The per-pixel posterior std (H, W, C), averaged over channels, with a colorbar in the
     units of the [0, 1] image scale (not rescaled to its own maximum)."""
-    s = np.asarray(std).mean(-1)
-    pw = 4.0
-    ph = pw * s.shape[0] / s.shape[1]
-    fig = _plt().figure(figsize=(pw + 1.3, ph + TITLE_IN + 0.1))   # 0.1 in: the colorbar's end labels
-    ax = _axes(fig, 0, 0.1, pw, ph)
-    im = ax.imshow(s, cmap="magma", vmin=0)
-    _title(ax, "posterior std per pixel (mean over channels)", 9)
-    _colorbar(fig, im, pw + 0.15, 0.1, ph, "std, [0, 1] image scale")
-    _save(fig, path)
+    _image_with_colorbar(path, np.asarray(std).mean(-1), "posterior std per pixel (mean over channels)", 9,
+                         "std, [0, 1] image scale", 4.0, 1.3, cmap="magma", vmin=0)
 
 
 def plot_eigenpsfs(path, basis, maps, explained, max_k=10):
@@ -618,15 +618,9 @@ def plot_psf_grid(path, grid, max_side=16):
     tiles = np.ones((ny, k + 1, nx, k + 1))          # each PSF with a 1-pixel white gutter
     tiles[:, :k, :, :k] = g.transpose(0, 2, 1, 3)
     mosaic = np.pad(tiles.reshape(ny * (k + 1), nx * (k + 1)), ((1, 0), (1, 0)), constant_values=1)
-    pw = 6.0
-    ph = pw * mosaic.shape[0] / mosaic.shape[1]
-    fig = _plt().figure(figsize=(pw + 1.5, ph + TITLE_IN + 0.1))
-    ax = _axes(fig, 0, 0.1, pw, ph)
-    im = ax.imshow(mosaic, cmap="gray", interpolation="nearest", vmin=0, vmax=1)
     sub = f" (every {sy}th row / {sx}th column)" if sy > 1 or sx > 1 else ""
-    _title(ax, f"PSF grid {Gy}x{Gx}, {k}x{k} kernels{sub}", 10)
-    _colorbar(fig, im, pw + 0.15, 0.1, ph, "PSF value / that PSF's maximum")
-    _save(fig, path)
+    _image_with_colorbar(path, mosaic, f"PSF grid {Gy}x{Gx}, {k}x{k} kernels{sub}", 10,
+                         "PSF value / that PSF's maximum", 6.0, 1.5, cmap="gray", interpolation="nearest", vmin=0, vmax=1)
 
 
 SPOT_COLOURS = {"accepted": "lime", "noise": "gray", "hot pixel": "magenta", "edge": "orange",
