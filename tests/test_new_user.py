@@ -113,8 +113,9 @@ def test_small_kernel_scales_default_sizes_but_not_explicit_ones(tmp_path, capsy
 @pytest.mark.parametrize("section", ["motion", "defocus", "correlated", "random_iid"])
 @pytest.mark.parametrize("k", [3, 5, 9, 13])
 def test_fitted_sizes_always_fit(section, k):
-    fitted = physics.fit_sizes_to_kernel(section, {}, k)
-    p = fitted or physics.MODE_DEFAULTS[section]
+    given = {"edge_sigma": 0.84} if section == "defocus" else {}
+    fitted = physics.fit_sizes_to_kernel(section, given, k)
+    p = fitted or {**physics.MODE_DEFAULTS[section], **given}
     physics.SVBlurSimulator(32, 32, k, 2).simulate_sv_kernel_grid(section, seed=0, **p)  # raises if it does not fit
 
 

@@ -162,6 +162,35 @@ def test_defocus_radius_grows_outward():
     assert support[3, 3] < support[0, 0]
 
 
+def test_blurred_disk_is_the_noncentral_chi2_cdf():
+    """A disk convolved with a Gaussian is Pr(|X + d| <= R), X ~ N(0, s²I₂): scipy's non-central χ²."""
+    from scipy.stats import ncx2
+    d = torch.linspace(0, 14, 300, dtype=torch.float64)
+    for R, s in ((6.0, 1.0), (1.0, 0.9), (0.3, 0.3), (10.0, 0.29), (2.0, 2.0)):
+        ref = ncx2.cdf(R ** 2 / s ** 2, 2, d.numpy() ** 2 / s ** 2)
+        assert np.abs(physics.blurred_disk(d, R, s).numpy() - ref).max() < 1e-7, (R, s)
+
+
+@pytest.mark.parametrize("radius,edge_sigma", [(6.0, 1.0), (2.0, 0.84), (1.0, 0.84), (6.0, 0.3)])
+def test_soft_defocus_disk_matches_supersampled_optics(radius, edge_sigma):
+    """edge_sigma > 0: the disk through a Gaussian of that σ and then integrated over each pixel,
+    computed by brute force on a 16x finer grid, to 0.5% (the box is taken as a Gaussian)."""
+    k, ss = 31, 16
+    field = SVBlurSimulator(64, 64, k, 1, dtype=torch.float64).simulate_field(
+        "defocus", min_radius=radius, max_radius=radius, edge_sigma=edge_sigma)
+    c = (np.arange(k * ss) + 0.5) / ss - k / 2
+    yy, xx = np.meshgrid(c, c, indexing="ij")
+    fine = scipy.ndimage.gaussian_filter((yy ** 2 + xx ** 2 <= radius ** 2).astype(float), edge_sigma * ss,
+                                         mode="constant")
+    pix = fine.reshape(k, ss, k, ss).mean((1, 3))
+    pix /= pix.sum()
+    ours = field.node_grid()[0, 0].numpy()
+    assert np.linalg.norm(ours - pix) / np.linalg.norm(pix) < 0.005
+    hard = SVBlurSimulator(64, 64, k, 1, dtype=torch.float64).simulate_sv_kernel_grid(
+        "defocus", min_radius=radius, max_radius=radius)[0, 0].numpy()
+    assert np.linalg.norm(hard - pix) / np.linalg.norm(pix) > 0.02   # the 1-px rim is another PSF
+
+
 def test_random_iid_neighbours_differ_and_default_grid():
     assert physics.resolve_grid_size({"blur_mode": "random_iid"}) == 64
     grid = SVBlurSimulator(64, 64, 21, 16).simulate_sv_kernel_grid("random_iid", seed=0)
@@ -240,6 +269,10 @@ def test_bad_mode_and_psf_not_fitting():
         sim.simulate_sv_kernel_grid("motion", max_length=15)
     with pytest.raises(ValueError, match="kernel_size"):
         sim.simulate_sv_kernel_grid("defocus", max_radius=5)
+    with pytest.raises(ValueError, match="max_radius or edge_sigma"):
+        sim.simulate_sv_kernel_grid("defocus", max_radius=2, edge_sigma=0.5)
+    with pytest.raises(ValueError, match="edge_sigma must be >= 0"):
+        sim.simulate_sv_kernel_grid("defocus", max_radius=2, edge_sigma=-0.1)
     with pytest.raises(ValueError, match="unknown parameter"):
         sim.simulate_sv_kernel_grid("defocus", max_length=5)
 
