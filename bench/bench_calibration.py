@@ -2,9 +2,11 @@
 
     python bench/bench_calibration.py
 
-1. For correlated Gaussians and defocus disks, a regular array (one source per cell) and scattered
-   beads (3-8 per cell): the relative L2 error against the true node PSFs of the per-pixel field at
-   peak SNR 10, 20, 50, 100 and 1000, with the time of each estimate (256x256, 4x4 grid, 15x15 PSFs).
+1. For correlated Gaussians, defocus disks with a 1-px rim, and defocus disks whose rim is blurred
+   by the Airy core of a Nyquist-sampled lens (edge_sigma 0.84 px), a regular array (one source per
+   cell) and scattered beads (3-8 per cell): the relative L2 error against the true node PSFs of the
+   per-pixel field at peak SNR 10, 20, 50, 100 and 1000, with the time of each estimate (256x256,
+   4x4 grid, 15x15 PSFs).
 2. How much L2 error a tiny change of the PSF is (a 0.05 px shift; a 0.05 px larger disk): the
    scale against which the 5% bound should be read.
 3. Six random fields of Nyquist-sampled Gaussians (widths 1-3 px, 384x384, 21x21): the error at
@@ -14,7 +16,8 @@
    node grid (analytic prior, same seed, 128x128): the PSNR difference.
 5. The registration floor: one noise-free spot with its true sub-pixel offset, shifted back by
    spline interpolation (order 1, 3, 5), against the PSF drawn at offset 0: round Gaussians of
-   several widths, and the defocus disks of section 1. RMS over 30 random offsets.
+   several widths, and defocus disks with rims from 1 px (edge_sigma 0) to Nyquist-sampled
+   (edge_sigma 0.84). RMS over 30 random offsets.
 6. An oracle: section 1's disks at SNR 100 with every spot's cut-out replaced by the true PSF at
    its position (perfect registration). What is left is the cost of the grid's spatial sampling.
 """
@@ -33,7 +36,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import physics  # noqa: E402
 
-FIELDS = {"correlated": dict(sigma_scale=1.2, mu_scale=0.0), "defocus": dict(max_radius=5.0)}
+FIELDS = {"correlated": ("correlated", dict(sigma_scale=1.2, mu_scale=0.0)),     # name: (mode, parameters)
+          "defocus": ("defocus", dict(max_radius=5.0)),
+          "soft rim": ("defocus", dict(max_radius=4.4, edge_sigma=0.84))}
 
 
 def rel(a, b):
@@ -48,7 +53,7 @@ def error_vs_snr():
     snrs = (10, 20, 50, 100, 1000)
     print("1. relative L2 error against the true node PSFs (256x256, 4x4, 15x15)")
     print(f"{'PSFs':11s} {'layout':7s} " + " ".join(f"{'SNR ' + str(s):>9s}" for s in snrs) + "   time")
-    for mode, params in FIELDS.items():
+    for name, (mode, params) in FIELDS.items():
         field = field_of(mode, 256, 15, 0, **params)
         true = field.node_grid().numpy()
         for beads in (False, True):
@@ -59,18 +64,19 @@ def error_vs_snr():
                 cal = physics.estimate_psf_grid(img, 4, 15)
                 t = max(t, time.perf_counter() - t0)
                 errs.append(rel(cal.psfs, true))
-            print(f"{mode:11s} {'beads' if beads else 'array':7s} " + " ".join(f"{100 * e:8.1f}%" for e in errs)
+            print(f"{name:11s} {'beads' if beads else 'array':7s} " + " ".join(f"{100 * e:8.1f}%" for e in errs)
                   + f"   {t:.2f} s")
 
 
 def sensitivity():
     print("\n2. L2 size of a tiny change of the true node PSFs")
-    for mode, params in FIELDS.items():
+    for name, (mode, params) in FIELDS.items():
         field = field_of(mode, 256, 15, 0, **params)
         true = field.node_grid().numpy()
-        line = f"{mode:11s} shifted 0.05 px: {100 * rel(field.shifted(0.05, 0).node_grid().numpy(), true):.1f}%"
+        line = f"{name:11s} shifted 0.05 px: {100 * rel(field.shifted(0.05, 0).node_grid().numpy(), true):.1f}%"
         if mode == "defocus":
-            wider = field_of(mode, 256, 15, 0, min_radius=1.05, max_radius=5.05).node_grid().numpy()
+            wider = {**params, "min_radius": 1.05, "max_radius": params["max_radius"] + 0.05}
+            wider = field_of(mode, 256, 15, 0, **wider).node_grid().numpy()
             line += f"; radius 0.05 px larger: {100 * rel(wider, true):.1f}%"
         print(line)
 
@@ -124,7 +130,7 @@ def end_to_end():
     print("\n4. restoring with the estimated grid vs the true node grid (128x128, 4x4, 15x15, y with noise 0.02)")
     logging.disable(logging.WARNING)
     H, k, tmp = 128, 15, tempfile.mkdtemp()
-    for mode, params in FIELDS.items():
+    for name, (mode, params) in FIELDS.items():
         field = field_of(mode, H, k, 3, **params)
         coords = tuple(c.numpy() for c in field.node_coords())
         scene = utils.load_scene("sample", H, k // 2)
@@ -142,7 +148,7 @@ def end_to_end():
                 utils.save_psf_grid(os.path.join(tmp, "est.npz"), cal.psfs, coords)
                 p_est = utils.psnr(clean, restore(y_path, os.path.join(tmp, "est.npz"), tmp))
                 err = rel(cal.psfs, field.node_grid().numpy())
-                print(f"{mode:11s} {'beads' if beads else 'array':5s} SNR {snr:3d}: L2 {100 * err:5.1f}%"
+                print(f"{name:11s} {'beads' if beads else 'array':5s} SNR {snr:3d}: L2 {100 * err:5.1f}%"
                       f"   PSNR {p_est:.2f} dB vs {p_true:.2f} dB with the true grid ({p_est - p_true:+.2f} dB)")
 
 
@@ -171,14 +177,17 @@ def registration_floor():
     for sigma in (0.6, 0.7, 0.8, 1.0, 1.5):
         true = gaussian(sigma, 0, 0)[3:-3, 3:-3]
         print(f"Gaussian sigma {sigma:.1f} px   " + floor(lambda dy, dx: gaussian(sigma, dy, dx), true / true.sum()))
-    disks = field_of("defocus", 256, 21, 0, **FIELDS["defocus"])
-    true = field_of("defocus", 256, 15, 0, **FIELDS["defocus"]).node_grid().numpy()
-    print("defocus disks (section 1) " + floor(lambda dy, dx: disks.shifted(dy, dx).node_grid().numpy(), true))
+    for edge_sigma in (0.0, 0.3, 0.5, 0.84):
+        params = dict(max_radius=4.4, edge_sigma=edge_sigma)
+        disks = field_of("defocus", 256, 21, 0, **params)
+        true = field_of("defocus", 256, 15, 0, **params).node_grid().numpy()
+        print(f"disks, edge_sigma {edge_sigma:.2f} " + floor(lambda dy, dx: disks.shifted(dy, dx).node_grid().numpy(), true))
 
 
 def perfect_registration():
     print("\n6. defocus disks at SNR 100 with perfect registration (each cut-out = the true PSF at its spot)")
-    field = field_of("defocus", 256, 15, 0, **FIELDS["defocus"])
+    mode, params = FIELDS["defocus"]
+    field = field_of(mode, 256, 15, 0, **params)
     true = field.node_grid().numpy()
     actual = physics._registered_cutout
     try:
