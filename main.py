@@ -1110,7 +1110,8 @@ def calibrate(cfg) -> int:
               "spots_accepted": int(cal.counts.sum()), "spots_rejected": cal.rejected(),
               "cells_filled_from_neighbours": [list(c) for c in cal.filled],
               "spots_per_cell": cal.counts.tolist(), "median_peak_snr_per_cell": cal.snr.round(2).tolist(),
-              "median_narrow_axis_sigma_px": round(cal.narrow_sigma, 3)}
+              "median_narrow_axis_sigma_px": round(cal.narrow_sigma, 3),
+              "registration_error_estimate": round(cal.registration_error, 4)}
     utils.write_json(os.path.join(run_dir, "calibration.json"), report)
     utils.save_yaml(os.path.join(run_dir, "config.yaml"), cfg)
     utils.plot_calibration_spots(os.path.join(run_dir, "images", "spots.png"), img[..., 0], cal.spots)
@@ -1118,10 +1119,12 @@ def calibrate(cfg) -> int:
     utils.plot_cell_map(os.path.join(run_dir, "images", "cells.png"), cal.counts, cal.snr)
     log.info("%d spots accepted; rejected: %s", cal.counts.sum(),
              ", ".join(f"{n} {r}" for r, n in cal.rejected().items() if n) or "none")
-    if cal.narrow_sigma < physics.UNDERSAMPLED_SIGMA:
-        log.warning("the spots are undersampled (median sigma %.2f px along their narrow axis, below %.1f px): "
-                    "registering them sub-pixel errs by about 6%% at 0.8 px and 20%% at 0.6 px; more magnification "
-                    "(smaller pixels) would help (README, Calibration)", cal.narrow_sigma, physics.UNDERSAMPLED_SIGMA)
+    if cal.registration_error > physics.REGISTRATION_WARN:
+        log.warning("the spots are undersampled: %.0f%% of their amplitude lies near the Nyquist frequency, so "
+                    "registering one spot sub-pixel errs by about as much (median sigma %.2f px along the narrow "
+                    "axis; a Gaussian needs 0.8 px, a disk's rim a blur of 0.5 px or more); more magnification "
+                    "(smaller pixels) would help (README, Calibration)", 100 * cal.registration_error,
+                    cal.narrow_sigma)
     if cal.filled:
         log.warning("%d cell(s) had no usable spot and were filled from their neighbours: %s", len(cal.filled),
                     ", ".join(map(str, cal.filled)))

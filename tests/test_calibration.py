@@ -123,7 +123,8 @@ def test_cli_writes_grid_pictures_and_report(tmp_path, capsys, monkeypatch, capl
     report = json.loads(open(os.path.join(run, "calibration.json")).read())
     assert report["spots_accepted"] >= 48 and sum(map(sum, report["spots_per_cell"])) == report["spots_accepted"]
     # FIELD's Gaussians are 0.6-1.8 px wide (median narrow-axis sigma 0.71 px): undersampled, and said so.
-    assert report["median_narrow_axis_sigma_px"] < physics.UNDERSAMPLED_SIGMA and "undersampled" in r.stderr
+    assert report["median_narrow_axis_sigma_px"] < 0.8
+    assert report["registration_error_estimate"] > physics.REGISTRATION_WARN and "undersampled" in r.stderr
 
 
 def narrow_sigma_of(psfs):
@@ -145,80 +146,34 @@ def test_spot_width_is_measured_before_registration(scale, H, k):
     cal = physics.estimate_psf_grid(img, 4, k)
     true = narrow_sigma_of(field.node_grid().numpy())
     assert abs(cal.narrow_sigma - true) <= 0.05, (cal.narrow_sigma, true)
-    assert (cal.narrow_sigma < physics.UNDERSAMPLED_SIGMA) == (scale < 2.0)
+    assert (cal.registration_error > physics.REGISTRATION_WARN) == (scale < 2.0)
 
 
-def blank(H=256):
-    rng = np.random.default_rng(0)
-    return rng.poisson(10.0, (H, H)) + rng.normal(0, 2.0, (H, H))
+def registration_floor(field, n=30):
+    """RMS error of registering one noise-free spot of `field`'s centre PSF by cubic spline, given
+    its true sub-pixel offset (drawn exactly by the simulator), against the PSF drawn at offset 0."""
+    from scipy.ndimage import shift
+    ys, xs = field.node_coords()
+    true = field.psfs_on_grid(ys[:1], xs[:1])[0, 0].numpy()
+    errs = []
+    for dy, dx in np.random.default_rng(0).uniform(-0.5, 0.5, (n, 2)):
+        seen = field.shifted(dy, dx).psfs_on_grid(ys[:1], xs[:1])[0, 0].numpy()
+        back = shift(np.pad(seen, 3), (-dy, -dx), order=3, mode="constant")[3:-3, 3:-3]
+        errs.append(rel_error(back / back.sum(), true))
+    return float(np.sqrt(np.mean(np.square(errs))))
 
 
-def one_spot():
-    field, _ = field_and_target(100, beads=False)
-    return blank() + physics.render_point_sources(field, [128.3], [100.6], [1e5])
-
-
-def corner_spots():
-    _, img = field_and_target(100, beads=False)
-    return erase(erase(img, slice(None), slice(128, None)), slice(128, None), slice(None))
-
-
-def one_pixel_spots():
-    """Gaussians of σ 0.15-0.45 px: nearly all their light in one pixel, like hot pixels."""
-    return field_and_target(100, beads=False, field=dict(sigma_scale=0.3, mu_scale=0.0))[1]
-
-
-BAD = {"blank image": (blank, "15", "no usable point sources"),
-       "one-pixel spots": (one_pixel_spots, "15", "are the PSFs undersampled"),
-       "one spot": (one_spot, "15", "15 of 16 grid cells have no usable spot"),
-       "spots in one corner": (corner_spots, "15", "12 of 16 grid cells"),
-       "kernel larger than spacing": (lambda: field_and_target(100, beads=True)[1], "41", "spot spacing")}
-
-
-@pytest.mark.parametrize("case", list(BAD))
-def test_bad_calibration_input_exit_2_and_no_grid(case, tmp_path, capsys, monkeypatch, caplog):
-    make, k, pattern = BAD[case]
-    src = write_tif(tmp_path / "c.tif", make())
-    out = tmp_path / "grid.npz"
-    r = cli(["--calibration", src, "--grid_size", "4", "--kernel_size", k, "--save_psf_grid", str(out),
-             "--save_dir", str(tmp_path / "res")], capsys, monkeypatch, caplog)
-    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
-    assert r.returncode == 2 and len(lines) == 1 and pattern in lines[0], r.stderr[-2000:]
-    assert not out.exists() and not (tmp_path / "res").exists()
-
-
-@pytest.mark.slow
-def test_restoring_with_the_estimated_grid_is_as_good_as_with_the_true_grid(tmp_path, capsys, monkeypatch, caplog):
-    """A scene through the same optics, restored once with the calibrated grid and once with the
-    true node grid (analytic prior, same seed): within 0.5 dB PSNR of each other."""
-    import utils
-    H, k = 128, 15
-    field = physics.SVBlurSimulator(H, H, k, 4, dtype=torch.float64).simulate_field("correlated", seed=3, **FIELD)
-    img, _, _ = physics.calibration_target(field, 100, False, np.random.default_rng(3))
-    cal = physics.estimate_psf_grid(img, 4, k)
-    coords = tuple(c.numpy() for c in field.node_coords())
-    utils.save_psf_grid(str(tmp_path / "est.npz"), cal.psfs, coords)
-    utils.save_psf_grid(str(tmp_path / "true.npz"), field.node_grid(), coords)
-    delta = np.zeros((4, 4, k, k))
-    delta[..., k // 2, k // 2] = 1
-    utils.save_psf_grid(str(tmp_path / "wrong.npz"), delta, coords)   # a failed calibration: no blur at all
-    scene = utils.load_scene("sample", H, k // 2)
-    x_ext = utils.to_tensor(scene).double()
-    y = physics.GroundTruthBlur(field, "scatter")(x_ext)
-    y = (y + 0.02 * torch.randn(y.shape, generator=torch.Generator().manual_seed(0), dtype=y.dtype)).clamp(0, 1)
-    tifffile.imwrite(tmp_path / "y.tif", utils.to_numpy(y).astype(np.float32), photometric="rgb")
-    clean = scene[k // 2:k // 2 + H, k // 2:k // 2 + H]
-    psnr, restored = {}, {}
-    for name in ("est", "true", "wrong"):
-        r = cli(["--model_id", "analytic", "--blurred", str(tmp_path / "y.tif"), "--psf_grid", str(tmp_path / f"{name}.npz"),
-                 "--num_samples", "2", "--num_inference_steps", "30", "--step_size", "8", "--seed", "0",
-                 "--no_intermediates", "--save_dir", str(tmp_path / name)], capsys, monkeypatch, caplog)
-        assert r.returncode == 0, r.stderr[-2000:]
-        run = r.stdout.strip().splitlines()[-1]
-        restored[name] = np.load(os.path.join(run, "restored.npy")).astype(np.float64)
-        psnr[name] = utils.psnr(clean, restored[name])
-    assert abs(psnr["est"] - psnr["true"]) <= 0.5, psnr
-    # Same seed, same noise path: what differs is the operator. The calibrated grid's restoration is
-    # far closer to the true grid's than a wrong grid's is (so the check above can fail).
-    gap = lambda a, b: np.linalg.norm(restored[a] - restored[b])  # noqa: E731
-    assert gap("est", "true") < 0.25 * gap("wrong", "true"), (gap("est", "true"), gap("wrong", "true"))
+@pytest.mark.parametrize("edge_sigma", [0.0, 0.3, 0.5, 0.84])
+def test_registration_error_estimate_matches_the_real_registration_floor(edge_sigma):
+    """Disks of one radius (3 px, where the estimate is worst of 2, 3 and 4 px), from a 1-px rim to
+    a Nyquist-sampled one: the estimate the calibration makes from the spots' spectra (SNR 100,
+    beads) is within 2.5 points of the error of registering such a spot by interpolation, computed
+    from the truth (0.4% to 7.4% here). The warning is given for the 1-px rim and not for the
+    rims blurred by 0.5 px or more; at 0.3 px (4.4%) the estimate reads 6.5%, so either is fair."""
+    params = dict(min_radius=3.0, max_radius=3.0, edge_sigma=edge_sigma)
+    field, img = field_and_target(100, True, mode="defocus", field=params)
+    floor = registration_floor(field)
+    cal = physics.estimate_psf_grid(img, 4, 15)
+    assert abs(cal.registration_error - floor) <= 0.025, (cal.registration_error, floor)
+    if edge_sigma != 0.3:
+        assert (cal.registration_error > physics.REGISTRATION_WARN) == (edge_sigma == 0), cal.registration_error
