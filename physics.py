@@ -288,7 +288,11 @@ class PSFField:
         d = torch.sqrt(self.u ** 2 + self.v ** 2)
         if edge_sigma == 0:
             return (radius + 0.5 - d).clamp(0, 1)
-        return blurred_disk(d, radius, math.sqrt(edge_sigma ** 2 + 1 / 12))
+        # The profile at each distinct offset length only (~k²/8 of them on the integer grid), gathered
+        # back to (…, k, k): the per-pixel truth draws a PSF for every pixel.
+        lengths, index = torch.unique(d, return_inverse=True)
+        radius = torch.as_tensor(radius, dtype=d.dtype, device=d.device)[..., None]   # (…, 1, 1, 1)
+        return blurred_disk(lengths, radius, math.sqrt(edge_sigma ** 2 + 1 / 12))[..., 0, 0, index]
 
     def _gaussian(self, sigma_major, sigma_minor, theta, mu_y, mu_x):
         c, s = torch.cos(theta), torch.sin(theta)
