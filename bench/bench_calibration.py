@@ -17,8 +17,9 @@
 5. The registration floor: one noise-free spot with its true sub-pixel offset, shifted back by
    spline interpolation (order 1, 3, 5), against the PSF drawn at offset 0: round Gaussians of
    several widths, and defocus disks with rims from 1 px (edge_sigma 0) to Nyquist-sampled
-   (edge_sigma 0.84). RMS over 30 random offsets. For the disks, beside it, the registration
-   error that estimate_psf_grid estimates from the spots' spectra (beads at SNR 100).
+   (edge_sigma 0.84). RMS over 30 random offsets. Beside it, the registration error that
+   estimate_psf_grid estimates from a spot's spectrum: on the same noise-free Gaussians, and for the
+   disks from a bead image at SNR 100.
 6. An oracle: section 1's disks at SNR 100 with every spot's cut-out replaced by the true PSF at
    its position (perfect registration). What is left is the cost of the grid's spatial sampling.
 """
@@ -177,7 +178,10 @@ def registration_floor():
 
     for sigma in (0.6, 0.7, 0.8, 1.0, 1.5):
         true = gaussian(sigma, 0, 0)[3:-3, 3:-3]
-        print(f"Gaussian sigma {sigma:.1f} px   " + floor(lambda dy, dx: gaussian(sigma, dy, dx), true / true.sum()))
+        estimate = np.sqrt(np.mean([physics._near_nyquist(gaussian(sigma, dy, dx), 10, 10, 15, 0.0) ** 2
+                                    for dy, dx in offsets]))
+        print(f"Gaussian sigma {sigma:.1f} px   " + floor(lambda dy, dx: gaussian(sigma, dy, dx), true / true.sum())
+              + f"   spectral estimate (noise-free): {100 * estimate:4.1f}%")
     for edge_sigma in (0.0, 0.3, 0.5, 0.84):
         params = dict(max_radius=4.4, edge_sigma=edge_sigma)
         disks = field_of("defocus", 256, 21, 0, **params)
