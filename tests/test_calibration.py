@@ -64,6 +64,26 @@ def test_estimated_grid_matches_true_node_psfs(psfs, seed, beads, snr, bound):
     assert np.allclose(cal.psfs.sum((-2, -1)), 1) and (cal.psfs >= 0).all()
 
 
+def test_where_beads_miss_the_node_psfs_the_blur_is_still_as_right():
+    """The xfail above (beads, field 4, SNR 100: node PSFs 7.3% off) costs a restoration nothing:
+    against the per-pixel truth, on a random scene, the estimated grid's operator (bilinear between
+    nodes) errs no more than the true node grid's, to 1%. The local fit gives each node the field
+    around it, which interpolation between nodes needs. (The field's mean PSF at every node: 1.7x.)"""
+    field, img = field_and_target(100, True, seed=4, **NYQUIST["gaussians"])
+    H, r = field.H, field.k // 2
+    truth = physics.GroundTruthBlur(field, "scatter")
+    x_ext = torch.rand(1, 1, H + 2 * r, H + 2 * r, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = x_ext[..., r:r + H, r:r + H]
+
+    def operator_error(grid):
+        op = physics.GridSVBlurOperator(torch.as_tensor(grid), H, H, "scatter", "reflect", "bilinear")
+        return physics.operator_relative_error(op, truth, x, x_ext)
+    true_grid = field.node_grid()
+    estimated = physics.estimate_psf_grid(img, 4, field.k).psfs
+    assert rel_error(estimated, true_grid.numpy()) > 0.05          # the miss is still there
+    assert operator_error(estimated) <= 1.01 * operator_error(true_grid)
+
+
 def test_spatial_variation_is_recovered_not_averaged_away():
     """Each cell's PSF is closer to its own node PSF than to the field's mean PSF."""
     field, img = field_and_target(100, beads=False)
