@@ -1120,11 +1120,11 @@ def calibrate(cfg) -> int:
     log.info("%d spots accepted; rejected: %s", cal.counts.sum(),
              ", ".join(f"{n} {r}" for r, n in cal.rejected().items() if n) or "none")
     if cal.registration_error > physics.REGISTRATION_WARN:
-        log.warning("the spots are undersampled: %.0f%% of their amplitude lies near the Nyquist frequency, so "
+        log.warning("the spots look undersampled: %.0f%% of their amplitude lies near the Nyquist frequency, so "
                     "registering one spot sub-pixel errs by about as much (median sigma %.2f px along the narrow "
-                    "axis; a Gaussian needs 0.8 px, a disk's rim a blur of 0.5 px or more); more magnification "
-                    "(smaller pixels) would help (README, Calibration)", 100 * cal.registration_error,
-                    cal.narrow_sigma)
+                    "axis; a Gaussian needs 0.8 px, a disk's rim a blur of 0.5 px or more). More magnification "
+                    "(smaller pixels) would help; but faint spots (peak SNR 10 or less) read 5-8%% from their "
+                    "shot noise alone (README, Calibration)", 100 * cal.registration_error, cal.narrow_sigma)
     if cal.filled:
         log.warning("%d cell(s) had no usable spot and were filled from their neighbours: %s", len(cal.filled),
                     ", ".join(map(str, cal.filled)))
