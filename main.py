@@ -101,6 +101,8 @@ def build_parser(defaults: dict) -> argparse.ArgumentParser:
         p.add_argument(f"--{name}", type=typ, default=None, help=f"{text} (default: {flat.get(key)!r}, {key})")
     p.add_argument("--no_intermediates", action="store_true",
                    help="do not write intermediates/step_XXXX.png (default: written, run.save_intermediates)")
+    p.add_argument("--no_figures", action="store_true",
+                   help="do not draw the matplotlib figures in images/ (default: drawn, run.save_figures)")
     p.add_argument("--download_only", action="store_true",
                    help="download the model into --model_cache and exit (default: off)")
     p.add_argument("--resume", metavar="RUN_DIR", default=None,
@@ -116,9 +118,7 @@ def resolve_config(args, argv_flags, schema) -> tuple:
     """
     user = utils.load_config(args.config) if os.path.abspath(args.config) != DEFAULT_CONFIG else {}
     explicit = set(utils.flatten(user))
-    resolved = {}
-    for key, value in {**utils.flatten(schema), **utils.flatten(user)}.items():
-        utils.set_key(resolved, key, value, schema)
+    resolved = utils.with_defaults(user, schema)
     for item in args.set:
         key, value = utils.parse_set(item)
         utils.set_key(resolved, key, value, schema)
@@ -129,6 +129,8 @@ def resolve_config(args, argv_flags, schema) -> tuple:
         explicit.add(key)
     if args.no_intermediates:
         resolved["run"]["save_intermediates"] = False
+    if args.no_figures:
+        resolved["run"]["save_figures"] = False
     return utils.validate_config(resolved, schema), explicit
 
 
@@ -564,9 +566,10 @@ def restore_inputs(p: Problem, run_dir, cfg, device, pipe, multiple, extra_confi
         np.save(os.path.join(run_dir, "clean.npy"), p.clean.astype(np.float32))
         utils.save_image(os.path.join(images_dir, "clean.png"), p.clean)
     utils.save_image(os.path.join(images_dir, "blurred.png"), p.y)
-    utils.plot_psf_grid(os.path.join(images_dir, "psf_grid.png"), p.grid)
-    utils.plot_eigenpsfs(os.path.join(images_dir, "eigenpsfs.png"), p.decomp.basis_kernels,
-                         p.decomp.coefficient_maps, p.decomp.explained_variance_ratio)
+    if rc["save_figures"]:
+        utils.plot_psf_grid(os.path.join(images_dir, "psf_grid.png"), p.grid)
+        utils.plot_eigenpsfs(os.path.join(images_dir, "eigenpsfs.png"), p.decomp.basis_kernels,
+                             p.decomp.coefficient_maps, p.decomp.explained_variance_ratio)
     method = sc["method"]
     metrics = {"status": "running", "image": p.name, "model_id": cfg["model"]["model_id"], "device": str(device),
                **p.info, "n_eigen_psfs": p.decomp.n_components, "sampler": method,
@@ -704,13 +707,15 @@ def write_outputs(p: Problem, view: RunView, run_dir, cfg, device, out, partial)
 
     import physics
     sc, m, images_dir, crop = cfg["sampler"], view.metrics, view.images_dir, view.crop
+    figures = cfg["run"]["save_figures"]
     full = partial
     if out is not None and sc["num_samples"] > 1:
         full = out["mean"]
         samples = crop(out["samples"])                           # (1, S, C_y, H, W): std in y's channels
         std = samples.std(1)[0]
         utils.save_image(os.path.join(images_dir, "mean.png"), crop(out["mean"]))
-        utils.plot_std(os.path.join(images_dir, "std.png"), utils.to_numpy(std[None]))
+        if figures:
+            utils.plot_std(os.path.join(images_dir, "std.png"), utils.to_numpy(std[None]))
         for s in range(sc["num_samples"]):
             utils.save_image(os.path.join(images_dir, f"sample_{s:02d}.png"), samples[:, s])
         m["mean_posterior_std"] = float(std.mean())
@@ -737,8 +742,9 @@ def write_outputs(p: Problem, view: RunView, run_dir, cfg, device, out, partial)
         else:
             m["operator_relative_error_on_restoration"] = physics.operator_relative_error(
                 p.eig_op, p.grid_op, restored.to(device))
-        utils.plot_comparison(os.path.join(images_dir, "comparison.png"), panels)
-    if view.state["steps"]:
+        if figures:
+            utils.plot_comparison(os.path.join(images_dir, "comparison.png"), panels)
+    if figures and view.state["steps"]:
         utils.plot_progress(os.path.join(images_dir, "progress.png"), view.state["steps"], view.state["x0_hat"],
                             view.state["residual"])
 
@@ -803,7 +809,8 @@ def resume_run(run_dir, schema, given) -> int:
         log.warning("--resume uses the run's saved config; ignoring %s", ", ".join(f"--{g}" for g in given))
     saved = utils.load_config(os.path.join(run_dir, "config.yaml"))
     extra = saved.pop("resolved", {})
-    cfg = utils.validate_config(saved, schema)
+    # Keys added since the run was written take their defaults: what that version did.
+    cfg = utils.validate_config(utils.with_defaults(saved, schema), schema)
     ckpt = load_checkpoint(ckpt_path)
     device = resolve_device(cfg["run"]["device"])
     dtype = getattr(torch, cfg["run"]["dtype"])  # validated: float32 | bfloat16 | float16

@@ -119,6 +119,15 @@ def set_key(cfg: dict, dotted: str, value, schema: dict) -> None:
     node[leaf] = value
 
 
+def with_defaults(cfg: dict, schema: dict) -> dict:
+    """cfg over the schema's values: every key of the schema, cfg's where it has one. A key that
+    the schema lacks raises UserError (set_key)."""
+    out = {}
+    for key, value in {**flatten(schema), **flatten(cfg)}.items():
+        set_key(out, key, value, schema)
+    return out
+
+
 def parse_set(item: str):
     """'section.key=value' -> (key, value); the value is parsed as YAML (numbers, booleans, lists)."""
     if "=" not in item:

@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+import yaml
 
 import main
 from helpers import save_tiny_model
@@ -58,6 +59,9 @@ def test_sigterm_then_resume_is_bit_identical(tmp_path, tiny_model, sampler, cap
     assert (run / "checkpoint.pt").is_file() and "--resume" in err
     m = json.loads((run / "metrics.json").read_text())
     assert m["status"] == "preempted" and 0 < m["steps_completed"] < 50
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    del saved["run"]["save_figures"]         # as a run written before that key existed
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
     r = cli(["--resume", str(run)], capsys, monkeypatch, caplog)
     assert r.returncode == 0, r.stderr[-2000:]
     assert not (run / "checkpoint.pt").exists()

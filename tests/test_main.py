@@ -113,15 +113,19 @@ def test_offline_quickstart_from_readme_beats_blurred(tmp_path, capsys, monkeypa
 
 @pytest.mark.slow
 def test_same_seed_same_result(tmp_path, capsys, monkeypatch, caplog):
-    """One run in a fresh process, one in this one (after whatever ran here before): same image."""
+    """One run in a fresh process, one in this one (after whatever ran here before): same image.
+    The second draws no figures (--no_figures), which changes nothing else."""
     outs = []
+    figures = ["comparison", "eigenpsfs", "psf_grid", "progress"]
     for i in range(2):
         args = ["--model_id", "analytic", *FAST, "--save_dir", str(tmp_path / str(i)), "--no_intermediates"]
-        r = run_cli(args) if i == 0 else cli(args, capsys, monkeypatch, caplog)
+        r = run_cli(args) if i == 0 else cli(args + ["--no_figures"], capsys, monkeypatch, caplog)
         assert r.returncode == 0, r.stderr
         d = tmp_path / str(i) / run_dirs(tmp_path / str(i))[0]
         outs.append(np.asarray(Image.open(d / "images/restored.png")))
         assert not (d / "intermediates").exists()
+        assert [(d / "images" / f"{f}.png").is_file() for f in figures] == [i == 0] * len(figures)
+        assert yaml.safe_load((d / "config.yaml").read_text())["run"]["save_figures"] == (i == 0)
     assert np.array_equal(*outs)
 
 
@@ -225,7 +229,7 @@ def test_make_run_dir_is_unique_under_contention(tmp_path):
 def test_help_lists_every_flag(capsys, monkeypatch, caplog):
     r = cli(["--help"], capsys, monkeypatch, caplog)
     assert r.returncode == 0
-    for flag in ["--config", "--set", "--no_intermediates", "--download_only", *[f"--{n}" for n in main.FLAGS]]:
+    for flag in ["--config", "--set", "--no_intermediates", "--no_figures", "--download_only", *[f"--{n}" for n in main.FLAGS]]:
         assert flag in r.stdout, flag
     assert "default: 'google/ddpm-celebahq-256'" in r.stdout and "default: 'auto', sampler.num_inference_steps" in r.stdout
 
