@@ -102,7 +102,8 @@ def build_parser(defaults: dict) -> argparse.ArgumentParser:
     p.add_argument("--no_intermediates", action="store_true",
                    help="do not write intermediates/step_XXXX.png (default: written, run.save_intermediates)")
     p.add_argument("--no_figures", action="store_true",
-                   help="do not draw the matplotlib figures in images/ (default: drawn, run.save_figures)")
+                   help="do not draw a restoration's per-image matplotlib figures in images/ (default: drawn, "
+                        "run.save_figures; calibration pictures are always drawn)")
     p.add_argument("--download_only", action="store_true",
                    help="download the model into --model_cache and exit (default: off)")
     p.add_argument("--resume", metavar="RUN_DIR", default=None,
