@@ -1199,14 +1199,20 @@ def _raw_peak(img, r, c):
     return int(r0 + dr), int(c0 + dc)
 
 
+def _box(img, cy, cx, h):
+    """The (2h + 1)² pixels around the pixel nearest (cy, cx), and that pixel's row and column."""
+    ry, rx = int(round(cy)), int(round(cx))
+    return img[ry - h:ry + h + 1, rx - h:rx + h + 1], ry, rx
+
+
 def _centroid(img, r, c, k):
     """Sub-pixel centre: the intensity centroid in a disk of radius k/2, re-centred twice."""
     cy, cx = float(r), float(c)
     h = k // 2
     yy, xx = np.mgrid[-h:h + 1, -h:h + 1]
     for _ in range(3):
-        ry, rx = int(round(cy)), int(round(cx))
-        w = np.clip(img[ry - h:ry + h + 1, rx - h:rx + h + 1], 0, None) * ((yy ** 2 + xx ** 2) <= h * h)
+        box, ry, rx = _box(img, cy, cx, h)
+        w = np.clip(box, 0, None) * ((yy ** 2 + xx ** 2) <= h * h)
         if w.sum() <= 0:
             break
         cy, cx = ry + (w * yy).sum() / w.sum(), rx + (w * xx).sum() / w.sum()
@@ -1225,9 +1231,7 @@ def _near_nyquist(img, cy, cx, k, noise):
     true offset (bench section 5; tests), the share is within about 2 points, for Gaussians of σ
     0.6-1.5 px and disks of radius 2-4 px with any rim. The spot's own shot noise is not
     subtracted (the gain is unknown): well-sampled spots read up to 3.7% at peak SNR 20, 5-8% at 10."""
-    h = k // 2
-    ry, rx = int(round(cy)), int(round(cx))
-    power = np.abs(np.fft.fft2(img[ry - h:ry + h + 1, rx - h:rx + h + 1])) ** 2
+    power = np.abs(np.fft.fft2(_box(img, cy, cx, k // 2)[0])) ** 2
     f = np.fft.fftfreq(k)
     high = np.hypot(f[:, None], f[None, :]) >= NEAR_NYQUIST
     noise_power = k * k * noise ** 2
@@ -1241,8 +1245,7 @@ def _narrow_sigma(img, cy, cx, k):
     smaller eigenvalue of the second moments about the centroid, in a disk that shrinks to 3σ + 1
     px (twice) so that the background noise of the whole box does not swamp a narrow spot."""
     h = k // 2
-    ry, rx = int(round(cy)), int(round(cx))
-    box = img[ry - h:ry + h + 1, rx - h:rx + h + 1]
+    box, ry, rx = _box(img, cy, cx, h)
     v = np.arange(-h, h + 1)
     yy, xx = v[:, None] + (ry - cy), v[None, :] + (rx - cx)
     radius, sigma = float(h), 0.0
@@ -1261,9 +1264,7 @@ def _registered_cutout(img, cy, cx, k):
     """The k×k PSF around (cy, cx), shifted sub-pixel (cubic spline) so that the centroid sits on
     the kernel centre, normalised to sum 1."""
     from scipy.ndimage import shift
-    h = k // 2 + 3
-    ry, rx = int(round(cy)), int(round(cx))
-    box = img[ry - h:ry + h + 1, rx - h:rx + h + 1]
+    box, ry, rx = _box(img, cy, cx, k // 2 + 3)   # 3 px more each side for the spline's reach
     box = shift(box, (ry - cy, rx - cx), order=3, mode="constant")[3:-3, 3:-3]
     return box / box.sum()
 
