@@ -104,6 +104,9 @@ def build_parser(defaults: dict) -> argparse.ArgumentParser:
     p.add_argument("--no_figures", action="store_true",
                    help="do not draw a restoration's per-image matplotlib figures in images/ (default: drawn, "
                         "run.save_figures; calibration pictures are always drawn)")
+    p.add_argument("--no_baseline", action="store_true",
+                   help="skip the classical baselines (Richardson-Lucy and Tikhonov) written beside each restoration "
+                        "(default: run, run.baseline)")
     p.add_argument("--download_only", action="store_true",
                    help="download the model into --model_cache and exit (default: off)")
     p.add_argument("--resume", metavar="RUN_DIR", default=None,
@@ -118,12 +121,19 @@ def resolve_config(args, argv_flags, schema) -> tuple:
     the others are defaults, which fit_defaults may adapt to the data.
     """
     user = utils.load_config(args.config) if os.path.abspath(args.config) != DEFAULT_CONFIG else {}
+    pairs = [utils.parse_set(item) for item in args.set]
+    # The run's blur mode, which decides whether the first version's physics.random_iid.grid_size applies.
+    mode = args.blur_mode or dict(pairs).get("physics.blur_mode") or utils.flatten(user).get(
+        "physics.blur_mode", schema["physics"]["blur_mode"])
+    user = utils.unflatten(utils.unalias(utils.flatten(user), os.path.basename(args.config), mode, log))
     explicit = set(utils.flatten(user))
     resolved = utils.with_defaults(user, schema)
-    for item in args.set:
-        key, value = utils.parse_set(item)
-        utils.set_key(resolved, key, value, schema)
-        explicit.add(key)
+    utils.unalias(dict(pairs), "--set", mode)  # an old key beside its new one, with another value, is an error
+    for key, value in pairs:  # in order: a later --set of a key overrides an earlier one
+        key = utils.unalias_key(key, mode, "--set", log)
+        if key is not None:
+            utils.set_key(resolved, key, value, schema)
+            explicit.add(key)
     for name in argv_flags:
         key = FLAGS[name][0]
         utils.set_key(resolved, key, getattr(args, name), schema)
@@ -132,6 +142,8 @@ def resolve_config(args, argv_flags, schema) -> tuple:
         resolved["run"]["save_intermediates"] = False
     if args.no_figures:
         resolved["run"]["save_figures"] = False
+    if args.no_baseline:
+        resolved["run"]["baseline"] = False
     return utils.validate_config(resolved, schema), explicit
 
 
@@ -663,7 +675,7 @@ def sample(ps, views, cfg, device, dtype, generator, pipe, start, checkpoint, ru
                               dtype=dtype, gradient_checkpointing=rc["gradient_checkpointing"],
                               check_every=sc["log_every"], x_size=views[0].x_size,
                               x_T=start[0].to(device) if start else None, start_index=start[1] if start else 0)
-            status, cg = "complete", inter.get("cg_iterations_per_image")
+            status, cg = "complete", (inter.get("cg_iterations_per_image"), inter.get("cg_stop_rule_per_image"))
         except dps.DivergenceError as e:
             exit_code, error, status, partial = EXIT_DIVERGED, str(e), "diverged", e.partial
         except Preempted as e:
@@ -696,9 +708,20 @@ def record_sampling(views, cfg, status, runtime, cg) -> None:
                  steps_completed=state["steps_done"], steps_per_s=state["steps_done"] / runtime if runtime > 0 else 0.0)
         if view.timing and state["steps_done"] > view.timing["step"]:  # steady state, without the first steps
             m["s_per_step_after_warmup"] = (time.time() - view.timing["t"]) / (state["steps_done"] - view.timing["step"])
-        if cg is not None and len(cg):
-            mine = torch.as_tensor(cg)[:, b * S:(b + 1) * S].amax(1)              # (steps,)
-            m.update(cg_iterations_mean=float(mine.double().mean()), cg_iterations_max=int(mine.max()))
+        if cg is not None and cg[0] is not None:
+            record_data_steps(m, cg[0][:, b * S:(b + 1) * S], cg[1][:, b * S:(b + 1) * S])
+
+
+def record_data_steps(m, iters, rules) -> None:
+    """DiffPIR's data steps for one image, (steps, S) each: the iterations and stopping rule of each
+    step (of its sample that took the most iterations), and how often each rule stopped a solve."""
+    import dps
+    worst = iters.argmax(1, keepdim=True)
+    per_step = iters.gather(1, worst)[:, 0]
+    m.update(cg_iterations_mean=float(per_step.double().mean()), cg_iterations_max=int(per_step.max()),
+             cg_stop_rules={name: int((rules == k).sum()) for k, name in enumerate(dps.STOP_RULES)},
+             cg_iterations_per_step=per_step.tolist(),
+             cg_stop_rule_per_step=[dps.STOP_RULES[k] for k in rules.gather(1, worst)[:, 0].tolist()])
 
 
 def write_outputs(p: Problem, view: RunView, run_dir, cfg, device, out, partial) -> None:
@@ -740,7 +763,9 @@ def write_outputs(p: Problem, view: RunView, run_dir, cfg, device, out, partial)
             panels = [("clean", p.clean),
                       (f"blurred  PSNR {m['psnr_blurred']:.2f} dB  SSIM {m['ssim_blurred']:.3f}", y_np),
                       (f"{title} ({sc['method']})  PSNR {m['psnr_restored']:.2f} dB  SSIM {m['ssim_restored']:.3f}", r)]
-        else:
+        if cfg["run"]["baseline"]:
+            panels += classical_baselines(p, images_dir, cfg, m)
+        if p.clean is None:
             m["operator_relative_error_on_restoration"] = physics.operator_relative_error(
                 p.eig_op, p.grid_op, restored.to(device))
         if figures:
@@ -748,6 +773,29 @@ def write_outputs(p: Problem, view: RunView, run_dir, cfg, device, out, partial)
     if figures and view.state["steps"]:
         utils.plot_progress(os.path.join(images_dir, "progress.png"), view.state["steps"], view.state["x0_hat"],
                             view.state["residual"])
+
+
+BASELINE_TITLES = {"richardson_lucy": "Richardson-Lucy", "tikhonov": "Tikhonov"}
+
+
+def classical_baselines(p: Problem, images_dir, cfg, m) -> list:
+    """Richardson-Lucy and Tikhonov (baselines.py) on y with the same EigenPSF operator and σ_y as
+    the sampler: their images, metrics beside the diffusion result's, and comparison panels."""
+    import baselines
+    t0 = time.time()
+    results = baselines.restore_baselines(p.eig_op, p.y, sigma_y(p, cfg))
+    m["baseline_runtime_s"] = time.time() - t0
+    panels = []
+    for name, (x, facts) in results.items():
+        img = utils.to_numpy(x)
+        utils.save_image(os.path.join(images_dir, f"baseline_{name}.png"), x)
+        m[name] = facts
+        title = BASELINE_TITLES[name]
+        if p.clean is not None:
+            m[f"psnr_{name}"], m[f"ssim_{name}"] = utils.psnr(p.clean, img), utils.ssim(p.clean, img)
+            title += f"  PSNR {m[f'psnr_{name}']:.2f} dB  SSIM {m[f'ssim_{name}']:.3f}"
+        panels.append((f"{title} (baseline)", img))
+    return panels
 
 
 def load_pipeline(cfg, device, channels=3, cache=None):
@@ -832,7 +880,8 @@ def resume_run(run_dir, schema, given) -> int:
 # Folder runs: --image_dir / --blurred_dir, up to run.batch_size measurements per sampler call
 # ----------------------------------------------------------------------------
 
-SUMMARY_KEYS = ("status", "psnr_blurred", "psnr_restored", "ssim_blurred", "ssim_restored", "data_residual_relative",
+SUMMARY_KEYS = ("status", "psnr_blurred", "psnr_restored", "ssim_blurred", "ssim_restored", "psnr_richardson_lucy",
+                "psnr_tikhonov", "data_residual_relative",
                 "operator_relative_error", "sigma_noise_estimated", "runtime_s", "batch_size", "error")
 
 

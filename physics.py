@@ -619,6 +619,12 @@ def _fast_len(n: int) -> int:
 # Default cap on an operator's temporaries per chunk (K components, or PSF rows): peak memory then
 # grows linearly with the batch and the image, and the chunks stay large enough to run at full speed.
 MAX_CHUNK_BYTES = 256 * 2 ** 20
+# The EigenPSF operator's cap on the CPU. Chunks under glibc's mmap threshold (32 MB at most) are
+# reused from the heap; larger ones are mapped and unmapped at every call, and their page faults
+# dominated: at 256² RGB, K = 25, forward + adjoint took 43-67 ms with 256 MB chunks and 20-21 ms
+# with 16 MB ones (median of 20, default allocator; with main.py's tune_cpu_allocator 23-25 ms
+# and 20-22 ms). 4-8 MB is no faster; on a GPU large chunks are cheaper (fewer launches).
+CPU_CHUNK_BYTES = 16 * 2 ** 20
 
 
 class SVBlurOperator(torch.nn.Module):
@@ -630,7 +636,7 @@ class SVBlurOperator(torch.nn.Module):
     """
 
     def __init__(self, decomposition: EigenPSFDecomposition, form: str = "gather", boundary: str = "reflect",
-                 max_chunk_bytes: int = MAX_CHUNK_BYTES):
+                 max_chunk_bytes: int | None = None):
         super().__init__()
         _choice("form", form, FORMS)
         _choice("boundary", boundary, BOUNDARIES)
@@ -678,7 +684,7 @@ class SVBlurOperator(torch.nn.Module):
 
     @classmethod
     def stacked(cls, decompositions, form: str = "gather", boundary: str = "reflect",
-                max_chunk_bytes: int = MAX_CHUNK_BYTES):
+                max_chunk_bytes: int | None = None):
         """One operator for a batch of images, each with its own PSF grid: basis (B, K, k, k) and
         maps (B, K, H, W), K the largest of theirs (a missing component is zero and adds nothing).
         Image b of x, or its S consecutive samples when x holds B·S images, is blurred with
@@ -715,12 +721,13 @@ class SVBlurOperator(torch.nn.Module):
 
     def _k_chunks(self, x):
         """Slices over the K components such that one chunk's (N, C, K', Fh, Fw) spectra stay under
-        max_chunk_bytes: peak memory then grows linearly in the batch, not in batch × K. Without
+        max_chunk_bytes (default: CPU_CHUNK_BYTES on the CPU, MAX_CHUNK_BYTES elsewhere): peak memory then grows linearly in the batch, not in batch × K. Without
         autograd (DiffPIR, adjoints) the chunks' temporaries are freed as they go; under autograd
         (DPS) each chunk keeps what its backward needs, as the unchunked product would."""
         K = self.basis_kernels.shape[-3]
         per_k = x.shape[0] * x.shape[1] * self.fft_shape[0] * self.fft_shape[1] * x.element_size() * 2
-        step = max(1, min(K, int(self.max_chunk_bytes // max(per_k, 1))))
+        cap = self.max_chunk_bytes or (CPU_CHUNK_BYTES if x.device.type == "cpu" else MAX_CHUNK_BYTES)
+        step = max(1, min(K, int(cap // max(per_k, 1))))
         return [slice(k, min(k + step, K)) for k in range(0, K, step)]
 
     def _forward(self, x):
@@ -937,6 +944,33 @@ class GroundTruthBlur(torch.nn.Module):
         return x_ext[..., self.r: self.r + self.H, self.r: self.r + self.W]
 
 
+class TrueSVBlurOperator(torch.nn.Module):
+    """The per-pixel ground truth (GroundTruthBlur) applied to a (B, C, H, W) image, for a scene
+    with no margin of its own: the k // 2 pixels beyond each edge are supplied by `boundary`
+    (reflect by default: the mirror image without repeating the edge row), then every pixel is
+    blurred with its own PSF from the continuous field. Not the reconstruction model: no PCA and no
+    node grid. `adjoint` is its exact transpose. For a scene with real content beyond the edge,
+    use GroundTruthBlur on it (create_ground_truth)."""
+
+    def __init__(self, field: PSFField, form: str = "gather", boundary: str = "reflect"):
+        super().__init__()
+        self.truth = GroundTruthBlur(field, form)
+        self.H, self.W, self.boundary = field.H, field.W, boundary
+        self._pad = None
+
+    def _padding(self, device):
+        if self._pad is None or self._pad.iy.device != torch.device(device):
+            self._pad = _Pad(self.H, self.W, self.truth.r, self.boundary, device)
+        return self._pad
+
+    def forward(self, x):
+        _check_image(x, self.H, self.W)
+        return self.truth(self._padding(x.device).forward(x))
+
+    def adjoint(self, y):
+        return self._padding(y.device).adjoint(self.truth.adjoint(y))
+
+
 LUMINANCE_WEIGHTS = (0.2126, 0.7152, 0.0722)  # Rec. 709 / sRGB relative luminance
 
 
@@ -1034,15 +1068,19 @@ def build_operators(kernel_grid, H, W, physics_config, node_coords=None):
 
 def create_sv_blur_system(H: int, W: int, physics_config: dict, device="cpu", seed=None, generator=None,
                           dtype=torch.float32):
-    """Simulates a PSF grid from `physics_config` and returns (eigenpsf_op, grid_op, decomposition).
+    """Simulates a PSF field from `physics_config` (config.yaml's `physics` section) and returns
+    (eigenpsf_op, true_op, decomposition), as the first version did.
 
-    physics_config mirrors config.yaml's `physics` section. The kernel grid is available as
-    `grid_op.kernel_grid`. For a simulation with a ground truth that is not the model, use
+    true_op is the per-pixel ground truth (TrueSVBlurOperator) on a (B, C, H, W) image, the scene
+    beyond the edge supplied by physics_config's boundary (reflect by default): simulate with it,
+    and the EigenPSF operator, built from the field's node grid, is not the model that made y. For
+    the reconstruction model at full rank use build_operators; for a scene with real margins,
     create_ground_truth.
     """
     field = create_ground_truth(H, W, physics_config, device, seed, generator, dtype)[0]
-    eigen_op, grid_op, decomp = build_operators(field.node_grid(), H, W, physics_config)
-    return eigen_op.to(device), grid_op.to(device), decomp
+    eig_op, _, decomp = build_operators(field.node_grid(), H, W, physics_config)
+    true_op = TrueSVBlurOperator(field, resolve_form(physics_config), physics_config.get("boundary", "reflect"))
+    return eig_op.to(device), true_op, decomp
 
 
 def create_ground_truth(H: int, W: int, physics_config: dict, device="cpu", seed=None, generator=None,

@@ -75,9 +75,75 @@ RANGES = {
     "sampler.dps.step_size": (0.0, None), "sampler.dps.gradient_clip": (0.0, None),
     "sampler.diffpir.lambda": (1e-6, None), "sampler.diffpir.zeta": (0.0, 1.0),
     "sampler.diffpir.cg_max_iter": (1, 10000), "sampler.diffpir.cg_tol": (0.0, 1.0),
+    "sampler.diffpir.discrepancy": (0.0, None), "sampler.diffpir.precondition": (False, True),
     "sampler.num_samples": (1, 1024), "sampler.intermediate_freq": (0, None), "sampler.log_every": (1, None),
     "run.seed": (0, 2 ** 63 - 1), "run.batch_size": (1, 4096),
 }
+
+
+# The first version's config keys -> today's: accepted in config files and --set, each with an info
+# line, and written out under today's name. physics.random_iid.grid_size was that version's grid size
+# for blur_mode random_iid only: it sets physics.grid_size when the mode is random_iid and is
+# otherwise unused (config.yaml's grid_size auto gives random_iid 64, as that version's file did).
+ALIASES = {
+    "data.image_source": "data.image",
+    "physics.sigma_noise": "data.sigma_noise",
+    "physics.random_iid.grid_size": "physics.grid_size",
+    "model.device": "run.device",
+    "model.dtype": "run.dtype",
+    "dps.step_size": "sampler.dps.step_size",
+    "dps.num_inference_steps": "sampler.num_inference_steps",
+    "dps.gradient_clip": "sampler.dps.gradient_clip",
+    "dps.gradient_checkpointing": "run.gradient_checkpointing",
+    "output.save_dir": "run.save_dir",
+    "output.save_intermediate": "run.save_intermediates",
+    "output.intermediate_freq": "sampler.intermediate_freq",
+}
+RANDOM_IID_GRID = "physics.random_iid.grid_size"
+
+
+def unalias_key(key: str, blur_mode: str, source: str, log=None):
+    """Today's name for `key` (itself if current), with an info line for an old name; None for
+    physics.random_iid.grid_size under another blur mode, where that version did not use it."""
+    if key not in ALIASES:
+        return key
+    new = ALIASES[key]
+    if key == RANDOM_IID_GRID:
+        used = blur_mode == "random_iid"   # that version's rule: the random_iid grid replaced grid_size
+        if log:
+            log.info("%s: %s is the grid size for blur_mode random_iid; %s", source, key,
+                     f"used as {new}" if used else f"unused with blur_mode {blur_mode}")
+        return new if used else None
+    if log:
+        log.info("%s: config key %s is now %s", source, key, new)
+    return new
+
+
+def unalias(flat: dict, source: str, blur_mode: str, log=None) -> dict:
+    """A flat config with the first version's keys renamed to today's (ALIASES), one info line per
+    alias used (blur_mode: the run's, for physics.random_iid.grid_size). An alias given beside its
+    current key with another value is a UserError."""
+    out = {k: v for k, v in flat.items() if k not in ALIASES}
+    for old, value in flat.items():
+        new = unalias_key(old, blur_mode, source, log) if old in ALIASES else None
+        if new is None:
+            continue
+        if new in flat and flat[new] != value and old != RANDOM_IID_GRID:
+            raise UserError(f"{source}: {old} (the old name of {new}) is {value!r} but {new} is {flat[new]!r}; "
+                            f"keep one")
+        out[new] = value
+    return out
+
+
+def unflatten(flat: dict) -> dict:
+    out = {}
+    for key, value in flat.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
 
 
 def load_config(path: str) -> dict:
@@ -108,15 +174,23 @@ def set_key(cfg: dict, dotted: str, value, schema: dict) -> None:
     """Sets cfg[a][b]... = value after checking that the key exists in the schema config."""
     flat = flatten(schema)
     if dotted not in flat:
-        import difflib
-        near = [k for k in flat if k.split(".")[-1] == dotted.split(".")[-1]] or difflib.get_close_matches(dotted, flat, 1)
-        hint = f"; did you mean {near[0]}?" if near else ""
-        raise UserError(f"unknown config key {dotted!r}{hint}")
+        raise UserError(f"unknown config key {dotted!r}{_key_hint(dotted, flat)}")
     node = cfg
     *parents, leaf = dotted.split(".")
     for p in parents:
         node = node.setdefault(p, {})
     node[leaf] = value
+
+
+def _key_hint(dotted: str, flat: dict) -> str:
+    """'; did you mean K?' for the nearest current key, matching old names (ALIASES) too."""
+    import difflib
+    names = {**{k: k for k in flat}, **ALIASES}          # a name (current or old) -> the current key
+    near = [k for k in names if k.split(".")[-1] == dotted.split(".")[-1]] or difflib.get_close_matches(dotted, names, 1)
+    if not near:
+        return ""
+    current = names[near[0]]
+    return f"; did you mean {current}{f' (formerly {near[0]})' if near[0] != current else ''}?"
 
 
 def with_defaults(cfg: dict, schema: dict) -> dict:
@@ -358,6 +432,14 @@ def load_scene(spec: str, size: int, margin: int) -> np.ndarray:
         from skimage import data
         return center_crop_resize(data.astronaut().astype(np.float64) / 255.0, size, margin, SAMPLE_FACE)
     return center_crop_resize(read_image(spec), size, margin)
+
+
+def load_sample_image(source: str = "sample", size: int = 256, device="cpu"):
+    """The first version's image loader: 'sample', a file path or an http(s) URL -> (1, 3, size,
+    size) float32 in [0, 1] on `device`, centre-cropped and resized as the CLI does, with the
+    CLI's checks (formats, pixel and URL limits). A gray image is repeated to RGB."""
+    img = load_scene(source, size, 0)
+    return to_tensor(np.repeat(img, 3, -1) if img.shape[-1] == 1 else img, device)
 
 
 def to_tensor(img: np.ndarray, device="cpu"):

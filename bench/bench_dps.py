@@ -14,6 +14,9 @@ Then folder runs as `main.py --image_dir --batch_size N` does them (--folder_bat
 1,4,8): every image with its own PSF field (the stacked operator) and its own generator; s/image
 and the speed-up over batch 1, and the peak memory of that row (GPU: allocated; CPU: the
 process's peak resident set, UNet and Python included).
+
+Last, a whole 100-step DiffPIR run on the sample's measurement beside the classical baselines that
+every main.py run adds, with their cost as a share of it (--no_end_to_end skips it).
 """
 
 import argparse
@@ -161,6 +164,43 @@ def folder_table(unet, sched, batches, size, steps, device, samplers, dtype):
             print(f"{method:8s} {batch:5d} {s:8.3f} {per_image:8.1f} {base / per_image:9.2f}x {peak:8.2f}")
 
 
+def sample_problem(size, device, sigma=0.01):
+    """The sample face under a simulated motion blur (per-pixel truth + noise) and its EigenPSF operator."""
+    import utils
+    pc = dict(blur_mode="motion", kernel_size=21 if size >= 64 else 7, grid_size=8, n_eigen_psfs=10, form="gather")
+    field, truth = physics.create_ground_truth(size, size, pc, device, seed=0)
+    op = physics.build_operators(field.node_grid(), size, size, pc)[0].to(device)
+    x_ext = utils.to_tensor(utils.load_scene("sample", size, pc["kernel_size"] // 2), device)
+    with torch.no_grad():
+        y = truth(x_ext) + sigma * torch.randn((1, 3, size, size), generator=torch.Generator(device).manual_seed(0),
+                                               device=device)
+    return y, op
+
+
+def diffpir_and_baselines(unet, sched, size, device, sigma=0.01):
+    """A whole DiffPIR run (100 steps, default data step) on the sample's measurement with this UNet,
+    against the classical baselines that every main.py run adds (baselines.restore_baselines)."""
+    import baselines
+    y, op = sample_problem(size, device, sigma)
+    pipe = dps.EigenPSFDPSPipeline(unet, sched, op)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with data_step_timer(sync) as data_time:
+        t0 = time.perf_counter()
+        _, inter = pipe(y, num_inference_steps=100, method="diffpir", sigma_y=sigma,
+                        generator=torch.Generator(device).manual_seed(1))
+        sync()
+        t_diffpir = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    baselines.restore_baselines(op, y, sigma)
+    sync()
+    t_base = time.perf_counter() - t0
+    its = inter["cg_iterations"]
+    print(f"\nDiffPIR, 100 steps, the sample under motion blur (σ = {sigma}), {size}x{size}: {t_diffpir:.1f} s, data step "
+          f"{100 * data_time[0] / t_diffpir:.0f}% ({sum(its) / len(its):.1f} CG iterations per step, at most {max(its)})")
+    print(f"classical baselines (Richardson-Lucy + Tikhonov) on the same measurement: {t_base:.2f} s = "
+          f"{100 * t_base / t_diffpir:.2f}% of that DiffPIR run")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -171,6 +211,7 @@ def main():
     ap.add_argument("--size", type=int, default=None, help="image side (CPU default 64, CUDA 256)")
     ap.add_argument("--folder_batches", default="1,4,8", help="batch sizes of the folder-run table ('' skips it)")
     ap.add_argument("--folder_dtype", default=None, help="float32 | bfloat16 (default: bfloat16 on CUDA)")
+    ap.add_argument("--no_end_to_end", action="store_true", help="skip the whole DiffPIR run against the baselines")
     args = ap.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -222,6 +263,9 @@ def main():
         dtype = getattr(torch, args.folder_dtype or ("bfloat16" if cuda else "float32"))
         folder_table(unet, sched, [int(b) for b in args.folder_batches.split(",")], size, steps, device,
                      args.samplers.split(","), dtype)
+    if not args.no_end_to_end:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        diffpir_and_baselines(unet, sched, size, device)
 
 
 if __name__ == "__main__":

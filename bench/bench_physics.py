@@ -2,7 +2,7 @@
 
     python bench/bench_physics.py [--device cpu|cuda] [--repeats 10]
 
-Prints forward+adjoint time at 256x256 RGB with 21x21 kernels for K=5 and K=25, the ratio against
+Prints the median forward+adjoint time (of --repeats calls, after a warm-up) at 256x256 RGB with 21x21 kernels for K=5 and K=25, the ratio against
 the peer measured in the same run, the peer/ours agreement away from the borders, the simulator
 time for a 64x64 random_iid grid, the grid's full-rank operator's peak memory at 61x61 PSFs, and
 the per-pixel ground truth's time and peak memory at 21x21 and 61x61 PSFs (CPU).
@@ -11,6 +11,7 @@ Needs requirements-bench.txt for the peer.
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -34,7 +35,7 @@ def timeit(fn, repeats, device):
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    return min(times)  # best of N: the least disturbed by other load on a shared machine
+    return statistics.median(times)  # the median of N: robust to a few calls disturbed by other load
 
 
 def peak_rss_grid_operator(k=61, size=256):

@@ -212,3 +212,26 @@ def test_a_stop_between_batches_checkpoints_the_images_done(tmp_path, capsys, mo
     assert list(a) == list(b) == ["im0.png", "im1.png", "im2.png"]
     for f in a:
         np.testing.assert_array_equal(a[f][1], b[f][1], err_msg=f)
+
+
+def test_an_images_result_does_not_depend_on_the_folder_around_it(tmp_path, capsys, monkeypatch):
+    """Each image is seeded from its file name: the same file gives a bit-identical restored.npy
+    in a subset of its folder and beside a new file that sorts first (its index shifts)."""
+    src = write_images(tmp_path / "all", [(40, 40, 3)] * 3)
+    args = [*SIM, "--no_figures", "--no_baseline", "--batch_size", "2"]
+    full = folder_run([*args, "--image_dir", src], tmp_path / "full", capsys, monkeypatch)
+    subset = tmp_path / "subset"
+    os.makedirs(subset)
+    os.link(os.path.join(src, "im2.png"), subset / "im2.png")
+    more = tmp_path / "more"
+    write_images(more, [(40, 40, 3)], seed=9)
+    os.rename(more / "im0.png", more / "a_first.png")
+    for f in ("im0.png", "im1.png", "im2.png"):
+        os.link(os.path.join(src, f), more / f)
+    part = folder_run([*args, "--image_dir", str(subset)], tmp_path / "part", capsys, monkeypatch)
+    grown = folder_run([*args, "--image_dir", str(more)], tmp_path / "grown", capsys, monkeypatch)
+    assert full[0] == part[0] == grown[0] == 0
+    a, b, c = results(full[2]), results(part[2]), results(grown[2])
+    assert np.array_equal(a["im2.png"][1], b["im2.png"][1])
+    for f in ("im0.png", "im1.png", "im2.png"):
+        assert np.array_equal(a[f][1], c[f][1]), f

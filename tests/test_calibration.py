@@ -273,3 +273,21 @@ def test_restoring_with_the_estimated_grid_is_as_good_as_with_the_true_grid(tmp_
     # far closer to the true grid's than a wrong grid's is (so the check above can fail).
     gap = lambda a, b: np.linalg.norm(restored[a] - restored[b])  # noqa: E731
     assert gap("est", "true") < 0.25 * gap("wrong", "true"), (gap("est", "true"), gap("wrong", "true"))
+
+
+@pytest.mark.parametrize("beads", [False, True])
+def test_every_registered_cutout_sums_to_one(beads, monkeypatch):
+    """Each spot's registered cut-out is a PSF (sum 1) before the node fit averages them; a
+    cut-out scaled another way (to its maximum, say) would weight bright and faint spots unequally."""
+    cutouts, original = [], physics._registered_cutout
+
+    def spy(img, cy, cx, k):
+        out = original(img, cy, cx, k)
+        cutouts.append(out)
+        return out
+
+    monkeypatch.setattr(physics, "_registered_cutout", spy)
+    _, img = field_and_target(100, beads, H=128, G=2, k=15)
+    cal = physics.estimate_psf_grid(img, 2, 15)
+    assert len(cutouts) >= sum(s["status"] == "accepted" for s in cal.spots) >= 4
+    np.testing.assert_allclose([c.sum() for c in cutouts], 1.0, rtol=1e-12)

@@ -92,6 +92,22 @@ def test_end_to_end_tiny_unet_writes_every_output(tmp_path, tiny_model, capsys, 
     assert saved["run"]["seed"] == 7 and saved["sampler"]["num_inference_steps"] == 5
     assert saved["resolved"]["versions"]["torch"] and saved["resolved"]["device"] == "cpu"
     assert saved["sampler"]["intermediate_freq"] == 2  # --set reached the saved config
+    # The classical baselines beside the result, on the same data: their images, metrics and panels.
+    for name in ("richardson_lucy", "tikhonov"):
+        assert (d / f"images/baseline_{name}.png").is_file() and 5 < m[f"psnr_{name}"] < 60
+    assert m["richardson_lucy"]["iterations"] >= 1 and 0 < m["tikhonov"]["alpha"] <= 10
+    assert "psnr_tikhonov" in (d / "metrics.txt").read_text()
+    assert Image.open(d / "images/comparison.png").size[0] > 4 * Image.open(d / "images/restored.png").size[0]
+
+
+def test_no_baseline_skips_it(tmp_path, tiny_model, capsys, monkeypatch, caplog):
+    r = cli(["--model_id", "analytic", "--img_size", "32", "--kernel_size", "7", "--num_inference_steps", "3",
+             "--no_baseline", "--no_figures", "--save_dir", str(tmp_path)], capsys, monkeypatch, caplog)
+    assert r.returncode == 0, r.stderr
+    d = tmp_path / run_dirs(tmp_path)[0]
+    m = json.loads((d / "metrics.json").read_text())
+    assert "psnr_tikhonov" not in m and not (d / "images/baseline_tikhonov.png").exists()
+    assert yaml.safe_load((d / "config.yaml").read_text())["run"]["baseline"] is False
 
 
 def readme_quickstart():
