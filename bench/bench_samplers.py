@@ -42,6 +42,9 @@ from bench_dps import data_step_timer  # noqa: E402
 
 # Held out: the analytic prior was fitted on chelsea, coffee and rocket.
 PHOTOS = {"astronaut": lambda d: d.astronaut(), "immunohistochemistry": lambda d: d.immunohistochemistry()}
+# Not a photo: a scene drawn from the analytic prior itself (unclipped), where that prior is the
+# images' true law and the exact posterior mean is the best estimate there is (--photos prior_draw).
+PRIOR_DRAW = "prior_draw"
 MODES = {"motion": dict(motion=dict(min_length=2.0, max_length=9.0)), "defocus": dict(defocus=dict(max_radius=3.0))}
 SETTINGS = "dps:1000,dps:250,diffpir:100,diffpir:20,diffpir-solved:20"
 # diffpir-solved: every data step solved to cg_tol (the discrepancy rule off), to show what the rule changes.
@@ -51,15 +54,19 @@ N_EXACT = 32   # exact posterior draws for the reference mean and std
 
 
 def problem(photo, mode, size, sigma, seed=0):
-    """(x (1,3,H,W) truth in [0, 1], y from the per-pixel ground truth + noise, EigenPSF operator)."""
+    """(x (1,3,H,W) truth (in [0, 1] for photos), y from the per-pixel ground truth + noise, EigenPSF operator)."""
     from skimage import data
     pc = dict(blur_mode=mode, kernel_size=11, grid_size=4, n_eigen_psfs=16, form="auto", boundary="reflect",
               **MODES[mode])
     pc["form"] = physics.resolve_form(pc)
     field, truth = physics.create_ground_truth(size, size, pc, seed=seed)
     r = pc["kernel_size"] // 2
-    scene = utils.center_crop_resize(utils.to_float_image(PHOTOS[photo](data), photo), size, margin=r)
-    x_ext = utils.to_tensor(scene, "cpu")
+    if photo == PRIOR_DRAW:
+        prior = dps.load_model("analytic")[0]
+        x_ext = (prior.sample_prior((1, 3, size + 2 * r, size + 2 * r), torch.Generator().manual_seed(seed + 7)) + 1) / 2
+    else:
+        scene = utils.center_crop_resize(utils.to_float_image(PHOTOS[photo](data), photo), size, margin=r)
+        x_ext = utils.to_tensor(scene, "cpu")
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         y = truth(x_ext) + sigma * torch.randn((1, 3, size, size), generator=gen)

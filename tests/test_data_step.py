@@ -1,6 +1,7 @@
 """DiffPIR's data step x̃₀ = argmin ‖y − Ax‖² + ρ‖x − z‖²: solved to its stated tolerance, stopped by
 the discrepancy principle where asked, data-consistent at the last step; against dense solves."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -114,3 +115,25 @@ def test_diffpir_final_step_is_the_data_consistent_argmin(monkeypatch):
     rules = inter["cg_stop_rule_per_image"]
     assert rules.shape == (10, 1) and dps.STOP_RULES[int(rules[-1, 0])] == "tolerance"
     assert inter["cg_iterations_per_image"][-1, 0] >= 1  # the last step does iterate (it used to stop at 0)
+
+
+def test_diffpir_rho_follows_its_schedule(monkeypatch):
+    """ρ_t = λ σ_y² ᾱ_t / (1 − ᾱ_t) on DiffPIR's quadratic timesteps (σ_y floored at 1e-3), written
+    out from the scheduler's ᾱ: it grows from about 1e-8 at t = 999 to its largest at t = 0."""
+    rhos, original = [], dps.data_proximal_step
+
+    def spy(operator, y_, x0_hat, rho, opt, noise_norm, gains=None):
+        rhos.append(float(rho))
+        return original(operator, y_, x0_hat, rho, opt, noise_norm, gains)
+
+    monkeypatch.setattr(dps, "data_proximal_step", spy)
+    eig, _, y, _, _ = problem(sigma=0.05)
+    prior, sched = dps.load_model("analytic")
+    for sigma, used in ((0.05, 0.05), (0.0, 1e-3)):
+        rhos.clear()
+        dps.EigenPSFDPSPipeline(prior, sched, eig.float())(y.float(), num_inference_steps=12, method="diffpir",
+                                                           options={"lambda": 3.0}, sigma_y=sigma,
+                                                           generator=torch.Generator().manual_seed(0))
+        abar = sched.alphas_cumprod.double()
+        expected = [3.0 * used ** 2 * float(abar[t] / (1 - abar[t])) for t in dps.quadratic_timesteps(12, 1000)]
+        np.testing.assert_allclose(rhos, expected, rtol=1e-5)
