@@ -412,6 +412,7 @@ def sampler_options(method: str, options: dict | None) -> dict:
     opt = {**defaults, **(options or {})}
     for name, value in opt.items():  # the same ranges config.yaml's sampler.<method> is checked against
         lo, hi = utils.RANGES[f"sampler.{method}.{name}"]
+        utils.check_finite(name, value)
         if value < lo or (hi is not None and value > hi):
             raise ValueError(f"{name} must be in [{lo}, {hi if hi is not None else '∞'}], got {value}")
     return opt
@@ -834,6 +835,15 @@ def _load_dir(path, device, dtype):
     return unet.to(device).eval().requires_grad_(False), scheduler
 
 
+def check_model_id(model_id: str) -> None:
+    """A near miss of 'analytic' (no owner/ in it, no such directory) is a typo, not a hub model:
+    say so before any download is tried."""
+    import difflib
+    if model_id != "analytic" and "/" not in model_id and not os.path.exists(model_id) and \
+            difflib.get_close_matches(model_id.lower(), ["analytic"], 1, 0.75):
+        raise ModelUnavailableError(f"unknown model {model_id!r}; did you mean analytic?")
+
+
 def load_model(model_id=DEFAULT_MODEL_ID, cache_dir=None, device="cpu", dtype=torch.float32, local_files_only=False,
                channels=3):
     """Returns (unet, scheduler) for a hub id, a local diffusers directory, or 'analytic'.
@@ -844,6 +854,7 @@ def load_model(model_id=DEFAULT_MODEL_ID, cache_dir=None, device="cpu", dtype=to
     neither HF_HUB_OFFLINE nor local_files_only is set, one quick download is tried; if that fails
     the error says how to pre-download (no minutes of back-off here).
     """
+    check_model_id(model_id)
     if model_id == "analytic":
         scheduler = analytic_scheduler()
         return analytic_prior(scheduler.alphas_cumprod, channels).to(device), scheduler
@@ -950,6 +961,7 @@ def download_model(model_id=DEFAULT_MODEL_ID, cache_dir=None, max_retries=5, rev
     HF_HOME / HF_HUB_CACHE. HF_HUB_OFFLINE makes this an error.
     """
     import requests
+    check_model_id(model_id)
     if _offline():
         raise ModelUnavailableError("HF_HUB_OFFLINE is set; unset it to download")
     if max_retries < 1:

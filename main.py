@@ -173,6 +173,33 @@ def fit_defaults(cfg, explicit, n_psfs, simulated: bool) -> None:
             pc[section] = fitted
 
 
+# Inputs that exclude each other: (keys, why). Each pair given together is refused with one line
+# rather than one of them being dropped without a word.
+SIMULATION_ONLY = ("data.img_size", "physics.blur_mode")
+INPUT_KEYS = ("data.image", "data.image_dir", "data.blurred", "data.blurred_dir", "data.calibration")
+FLAG_OF = {key: f"--{name}" for name, (key, _, _) in FLAGS.items()}
+
+
+def check_conflicts(cfg, explicit) -> None:
+    """Refuses combinations of inputs that would silently ignore one of them."""
+    flat = utils.flatten(cfg)
+    given = [k for k in INPUT_KEYS if flat[k] and (k != "data.image" or k in explicit)]
+    name = lambda k: FLAG_OF.get(k, k)  # noqa: E731
+    if len(given) > 1:
+        a, b = given[:2]
+        raise utils.UserError(f"{name(a)} and {name(b)} are different inputs (one run restores one of: a clean image "
+                              f"to simulate from, a folder of them, a real measurement, a folder of them, or a "
+                              f"calibration image); give one")
+    if given and given[0] == "data.calibration" and flat["data.psf_grid"]:
+        raise utils.UserError("--calibration measures a PSF grid; it does not take --psf_grid (restore with the grid it "
+                              "writes in a second run)")
+    if given and given[0] in ("data.blurred", "data.blurred_dir"):
+        ignored = [k for k in SIMULATION_ONLY if k in explicit]
+        if ignored:
+            raise utils.UserError(f"{name(ignored[0])} applies to simulations; a real measurement ({name(given[0])}) is "
+                                  f"restored at its own size with its --psf_grid")
+
+
 def resolve_device(name: str):
     """Device, once, here. 'auto' is CUDA when present, else CPU with a warning. On the CPU the
     allocator is tuned for the operator's large temporaries (utils.tune_cpu_allocator)."""
@@ -262,9 +289,27 @@ def psf_field(H, W, cfg, device, gen, measured):
     return physics.BlendedGridField(grid, *(np.asarray(c) for c in coords), H, W), grid, coords
 
 
+MIN_GRID_COVER = 0.5  # below this share of the image inside the PSF grid's span, the grid is refused
+
+
+def grid_cover(coords, H, W):
+    """(share of the H×W image inside the grid's span, share of the nodes outside the image). The
+    span reaches half a node spacing beyond the outer nodes, as the cells of a calibration do."""
+    shares, inside = [], []
+    for c, n in zip(coords, (H, W)):
+        c = np.sort(np.asarray(c, dtype=np.float64).ravel())
+        half = (c[-1] - c[0]) / (len(c) - 1) / 2 if len(c) > 1 else n / 2
+        lo, hi = max(c[0] - half, -0.5), min(c[-1] + half, n - 0.5)
+        shares.append(max(hi - lo, 0.0) / n)
+        inside.append(float(((c >= 0) & (c <= n - 1)).mean()))
+    return shares[0] * shares[1], 1 - inside[0] * inside[1]
+
+
 def check_positions_overlap(coords, H, W):
     """PSF positions must reach into the H×W image; positions wholly outside it are almost always
-    swapped (x, y) columns or coordinates of another frame (e.g. the full sensor)."""
+    swapped (x, y) columns or coordinates of another frame (e.g. the full sensor). A grid that
+    covers less than MIN_GRID_COVER of the image is refused, and one that leaves part of it
+    uncovered or has nodes outside it is a warning with the shares."""
     ys, xs = coords
     outside = [f"{name} {c.min():.0f}..{c.max():.0f} lie outside 0..{n - 1}"
                for name, c, n in (("rows", ys, H), ("columns", xs, W)) if c.max() < 0 or c.min() > n - 1]
@@ -274,6 +319,15 @@ def check_positions_overlap(coords, H, W):
         raise utils.UserError(f"PSF positions are outside the {H}x{W} image: {'; '.join(outside)}. "
                               f"positions must be [row, col] pixel coordinates of this measurement{hint}; "
                               f"check for swapped x/y or coordinates of another frame")
+    cover, nodes_out = grid_cover(coords, H, W)
+    where = (f"rows {ys.min():.0f}..{ys.max():.0f}, columns {xs.min():.0f}..{xs.max():.0f} on a {H}x{W} image; "
+             f"positions must be [row, col] pixel coordinates of this measurement")
+    if cover < MIN_GRID_COVER:
+        raise utils.UserError(f"the PSF grid covers only {100 * cover:.0f}% of the image ({where}); beyond it "
+                              f"every pixel would get the nearest edge PSF")
+    if cover < 0.95 or nodes_out > 0:
+        log.warning("the PSF grid covers %.0f%% of the image and %.0f%% of its nodes lie outside it (%s)",
+                    100 * cover, 100 * nodes_out, where)
 
 
 def simulate_measurement(f, scene, cfg, device, gen):
@@ -415,7 +469,9 @@ def _image_entry(p: Problem, gen, state) -> dict:
                         "coords": [torch.as_tensor(c).cpu() for c in p.coords], "info": utils.jsonable(p.info)},
             "progress": {"steps_done": int(state["steps_done"]), "runtime": float(state["runtime"]),
                          "steps": [int(s) for s in state["steps"]], "x0_hat": list(state["x0_hat"]),
-                         "residual": list(state["residual"])}}
+                         "residual": list(state["residual"]),
+                         "curve_steps": [int(s) for s in state.get("curve_steps", [])],
+                         "curve": [float(v) for v in state.get("curve", [])]}}
 
 
 def _write_checkpoint(path, body: dict) -> None:
@@ -476,6 +532,11 @@ def load_checkpoint(path) -> dict:
     import torch
 
     not_ours = f"{path} is not a checkpoint this tool wrote"
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic != b"PK\x03\x04":  # torch.save writes a zip archive; a cut-off one still starts so
+            raise utils.UserError(f"{not_ours}: it is not a torch checkpoint archive (a text or other file)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -595,41 +656,66 @@ def restore_inputs(p: Problem, run_dir, cfg, device, pipe, multiple, extra_confi
     else:
         metrics["note"] = "real measurement: no clean image, so PSNR/SSIM are omitted"
     state = progress or {"steps_done": 0, "runtime": 0.0, "steps": [], "x0_hat": [], "residual": []}
+    state.setdefault("curve_steps", []), state.setdefault("curve", [])  # older checkpoints have no curve
     return RunView(op, x_size, crop, images_dir, inter_dir, metrics, state)
 
 
-def progress_callback(views, cfg, device, bar, name):
+def progress_callback(views, cfg, device, bar, name, y_norms):
     """The sampler's callback for a batch of images (one view each, num_samples rows each):
-    progress bar, each image's intermediates, the CPU time estimate, and stop requests (raised
-    as Preempted after a completed step, so the checkpoint is consistent)."""
-    sc, rc, S = cfg["sampler"], cfg["run"], cfg["sampler"]["num_samples"]
-    n, first_step, t_session = sc["num_inference_steps"], views[0].state["steps_done"], time.time()
+    progress bar, each image's intermediates and residual curve, the CPU time estimate, and stop
+    requests (raised as Preempted after a completed step, so the checkpoint is consistent).
+    y_norms: ‖y‖ of each row (B·S,), so that the residual shown is ‖y − A(x̂₀)‖/‖y‖ everywhere."""
+    sc, S = cfg["sampler"], cfg["sampler"]["num_samples"]
+    n, first_step = sc["num_inference_steps"], views[0].state["steps_done"]
+    marks = {}   # step -> time, at the first two log_every marks of this session
 
     def callback(i, t, x_t, x0_hat, res):
         bar.update(1)
-        freq = sc["intermediate_freq"]
-        for b, view in enumerate(views):   # x0_hat (B·S, C, H, W), res (B·S,): image b holds rows b·S … b·S+S−1
-            view.state["steps_done"] = i + 1
-            if freq and (i % freq == 0 or i + 1 == n):
-                x0_img = view.crop((x0_hat[b * S:b * S + 1] + 1) / 2).clamp(0, 1)   # (1, C_y, H, W) in [0, 1]
-                view.state["steps"].append(i)
-                view.state["x0_hat"].append(x0_img.cpu())
-                view.state["residual"].append(res[b * S:(b + 1) * S].cpu())
-                if rc["save_intermediates"]:  # every freq-th step and the final one
-                    utils.save_image(os.path.join(view.inter_dir, f"step_{i:04d}.png"), x0_img)
+        record_intermediates(views, cfg, i, x0_hat, res)
         if STOP["signal"] is not None:  # checked after a finished step: the state is consistent
             raise Preempted(i, x_t)
-        if (i + 1) % sc["log_every"] == 0:
-            bar.set_postfix(residual=f"{float(res.mean()):.4g}")  # the only host sync, every log_every steps
-            done_here = i + 1 - first_step
-            if done_here == sc["log_every"]:  # once: warm-up (compile, CUDA graphs, allocator) is behind us
-                for view in views:
-                    view.timing.update(t=time.time(), step=i + 1)
-                if device.type == "cpu":  # the estimate, on a line of its own
-                    left = (time.time() - t_session) / done_here * (n - i - 1)
-                    bar.write(f"INFO CPU run: about {utils.format_duration(left)} left for {n - i - 1} more steps "
-                              f"({name})", file=sys.stderr)
+        if (i + 1) % sc["log_every"] == 0 or i + 1 == n:
+            rel = (res / y_norms).cpu()                       # the only host sync, every log_every steps
+            bar.set_postfix_str(f"‖y−A(x̂₀)‖/‖y‖ {float(rel.mean()):.4g}")
+            for b, view in enumerate(views):
+                view.state["curve_steps"].append(i)
+                view.state["curve"].append(float(rel[b * S]))
+            cpu_estimate(marks, i + 1 - first_step, n - i - 1, sc["log_every"], device, bar, name)
     return callback
+
+
+def record_intermediates(views, cfg, i, x0_hat, res) -> None:
+    """Every intermediate_freq-th step and the last: each image's x̂₀ (and its PNG) and residual."""
+    sc, S = cfg["sampler"], cfg["sampler"]["num_samples"]
+    freq, n = sc["intermediate_freq"], sc["num_inference_steps"]
+    for b, view in enumerate(views):   # x0_hat (B·S, C, H, W), res (B·S,): image b holds rows b·S … b·S+S−1
+        view.state["steps_done"] = i + 1
+        if freq and (i % freq == 0 or i + 1 == n):
+            x0_img = view.crop((x0_hat[b * S:b * S + 1] + 1) / 2).clamp(0, 1)   # (1, C_y, H, W) in [0, 1]
+            view.state["steps"].append(i)
+            view.state["x0_hat"].append(x0_img.cpu())
+            view.state["residual"].append(res[b * S:(b + 1) * S].cpu())
+            if cfg["run"]["save_intermediates"]:  # every freq-th step and the final one
+                utils.save_image(os.path.join(view.inter_dir, f"step_{i:04d}.png"), x0_img)
+
+
+def cpu_estimate(marks, done_here, left, every, device, bar, name) -> None:
+    """On the CPU, once: the time left, from the steady rate between the first two log_every marks
+    of this session (the first steps pay for warm-up: allocator, caches), when steps are left."""
+    if device.type != "cpu" or done_here not in (every, 2 * every):
+        return
+    marks[done_here] = time.time()
+    if done_here == 2 * every and left > 0:
+        rate = (marks[2 * every] - marks[every]) / every
+        bar.write(f"INFO CPU run: about {utils.format_duration(rate * left)} left for {left} more steps ({name})",
+                  file=sys.stderr)
+
+
+def y_norms(ps, sc):
+    """‖y‖ of each sampler row (B·S,): each measurement's, once per sample."""
+    import torch
+    norms = torch.stack([torch.linalg.vector_norm(p.y) for p in ps]).clamp_min(1e-12)
+    return norms.repeat_interleave(sc["num_samples"])
 
 
 def is_out_of_memory(e: BaseException) -> bool:
@@ -669,7 +755,8 @@ def sample(ps, views, cfg, device, dtype, generator, pipe, start, checkpoint, ru
         try:
             out, inter = pipe(torch.cat([p.y for p in ps]), num_inference_steps=sc["num_inference_steps"],
                               method=sc["method"], options=sc[sc["method"]], sigma_y=batch_sigma_y(ps, cfg),
-                              generator=generator, callback=progress_callback(views, cfg, device, bar, sc["method"]),
+                              generator=generator,
+                              callback=progress_callback(views, cfg, device, bar, sc["method"], y_norms(ps, sc)),
                               num_samples=sc["num_samples"],
                               clip_denoised=None if sc["clip_denoised"] == "auto" else sc["clip_denoised"],
                               dtype=dtype, gradient_checkpointing=rc["gradient_checkpointing"],
@@ -770,9 +857,11 @@ def write_outputs(p: Problem, view: RunView, run_dir, cfg, device, out, partial)
                 p.eig_op, p.grid_op, restored.to(device))
         if figures:
             utils.plot_comparison(os.path.join(images_dir, "comparison.png"), panels)
+    if view.state["curve"]:
+        m["residual_relative_curve"] = {"steps": view.state["curve_steps"], "values": view.state["curve"]}
     if figures and view.state["steps"]:
         utils.plot_progress(os.path.join(images_dir, "progress.png"), view.state["steps"], view.state["x0_hat"],
-                            view.state["residual"])
+                            view.state["curve_steps"], view.state["curve"])
 
 
 BASELINE_TITLES = {"richardson_lucy": "Richardson-Lucy", "tikhonov": "Tikhonov"}
@@ -1060,6 +1149,7 @@ def run(argv=None) -> int:
     args = parser.parse_args(argv)
     given = [n for n in FLAGS if getattr(args, n) is not None]
     cfg, explicit = resolve_config(args, given, schema)
+    check_conflicts(cfg, explicit)
     import torch
 
     import dps
@@ -1089,16 +1179,16 @@ def run(argv=None) -> int:
     utils.check_writable(rc["save_dir"])
 
     # 2. Inputs: validated before the model loads and before any folder exists.
-    if d["image_dir"] and d["blurred_dir"]:
-        raise utils.UserError("give either image_dir (simulation) or blurred_dir (real data), not both")
     real = bool(d["blurred"] or d["blurred_dir"])
     batch = bool(d["image_dir"] or d["blurred_dir"])
     if real and not d["psf_grid"]:
         raise utils.UserError("real measurements (--blurred/--blurred_dir) need the PSFs: pass --psf_grid FILE")
     measured = utils.load_psf_grid(d["psf_grid"]) if d["psf_grid"] else None
     if measured is not None:
-        log.info("PSF grid %s: %s, normalised to sum 1 (sums were %.4g..%.4g)", d["psf_grid"],
-                 "x".join(map(str, measured[0].shape)), measured[2].min(), measured[2].max())
+        lo, hi = float(measured[2].min()), float(measured[2].max())
+        sums = "each PSF sums to 1" if max(abs(lo - 1), abs(hi - 1)) < 1e-6 else \
+            f"normalised to sum 1 (sums were {lo:.6g}..{hi:.6g})"
+        log.info("PSF grid %s: %s, %s", d["psf_grid"], "x".join(map(str, measured[0].shape)), sums)
     n_psfs = measured[0].shape[0] * measured[0].shape[1] if measured is not None \
         else physics.resolve_grid_size(cfg["physics"]) ** 2
     fit_defaults(cfg, explicit, n_psfs, simulated=measured is None)
@@ -1130,7 +1220,7 @@ def run(argv=None) -> int:
         if "psnr_restored" in m:
             log.info("PSNR blurred %.2f dB -> restored %.2f dB (SSIM %.3f -> %.3f)", m["psnr_blurred"],
                      m["psnr_restored"], m["ssim_blurred"], m["ssim_restored"])
-        log.info("data residual ||y - A(x)|| / ||y|| = %.4f", m["data_residual_relative"])
+        log.info("data residual ‖y − A(x)‖/‖y‖ = %.4f", m["data_residual_relative"])
         print(run_dir)
         return 0
     batch_dir = utils.make_run_dir(rc["save_dir"], prefix="batch")

@@ -153,7 +153,9 @@ def load_config(path: str) -> dict:
     except FileNotFoundError:
         raise UserError(f"config file not found: {path}") from None
     except yaml.YAMLError as e:
-        raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise UserError(f"config file {path} is not valid YAML{where}: {getattr(e, 'problem', None) or str(e).splitlines()[0]}") from None
     if not isinstance(cfg, dict):
         raise UserError(f"config file {path} must be a mapping of sections")
     return cfg
@@ -239,6 +241,7 @@ def validate_config(cfg: dict, schema: dict) -> dict:
             raise UserError(f"{key} must be {allowed}, got {value!r}")
         if key in allowed and value not in allowed[key]:
             raise UserError(f"{key} must be one of {list(allowed[key])}, got {value!r}")
+        check_finite(key, value)
         if key in RANGES:
             lo, hi = RANGES[key]
             if (lo is not None and value < lo) or (hi is not None and value > hi):
@@ -248,6 +251,12 @@ def validate_config(cfg: dict, schema: dict) -> dict:
     if isinstance(ks, int) and ks % 2 == 0:
         raise UserError(f"physics.kernel_size must be odd (the PSF centre is a pixel), got {ks}")
     return cfg
+
+
+def check_finite(name: str, value) -> None:
+    """NaN passes every comparison and inf passes every lower bound: a number must be finite."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{name} must be a finite number, got {value}")
 
 
 def save_yaml(path: str, data: dict) -> None:
@@ -752,8 +761,9 @@ def plot_cell_map(path, counts, snr):
     _save(fig, path, tight=True)   # free-form legend and axis labels; written once per calibration
 
 
-def plot_progress(path, steps, images, residuals, max_panels=8):
-    """x̂₀ across steps (first image of the batch) and the residual curve."""
+def plot_progress(path, steps, images, curve_steps, curve_values, max_panels=8):
+    """x̂₀ across steps (first image of the batch) and the curve of ‖y − A(x̂₀)‖/‖y‖ (its values at
+    curve_steps, every log_every steps)."""
     if not steps:
         return
     idx = np.unique(np.linspace(0, len(steps) - 1, min(max_panels, len(steps))).round().astype(int))
@@ -766,12 +776,14 @@ def plot_progress(path, steps, images, residuals, max_panels=8):
     top = max(ph, 1.6) + 0.1 - ph                                # the strip hangs from the top
     _panel_strip(fig, 0, top, pw, [_rgb(f) for f in first], [f"step {steps[i]}" for i in idx], 8)
     ax = _axes(fig, strip + 0.75, 0.45, curve, max(ph, 1.6) - 0.35, off=False)   # room for tick labels
-    ax.semilogy(steps, [float(r[0]) for r in residuals])
-    from matplotlib.ticker import LogFormatter   # plain "0.02" labels: the default's mathtext costs ~70 ms
-    ax.yaxis.set_major_formatter(LogFormatter())
-    ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
+    ax.semilogy(curve_steps, curve_values)
+    # plain "0.0201" labels, 3 significant digits (the default's mathtext costs ~70 ms, and
+    # LogFormatter labels every tick of a curve within one decade alike, "2e-02")
+    from matplotlib.ticker import FormatStrFormatter
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
+    ax.yaxis.set_minor_formatter(FormatStrFormatter("%.3g"))
     ax.set_xlabel("step", labelpad=1)
-    _title(ax, "‖y − A(x̂₀)‖", 9)
+    _title(ax, "‖y − A(x̂₀)‖ / ‖y‖", 9)
     _save(fig, path)
 
 
@@ -800,7 +812,8 @@ def load_psf_grid(path: str):
         else:
             raise UserError(f"PSF grid must be a .npy or .npz file, got {path}")
     except (ValueError, OSError) as e:
-        raise UserError(f"cannot read PSF grid {path}: {str(e).splitlines()[0][:200]}") from None
+        detail = str(e).splitlines()[0].replace(path, "").strip(" :'\"") or type(e).__name__  # numpy repeats the path
+        raise UserError(f"cannot read PSF grid {path}: {detail[:200]}") from None
     psfs = np.asarray(psfs, dtype=np.float64)
     if psfs.ndim != 4 or psfs.shape[0] < 1 or psfs.shape[1] < 1 or psfs.shape[2] != psfs.shape[3]:
         raise UserError(f"{path}: PSF grid must have shape (G, G, k, k), got {psfs.shape}")

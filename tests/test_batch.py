@@ -110,9 +110,9 @@ def stop_at(monkeypatch, batch_number, step):
     calls = {"n": 0}
     original = main.progress_callback
 
-    def patched(views, cfg, device, bar, name):
+    def patched(views, cfg, device, bar, name, y_norms):
         calls["n"] += 1
-        inner, n = original(views, cfg, device, bar, name), calls["n"]
+        inner, n = original(views, cfg, device, bar, name, y_norms), calls["n"]
 
         def callback(i, t, x_t, x0_hat, res):
             if n == batch_number and i == step:

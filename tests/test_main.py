@@ -153,6 +153,9 @@ def files(tmp_path_factory):
     (d / "notes_as.png").write_text("hello, I am text")
     (d / "img.bmp").write_bytes(b"BM")
     (d / "afile").write_text("x")
+    (d / "bad.yaml").write_text("data:\n  img_size: 32\n sampler: [1, 2\n")
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(d / "y.png")
+    np.save(d / "g.npy", np.ones((2, 2, 3, 3)))
     return d
 
 
@@ -188,6 +191,26 @@ BAD = {
     "missing model dir": (["--model_id", "./no/such/dir"], "does not exist"),
     "psf too big": (["--set", "physics.motion.max_length=30"], "increase kernel_size"),
     "unwritable psf export": (["--save_psf_grid", "{files}/afile/sub/g.npz"], "cannot write the PSF grid"),
+    # NaN passes every comparison, inf every lower bound (a NaN step size used to run with the data term off)
+    "nan step": (["--step_size", "nan"], "sampler.dps.step_size must be a finite number, got nan"),
+    "nan sigma": (["--sigma_noise", "nan"], "data.sigma_noise must be a finite number"),
+    "inf lambda": (["--set", "sampler.diffpir.lambda=.inf"], "sampler.diffpir.lambda must be a finite number, got inf"),
+    "inf grid": (["--set", "physics.correlated.correlation_length=.inf"], "must be a finite number"),
+    "analytic typo": (["--model_id", "analytc"], "unknown model 'analytc'; did you mean analytic?"),
+    "analytic typo download": (["--model_id", "Analytical", "--download_only"], "did you mean analytic?"),
+    "invalid yaml": (["--config", "{files}/bad.yaml"], r"not valid YAML at line 3, column 1"),
+    # inputs that exclude each other (one used to be dropped without a word)
+    "blurred and image": (["--blurred", "{files}/y.png", "--image", "{files}/y.png"], "--image and --blurred"),
+    "blurred and blurred_dir": (["--blurred", "{files}/y.png", "--blurred_dir", "{files}"],
+                                "--blurred and --blurred_dir are different inputs"),
+    "calibration and blurred": (["--calibration", "{files}/y.png", "--blurred", "{files}/y.png"],
+                                "--blurred and --calibration"),
+    "calibration and psf_grid": (["--calibration", "{files}/y.png", "--psf_grid", "{files}/g.npy"],
+                                 "it does not take --psf_grid"),
+    "blurred and img_size": (["--blurred", "{files}/y.png", "--psf_grid", "{files}/g.npy", "--img_size", "64"],
+                             "--img_size applies to simulations"),
+    "blurred and blur_mode": (["--blurred", "{files}/y.png", "--psf_grid", "{files}/g.npy", "--blur_mode", "defocus"],
+                              "--blur_mode applies to simulations"),
 }
 
 

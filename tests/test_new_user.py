@@ -1,6 +1,7 @@
 """What a new user meets first: defaults that fit their data, gray and 16-bit images, a quiet
 console, fast --help, and one source of truth for allowed values."""
 
+import json
 import os
 import subprocess
 import sys
@@ -167,3 +168,40 @@ def test_bit_depth_reads_headers(tmp_path, gray16):
     Image.fromarray(np.zeros((4, 4), np.uint16)).save(tmp_path / "b.png")
     assert utils.bit_depth(gray16) == 16 and utils.bit_depth(str(tmp_path / "b.png")) == 16
     assert utils.bit_depth(str(tmp_path / "a.png")) == 8 and utils.bit_depth("sample") == 8
+
+
+class _Bar:
+    def __init__(self):
+        self.lines = []
+
+    def write(self, text, file=None):
+        self.lines.append(text)
+
+
+def test_cpu_estimate_uses_the_steady_rate_and_says_nothing_when_no_steps_are_left(monkeypatch):
+    """90 s of warm-up before the first mark, then 1 s a step: 20 steps left are 20 s, not the
+    (90 + 10) / 20 * 20 = 100 s that the time since the start gives."""
+    clock = iter([100.0, 110.0])
+    monkeypatch.setattr(main.time, "time", lambda: next(clock))
+    bar, marks = _Bar(), {}
+    cpu = torch.device("cpu")
+    main.cpu_estimate(marks, 10, 30, 10, cpu, bar, "dps")
+    main.cpu_estimate(marks, 20, 20, 10, cpu, bar, "dps")
+    assert bar.lines == ["INFO CPU run: about 20 s left for 20 more steps (dps)"]
+    bar, marks, clock = _Bar(), {}, iter([100.0, 110.0])
+    main.cpu_estimate(marks, 10, 10, 10, cpu, bar, "dps")
+    main.cpu_estimate(marks, 20, 0, 10, cpu, bar, "dps")
+    assert bar.lines == []
+
+
+def test_progress_shows_one_named_relative_residual_every_log_every_steps(tmp_path, capsys, monkeypatch, caplog):
+    r = cli(["--model_id", "analytic", *FAST, "--num_inference_steps", "50", "--set", "sampler.intermediate_freq=50",
+             "--no_baseline", "--save_dir", str(tmp_path)], capsys, monkeypatch, caplog)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "‖y−A(x̂₀)‖/‖y‖ " in r.stderr and "residual=" not in r.stderr
+    assert "data residual ‖y − A(x)‖/‖y‖ = " in r.stderr
+    m = json.loads(open(os.path.join(one_run(tmp_path), "metrics.json")).read())
+    curve = m["residual_relative_curve"]
+    assert curve["steps"] == [9, 19, 29, 39, 49] and all(0 < v < 2 for v in curve["values"])
+    # the last point is the final x̂₀'s relative residual, which the run's last line reports too
+    assert curve["values"][-1] == pytest.approx(m["data_residual_relative"], rel=0.05)

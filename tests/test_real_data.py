@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -39,11 +40,12 @@ SAMPLER_ARGS = {"dps": ["--num_inference_steps", "200", "--step_size", "8"], "di
 def test_round_trip_simulate_save_grid_then_restore_real(tmp_path, sampler, capsys, monkeypatch, caplog):
     """Simulate, export the grid, then restore the saved blurred.png as a real measurement."""
     grid_file = tmp_path / "grid.npz"
-    common = ["--model_id", "analytic", "--img_size", "64", "--blur_mode", "defocus", "--num_samples", "8",
-              *SAMPLER_ARGS[sampler], "--no_intermediates", *SMALL]
-    # The simulation run is only needed for its measurement and grid, so it samples briefly.
-    r = cli(common + ["--sigma_noise", "0.05", "--save_psf_grid", str(grid_file), "--save_dir", str(tmp_path / "sim"),
-                      "--num_samples", "1", "--num_inference_steps", "5"], capsys, monkeypatch, caplog)
+    common = ["--model_id", "analytic", "--num_samples", "8", *SAMPLER_ARGS[sampler], "--no_intermediates", *SMALL]
+    # The simulation run is only needed for its measurement and grid, so it samples briefly. Its
+    # size and blur mode are simulation settings, which a real run refuses.
+    r = cli(common + ["--img_size", "64", "--blur_mode", "defocus", "--sigma_noise", "0.05", "--save_psf_grid",
+                      str(grid_file), "--save_dir", str(tmp_path / "sim"), "--num_samples", "1",
+                      "--num_inference_steps", "5"], capsys, monkeypatch, caplog)
     assert r.returncode == 0, r.stderr[-2000:]
     sim = only_run(tmp_path / "sim")
     z = np.load(grid_file)
@@ -210,3 +212,23 @@ def test_positions_outside_the_image_are_refused(tmp_path, blurred_png, rows, co
     assert code == 2 and len(lines) == 1 and "outside the 40x50 image" in lines[0], err[-1500:]
     assert ("swapped" in lines[0]) and (("would fit with x and y swapped" in lines[0]) == swapped)
     assert run_dirs(tmp_path / "o") == []
+
+
+@pytest.mark.parametrize("scale, outcome", [(2.0, "warn"), (0.4, "refuse"), (1.0, "quiet")])
+def test_a_grid_that_does_not_span_the_image_is_named(tmp_path, blurred_png, scale, outcome, capsys, monkeypatch,
+                                                      caplog):
+    """The 40x50 measurement with a 3x3 grid laid out for an image `scale` times its size: twice
+    (half its nodes outside) is a warning, 0.4 times (the grid covers 16%: the top-left corner) is
+    refused, and the grid made for it passes without a word."""
+    pos = np.stack(np.meshgrid(np.array([40 / 6, 20, 40 * 5 / 6]) * scale - 0.5,
+                               np.array([50 / 6, 25, 50 * 5 / 6]) * scale - 0.5, indexing="ij"), -1)
+    r = cli(["--model_id", "analytic", "--blurred", blurred_png, "--psf_grid", write_grid(tmp_path / "g.npz", good_psfs(),
+             pos), "--num_inference_steps", "2", "--no_figures", "--no_baseline", "--save_dir", str(tmp_path / "o")],
+            capsys, monkeypatch, caplog)
+    if outcome == "refuse":
+        assert r.returncode == 2 and "the PSF grid covers only 16% of the image" in r.stderr
+        assert run_dirs(tmp_path / "o") == []
+        return
+    assert r.returncode == 0, r.stderr[-2000:]
+    warned = re.search(r"the PSF grid covers 100% of the image and 78% of its nodes lie outside it", r.stderr)
+    assert bool(warned) == (outcome == "warn"), r.stderr[-2000:]

@@ -63,7 +63,7 @@ def test_planted_pickle_checkpoint_is_refused_and_never_runs(tmp_path):
     ({"format": main.CHECKPOINT_FORMAT, "version": main.CHECKPOINT_VERSION, "x_t": torch.zeros(1),
       "next_index": "3"}, "next_index should be int"),
     (b"truncated", "truncated or corrupt"),
-    (b"just some text\n", "not a checkpoint this tool wrote"),
+    (b"just some text\n", "not a checkpoint this tool wrote: it is not a torch checkpoint archive"),
 ])
 def test_foreign_or_damaged_checkpoints_name_what_is_wrong(tmp_path, content, pattern):
     run = planted_run(tmp_path, {})
