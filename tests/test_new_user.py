@@ -16,7 +16,7 @@ import main
 import physics
 import utils
 from helpers import save_tiny_model
-from test_main import FAST, ROOT, cli, run_cli, run_dirs
+from test_main import FAST, ROOT, call_main as main_call, cli, run_cli, run_dirs
 
 
 def one_run(save_dir):
@@ -205,3 +205,32 @@ def test_progress_shows_one_named_relative_residual_every_log_every_steps(tmp_pa
     assert curve["steps"] == [9, 19, 29, 39, 49] and all(0 < v < 2 for v in curve["values"])
     # the last point is the final x̂₀'s relative residual, which the run's last line reports too
     assert curve["values"][-1] == pytest.approx(m["data_residual_relative"], rel=0.05)
+
+
+def test_a_second_ctrl_c_names_what_is_on_disk(tmp_path, capsys, monkeypatch):
+    """A first Ctrl-C after step 3 checkpoints the run; a second one arriving while the outputs are
+    written (50 ms later, say) used to print 'no checkpoint written' over an existing checkpoint."""
+    import signal
+    original = main.progress_callback
+
+    def patched(views, cfg, device, bar, name, y_norms):
+        inner = original(views, cfg, device, bar, name, y_norms)
+
+        def callback(i, t, x_t, x0_hat, res):
+            if i == 3:
+                main.STOP["signal"] = signal.SIGINT
+            return inner(i, t, x_t, x0_hat, res)
+        return callback
+
+    def second_ctrl_c(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(main, "progress_callback", patched)
+    monkeypatch.setattr(main, "write_outputs", second_ctrl_c)
+    code, out = main_call(["--model_id", "analytic", *FAST, "--num_inference_steps", "8", "--save_dir", str(tmp_path)],
+                          capsys, monkeypatch)
+    run = one_run(tmp_path)
+    assert code == 130 and os.path.isfile(os.path.join(run, "checkpoint.pt"))
+    assert out.out.strip() == run
+    assert f"the checkpoint in {run} was written before it: continue with --resume {run}" in out.err
+    assert "no checkpoint" not in out.err

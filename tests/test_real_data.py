@@ -8,6 +8,7 @@ import re
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 import physics
@@ -218,7 +219,7 @@ def test_positions_outside_the_image_are_refused(tmp_path, blurred_png, rows, co
 def test_a_grid_that_does_not_span_the_image_is_named(tmp_path, blurred_png, scale, outcome, capsys, monkeypatch,
                                                       caplog):
     """The 40x50 measurement with a 3x3 grid laid out for an image `scale` times its size: twice
-    (half its nodes outside) is a warning, 0.4 times (the grid covers 16%: the top-left corner) is
+    (8 of its 9 nodes outside) is a warning, 0.4 times (the grid covers 16%: the top-left corner) is
     refused, and the grid made for it passes without a word."""
     pos = np.stack(np.meshgrid(np.array([40 / 6, 20, 40 * 5 / 6]) * scale - 0.5,
                                np.array([50 / 6, 25, 50 * 5 / 6]) * scale - 0.5, indexing="ij"), -1)
@@ -230,5 +231,75 @@ def test_a_grid_that_does_not_span_the_image_is_named(tmp_path, blurred_png, sca
         assert run_dirs(tmp_path / "o") == []
         return
     assert r.returncode == 0, r.stderr[-2000:]
-    warned = re.search(r"the PSF grid covers 100% of the image and 78% of its nodes lie outside it", r.stderr)
+    warned = re.search(r"the PSF grid covers 100% of the image and 89% of its nodes lie outside it", r.stderr)
     assert bool(warned) == (outcome == "warn"), r.stderr[-2000:]
+
+
+def readme_real_data_command():
+    text = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    block = re.search(r"## Real data: your blurred image and your measured PSFs\s*```bash\n(.*?)\n", text).group(1)
+    assert block.startswith("python main.py --blurred photo.tif --psf_grid psfs.npz")
+    return block.split()[2:]
+
+
+@pytest.mark.slow
+def test_readme_real_data_command_restores_near_the_exact_posterior_mean(tmp_path, capsys, monkeypatch, caplog):
+    """The README's real-data command on a measurement of a photo the analytic prior was not fitted
+    to (the astronaut), blurred by a per-pixel defocus field with real margins, noise 0.03, saved as
+    a 16-bit TIFF, with a measured-style grid (node PSFs and their positions). With the analytic
+    prior its defaults (DiffPIR, the mean of 16 samples) score within 0.5 dB of that prior's exact
+    posterior mean and no worse than the blurred input minus 0.5 dB (one DPS sample, the old
+    default, scored 5 dB below the blurred input on such a measurement). Measured: blurred 23.32,
+    exact mean 24.27, DiffPIR's mean of 8 samples 23.68, of 16 24.19, of 32 24.43 dB; the mean of
+    8 exact draws 23.35, of 16 23.76 dB."""
+    import tifffile
+    H, k, sigma = 64, 9, 0.03
+    pc = dict(blur_mode="defocus", kernel_size=k, grid_size=4, n_eigen_psfs=10, defocus=dict(min_radius=1.0,
+              max_radius=3.5))
+    field, truth = physics.create_ground_truth(H, H, pc, seed=3, dtype=torch.float64)
+    scene = utils.load_scene("sample", H, k // 2)
+    clean = scene[k // 2:k // 2 + H, k // 2:k // 2 + H]
+    with torch.no_grad():
+        y = truth(utils.to_tensor(scene).double())
+        y = (y + sigma * torch.randn(y.shape, generator=torch.Generator().manual_seed(0), dtype=y.dtype)).clamp(0, 1)
+    tifffile.imwrite(tmp_path / "photo.tif", (utils.to_numpy(y) * 65535).round().astype(np.uint16), photometric="rgb")
+    utils.save_psf_grid(str(tmp_path / "psfs.npz"), field.node_grid(), tuple(c.numpy() for c in field.node_coords()))
+    args = [a.replace("photo.tif", str(tmp_path / "photo.tif")).replace("psfs.npz", str(tmp_path / "psfs.npz"))
+            for a in readme_real_data_command()]
+    r = cli(args + ["--model_id", "analytic", "--device", "cpu", "--kernel_size", str(k), "--no_intermediates",
+                    "--save_dir", str(tmp_path / "out")], capsys, monkeypatch, caplog)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "real data: sampler diffpir" in r.stderr and "the mean of 16 posterior samples" in r.stderr
+    run = only_run(tmp_path / "out")
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["sampler"] == "diffpir" and m["num_samples"] == 16
+    restored = np.load(run / "restored.npy").astype(np.float64)
+    # The exact posterior mean of the same model: the run's own grid, K and σ.
+    psfs, coords, _ = utils.load_psf_grid(str(run / "psf_grid.npz"))
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    eig, _, _ = physics.build_operators(torch.tensor(psfs), H, H, saved["physics"],
+                                        tuple(torch.as_tensor(c) for c in coords))
+    y_run = torch.from_numpy(np.load(run / "measurement.npy")).permute(2, 0, 1)[None].double()
+    prior, _ = __import__("dps").load_model("analytic")
+    mean, _ = __import__("dps").gaussian_posterior(prior, eig.double(), y_run, m["sigma_y"], tol=1e-7)
+    p_restored, p_exact = utils.psnr(clean, restored), utils.psnr(clean, utils.to_numpy(mean))
+    p_blurred = utils.psnr(clean, utils.to_numpy(y_run))
+    assert p_restored >= p_exact - 0.5 and p_restored >= p_blurred - 0.5, (p_restored, p_exact, p_blurred)
+
+
+def test_psf_grid_messages_name_the_file_once_and_the_sums_plainly(tmp_path, blurred_png, capsys, monkeypatch, caplog):
+    import zipfile
+    np.savez(tmp_path / "whole.npz", psfs=good_psfs())
+    member = zipfile.ZipFile(tmp_path / "whole.npz").read("psfs.npy")
+    bad = tmp_path / "g.npz"
+    with zipfile.ZipFile(bad, "w") as z:   # a valid archive whose array is cut short
+        z.writestr("psfs.npy", member[:-40])
+    r = cli(["--model_id", "analytic", "--blurred", blurred_png, "--psf_grid", str(bad)], capsys, monkeypatch, caplog)
+    (line,) = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert r.returncode == 2 and line.startswith(f"error: cannot read PSF grid {bad}: ") and line.count(str(bad)) == 1
+    for scale, said in ((1.0, "3x3x5x5, each PSF sums to 1"), (3.0, "normalised to sum 1 (sums were 3..3)")):
+        grid = write_grid(tmp_path / f"s{scale}.npy", good_psfs() / 1.5 * scale)
+        r = cli(["--model_id", "analytic", "--blurred", blurred_png, "--psf_grid", grid, "--num_inference_steps", "2",
+                 "--num_samples", "1", "--no_figures", "--no_baseline", "--save_dir", str(tmp_path / str(scale))],
+                capsys, monkeypatch, caplog)
+        assert r.returncode == 0 and said in r.stderr, r.stderr[-1500:]
