@@ -194,10 +194,10 @@ def check_conflicts(cfg, explicit) -> None:
         raise utils.UserError("--calibration measures a PSF grid; it does not take --psf_grid (restore with the grid it "
                               "writes in a second run)")
     if given and given[0] in ("data.blurred", "data.blurred_dir"):
-        ignored = [k for k in SIMULATION_ONLY if k in explicit]
+        ignored = [name(k) for k in SIMULATION_ONLY if k in explicit]
         if ignored:
-            raise utils.UserError(f"{name(ignored[0])} applies to simulations; a real measurement ({name(given[0])}) is "
-                                  f"restored at its own size with its --psf_grid")
+            raise utils.UserError(f"{' and '.join(ignored)} appl{'y' if len(ignored) > 1 else 'ies'} to simulations; a "
+                                  f"real measurement ({name(given[0])}) is restored at its own size with its --psf_grid")
 
 
 REAL_DATA_SAMPLES = 16
@@ -704,6 +704,8 @@ def progress_callback(views, cfg, device, bar, name, y_norms):
             for b, view in enumerate(views):
                 view.state["curve_steps"].append(i)
                 view.state["curve"].append(float(rel[b * S]))
+                if i + 1 - first_step == sc["log_every"]:  # warm-up (compile, CUDA graphs, allocator) is behind us
+                    view.timing.update(t=time.time(), step=i + 1)
             cpu_estimate(marks, i + 1 - first_step, n - i - 1, sc["log_every"], device, bar, name)
     return callback
 

@@ -198,7 +198,7 @@ BAD = {
     "inf grid": (["--set", "physics.correlated.correlation_length=.inf"], "must be a finite number"),
     "analytic typo": (["--model_id", "analytc"], "unknown model 'analytc'; did you mean analytic?"),
     "analytic typo download": (["--model_id", "Analytical", "--download_only"], "did you mean analytic?"),
-    "invalid yaml": (["--config", "{files}/bad.yaml"], r"not valid YAML at line 3, column 1"),
+    "invalid yaml": (["--config", "{files}/bad.yaml"], r"not valid YAML at line 3, column 2"),
     # inputs that exclude each other (one used to be dropped without a word)
     "blurred and image": (["--blurred", "{files}/y.png", "--image", "{files}/y.png"], "--image and --blurred"),
     "blurred and blurred_dir": (["--blurred", "{files}/y.png", "--blurred_dir", "{files}"],
@@ -208,9 +208,9 @@ BAD = {
     "calibration and psf_grid": (["--calibration", "{files}/y.png", "--psf_grid", "{files}/g.npy"],
                                  "it does not take --psf_grid"),
     "blurred and img_size": (["--blurred", "{files}/y.png", "--psf_grid", "{files}/g.npy", "--img_size", "64"],
-                             "--img_size applies to simulations"),
+                             "--img_size applies to simulations"),  # FAST has --img_size too
     "blurred and blur_mode": (["--blurred", "{files}/y.png", "--psf_grid", "{files}/g.npy", "--blur_mode", "defocus"],
-                              "--blur_mode applies to simulations"),
+                              "--img_size and --blur_mode apply to simulations"),
 }
 
 
