@@ -813,7 +813,6 @@ def sample(ps, views, cfg, device, dtype, generator, pipe, start, checkpoint, ru
 def record_sampling(views, cfg, status, runtime, cg) -> None:
     """Each image's metrics after a sampler call: status, time (its share of the batch), speed,
     and its own CG iterations (DiffPIR: cg (steps, B·S), per sample)."""
-    import torch
     S = cfg["sampler"]["num_samples"]
     for b, view in enumerate(views):
         m, state = view.metrics, view.state
@@ -1260,9 +1259,10 @@ def run(argv=None) -> int:
 
 
 def calibrate(cfg) -> int:
-    """--calibration: measures the PSF grid from an image of point sources (physics.estimate_psf_grid),
+    """--calibration: measures the PSF grid from an image of point sources (calibration.estimate_psf_grid),
     writes it (--save_psf_grid, else RUN_DIR/psf_grid.npz) with pictures and calibration.json, and
     exits. Nothing is written when the image cannot give a grid."""
+    import calibration
     import physics
     d, pc, rc = cfg["data"], cfg["physics"], cfg["run"]
     img = utils.read_image(d["calibration"])                       # (H, W, C) in [0, 1]
@@ -1272,7 +1272,7 @@ def calibrate(cfg) -> int:
         img = img @ np.array(physics.LUMINANCE_WEIGHTS)[:, None]
     G, k = physics.resolve_grid_size(pc), pc["kernel_size"]
     try:  # a pixel at the top of the range may have clipped: such spots are rejected as saturated
-        cal = physics.estimate_psf_grid(img[..., 0], G, k, saturation=0.999)
+        cal = calibration.estimate_psf_grid(img[..., 0], G, k, saturation=0.999)
     except ValueError as e:
         raise utils.UserError(f"{d['calibration']}: {e}") from None
     utils.check_writable(rc["save_dir"])
@@ -1296,7 +1296,7 @@ def calibrate(cfg) -> int:
     utils.plot_cell_map(os.path.join(run_dir, "images", "cells.png"), cal.counts, cal.snr)
     log.info("%d spots accepted; rejected: %s", cal.counts.sum(),
              ", ".join(f"{n} {r}" for r, n in cal.rejected().items() if n) or "none")
-    if cal.registration_error > physics.REGISTRATION_WARN:
+    if cal.registration_error > calibration.REGISTRATION_WARN:
         log.warning("the spots look undersampled: %.0f%% of their amplitude lies near the Nyquist frequency, so "
                     "registering one spot sub-pixel errs by about as much (median sigma %.2f px along the narrow "
                     "axis; a Gaussian needs 0.8 px, a disk's rim a blur of 0.5 px or more). More magnification "

@@ -811,6 +811,8 @@ def load_psf_grid(path: str):
             psfs, positions = np.load(path, allow_pickle=False), None
         else:
             raise UserError(f"PSF grid must be a .npy or .npz file, got {path}")
+    except UserError:
+        raise  # already names the file
     except (ValueError, OSError) as e:
         detail = str(e).splitlines()[0].replace(path, "").strip(" :'\"") or type(e).__name__  # numpy repeats the path
         raise UserError(f"cannot read PSF grid {path}: {detail[:200]}") from None

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import calibration  # noqa: E402
 import physics  # noqa: E402
 
 FIELDS = {"correlated": ("correlated", dict(sigma_scale=1.2, mu_scale=0.0)),     # name: (mode, parameters)
@@ -62,9 +63,9 @@ def error_vs_snr():
         for beads in (False, True):
             errs, t = [], 0.0
             for snr in snrs:
-                img, _, _ = physics.calibration_target(field, snr, beads, np.random.default_rng(0))
+                img, _, _ = calibration.calibration_target(field, snr, beads, np.random.default_rng(0))
                 t0 = time.perf_counter()
-                cal = physics.estimate_psf_grid(img, 4, 15)
+                cal = calibration.estimate_psf_grid(img, 4, 15)
                 t = max(t, time.perf_counter() - t0)
                 errs.append(rel(cal.psfs, true))
             print(f"{name:11s} {'beads' if beads else 'array':7s} " + " ".join(f"{100 * e:8.1f}%" for e in errs)
@@ -122,8 +123,8 @@ def six_fields():
         row, ops, fewest = [], [operator_error(true, truth, x_ext)], 0
         for beads in (False, True):
             for snr in (100, 20):
-                img, _, _ = physics.calibration_target(field, snr, beads, np.random.default_rng(seed))
-                cal = physics.estimate_psf_grid(img, 4, 21)
+                img, _, _ = calibration.calibration_target(field, snr, beads, np.random.default_rng(seed))
+                cal = calibration.estimate_psf_grid(img, 4, 21)
                 row.append(rel(cal.psfs, true))
                 fewest = int(cal.counts.min()) if beads else fewest
                 if snr == 100:
@@ -163,8 +164,8 @@ def end_to_end():
         p_true = utils.psnr(clean, restore(y_path, os.path.join(tmp, "true.npz"), tmp))
         for beads in (False, True):
             for snr in (100, 20):
-                img, _, _ = physics.calibration_target(field, snr, beads, np.random.default_rng(3))
-                cal = physics.estimate_psf_grid(img, 4, k)
+                img, _, _ = calibration.calibration_target(field, snr, beads, np.random.default_rng(3))
+                cal = calibration.estimate_psf_grid(img, 4, k)
                 utils.save_psf_grid(os.path.join(tmp, "est.npz"), cal.psfs, coords)
                 p_est = utils.psnr(clean, restore(y_path, os.path.join(tmp, "est.npz"), tmp))
                 err = rel(cal.psfs, field.node_grid().numpy())
@@ -196,7 +197,7 @@ def registration_floor():
 
     for sigma in (0.6, 0.7, 0.8, 1.0, 1.5):
         true = gaussian(sigma, 0, 0)[3:-3, 3:-3]
-        estimate = np.sqrt(np.mean([physics._near_nyquist(gaussian(sigma, dy, dx), 10, 10, 15, 0.0) ** 2
+        estimate = np.sqrt(np.mean([calibration._near_nyquist(gaussian(sigma, dy, dx), 10, 10, 15, 0.0) ** 2
                                     for dy, dx in offsets]))
         print(f"Gaussian sigma {sigma:.1f} px   " + floor(lambda dy, dx: gaussian(sigma, dy, dx), true / true.sum())
               + f"   spectral estimate (noise-free): {100 * estimate:4.1f}%")
@@ -204,8 +205,8 @@ def registration_floor():
         params = dict(max_radius=4.4, edge_sigma=edge_sigma)
         disks = field_of("defocus", 256, 21, 0, **params)
         field = field_of("defocus", 256, 15, 0, **params)
-        img, _, _ = physics.calibration_target(field, 100, True, np.random.default_rng(0))
-        estimate = physics.estimate_psf_grid(img, 4, 15).registration_error
+        img, _, _ = calibration.calibration_target(field, 100, True, np.random.default_rng(0))
+        estimate = calibration.estimate_psf_grid(img, 4, 15).registration_error
         print(f"disks, edge_sigma {edge_sigma:.2f} " + floor(lambda dy, dx: disks.shifted(dy, dx).node_grid().numpy(),
                                                              field.node_grid().numpy())
               + f"   calibration's estimate (beads, SNR 100): {100 * estimate:4.1f}%")
@@ -216,15 +217,15 @@ def perfect_registration():
     mode, params = FIELDS["defocus"]
     field = field_of(mode, 256, 15, 0, **params)
     true = field.node_grid().numpy()
-    actual = physics._registered_cutout
+    actual = calibration._registered_cutout
     try:
-        physics._registered_cutout = lambda img, cy, cx, k: field.psfs_on_grid(
+        calibration._registered_cutout = lambda img, cy, cx, k: field.psfs_on_grid(
             torch.tensor([cy]), torch.tensor([cx]))[0, 0].numpy()
         for beads in (False, True):
-            img, _, _ = physics.calibration_target(field, 100, beads, np.random.default_rng(0))
-            print(f"{'beads' if beads else 'array'}: {100 * rel(physics.estimate_psf_grid(img, 4, 15).psfs, true):.1f}%")
+            img, _, _ = calibration.calibration_target(field, 100, beads, np.random.default_rng(0))
+            print(f"{'beads' if beads else 'array'}: {100 * rel(calibration.estimate_psf_grid(img, 4, 15).psfs, true):.1f}%")
     finally:
-        physics._registered_cutout = actual
+        calibration._registered_cutout = actual
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ MUTANTS = {
                             "update = x * operator.adjoint(y / Ax.clamp_min(eps))", "tests/test_baselines.py"),
     "tikhonov_laplacian_sign": ("baselines.py", "out[..., :, :-1] -= dx", "out[..., :, :-1] += dx",
                                 "tests/test_baselines.py"),
-    "calibration_max_normalised": ("physics.py", "    return box / box.sum()", "    return box / box.max()",
+    "calibration_max_normalised": ("calibration.py", "    return box / box.sum()", "    return box / box.max()",
                                    "tests/test_calibration.py -k registered_cutout_sums"),
     "seed_from_index": ("main.py", "gen = image_generator(cfg[\"run\"][\"seed\"], os.path.basename(path), device)",
                         "gen = image_generator(cfg[\"run\"][\"seed\"], str(i), device)",
@@ -121,7 +121,7 @@ def main():
         sys.exit(f"error: unknown mutant(s) {', '.join(unknown)}; known: {', '.join(MUTANTS)}")
     with tempfile.TemporaryDirectory() as work:
         scratch_copy(work)
-        print(f"| mutant | file | tests | outcome | s |\n|---|---|---|---|---|")
+        print("| mutant | file | tests | outcome | s |\n|---|---|---|---|---|")
         outcomes = {}
         for name in names:
             outcome, seconds = run_mutant(name, work)

@@ -8,6 +8,7 @@ import pytest
 import tifffile
 import torch
 
+import calibration
 import physics
 from test_main import cli
 
@@ -18,7 +19,7 @@ FIELD = dict(sigma_scale=1.2, mu_scale=0.0)  # correlated Gaussians centred on t
 
 def field_and_target(snr, beads, H=256, G=4, k=15, seed=0, field=FIELD, mode="correlated"):
     field = physics.SVBlurSimulator(H, H, k, G, dtype=torch.float64).simulate_field(mode, seed=seed, **field)
-    img, rows, cols = physics.calibration_target(field, snr, beads, np.random.default_rng(seed))
+    img, rows, cols = calibration.calibration_target(field, snr, beads, np.random.default_rng(seed))
     return field, img
 
 
@@ -57,7 +58,7 @@ CASES = [pytest.param(psfs, seed, beads, snr, bound, id=f"{psfs}-{'beads' if bea
 def test_estimated_grid_matches_true_node_psfs(psfs, seed, beads, snr, bound):
     field, img = field_and_target(snr, beads, seed=seed, **NYQUIST[psfs])
     k = NYQUIST[psfs]["k"]
-    cal = physics.estimate_psf_grid(img, 4, k)
+    cal = calibration.estimate_psf_grid(img, 4, k)
     assert cal.counts.min() >= (3 if beads else 1) and not cal.filled
     err = rel_error(cal.psfs, field.node_grid().numpy())
     assert err <= bound, err
@@ -79,7 +80,7 @@ def test_where_beads_miss_the_node_psfs_the_blur_is_still_as_right():
         op = physics.GridSVBlurOperator(torch.as_tensor(grid), H, H, "scatter", "reflect", "bilinear")
         return physics.operator_relative_error(op, truth, x, x_ext)
     true_grid = field.node_grid()
-    estimated = physics.estimate_psf_grid(img, 4, field.k).psfs
+    estimated = calibration.estimate_psf_grid(img, 4, field.k).psfs
     assert rel_error(estimated, true_grid.numpy()) > 0.05          # the miss is still there
     assert operator_error(estimated) <= 1.01 * operator_error(true_grid)
 
@@ -87,7 +88,7 @@ def test_where_beads_miss_the_node_psfs_the_blur_is_still_as_right():
 def test_spatial_variation_is_recovered_not_averaged_away():
     """Each cell's PSF is closer to its own node PSF than to the field's mean PSF."""
     field, img = field_and_target(100, beads=False)
-    cal = physics.estimate_psf_grid(img, 4, 15)
+    cal = calibration.estimate_psf_grid(img, 4, 15)
     true = field.node_grid().numpy()
     mean = true.mean((0, 1))
     own = np.linalg.norm(cal.psfs - true, axis=(-2, -1))
@@ -99,12 +100,12 @@ def test_rejections_hot_pixel_edge_saturation_overlap():
     field, img = field_and_target(100, beads=False, seed=1)
     img = img.copy()
     img[100, 3] = img.max() * 2                       # a hot pixel
-    unit = physics.render_point_sources(field, [2.3, 60.0, 60.0 + 7], [120.0, 200.0, 200.0 + 5], [5e4, 5e4, 5e4])
+    unit = calibration.render_point_sources(field, [2.3, 60.0, 60.0 + 7], [120.0, 200.0, 200.0 + 5], [5e4, 5e4, 5e4])
     img = img + unit                                  # a spot cut by the top edge and an overlapping pair
     sat = img.max() * 0.9
-    bright = physics.render_point_sources(field, [180.0], [100.0], [1e7])
+    bright = calibration.render_point_sources(field, [180.0], [100.0], [1e7])
     img = np.minimum(img + bright, sat)               # one saturated spot, clipped at the sensor's maximum
-    cal = physics.estimate_psf_grid(img, 4, 15, saturation=sat)
+    cal = calibration.estimate_psf_grid(img, 4, 15, saturation=sat)
     rej = cal.rejected()
     assert rej["hot pixel"] >= 1 and rej["edge"] >= 1 and rej["overlap"] >= 2 and rej["saturated"] >= 1, rej
     assert rel_error(cal.psfs, field.node_grid().numpy()) < 0.06
@@ -113,11 +114,11 @@ def test_rejections_hot_pixel_edge_saturation_overlap():
 def test_empty_cells_are_filled_with_a_warning_and_too_many_is_an_error():
     field, img = field_and_target(100, beads=False)
     holes = erase(img, slice(0, 64), slice(0, 64))   # cell (0, 0) loses its spot
-    cal = physics.estimate_psf_grid(holes, 4, 15)
+    cal = calibration.estimate_psf_grid(holes, 4, 15)
     assert cal.filled == [(0, 0)] and cal.counts[0, 0] == 0
     corner = erase(erase(img, slice(None), slice(128, None)), slice(128, None), slice(None))  # one quarter left
     with pytest.raises(ValueError, match=r"12 of 16 grid cells have no usable spot"):
-        physics.estimate_psf_grid(corner, 4, 15)
+        calibration.estimate_psf_grid(corner, 4, 15)
 
 
 def write_tif(path, img):
@@ -144,7 +145,7 @@ def test_cli_writes_grid_pictures_and_report(tmp_path, capsys, monkeypatch, capl
     assert report["spots_accepted"] >= 48 and sum(map(sum, report["spots_per_cell"])) == report["spots_accepted"]
     # FIELD's Gaussians are 0.6-1.8 px wide (median narrow-axis sigma 0.71 px): undersampled, and said so.
     assert report["median_narrow_axis_sigma_px"] < 0.8
-    assert report["registration_error_estimate"] > physics.REGISTRATION_WARN and "undersampled" in r.stderr
+    assert report["registration_error_estimate"] > calibration.REGISTRATION_WARN and "undersampled" in r.stderr
 
 
 def narrow_sigma_of(psfs):
@@ -163,10 +164,10 @@ def test_spot_width_is_measured_before_registration(scale, H, k):
     to 0.05 px, from badly undersampled (0.41 px) to Nyquist-sampled (1.18 px) Gaussians; the
     registered PSFs could not show this (interpolation widens them)."""
     field, img = field_and_target(20, False, H=H, k=k, field=dict(sigma_scale=scale, mu_scale=0.0))
-    cal = physics.estimate_psf_grid(img, 4, k)
+    cal = calibration.estimate_psf_grid(img, 4, k)
     true = narrow_sigma_of(field.node_grid().numpy())
     assert abs(cal.narrow_sigma - true) <= 0.05, (cal.narrow_sigma, true)
-    assert (cal.registration_error > physics.REGISTRATION_WARN) == (scale < 2.0)
+    assert (cal.registration_error > calibration.REGISTRATION_WARN) == (scale < 2.0)
 
 
 def registration_floor(field, n=30):
@@ -193,10 +194,10 @@ def test_registration_error_estimate_matches_the_real_registration_floor(edge_si
     params = dict(min_radius=3.0, max_radius=3.0, edge_sigma=edge_sigma)
     field, img = field_and_target(100, True, mode="defocus", field=params)
     floor = registration_floor(field)
-    cal = physics.estimate_psf_grid(img, 4, 15)
+    cal = calibration.estimate_psf_grid(img, 4, 15)
     assert abs(cal.registration_error - floor) <= 0.025, (cal.registration_error, floor)
     if edge_sigma != 0.3:
-        assert (cal.registration_error > physics.REGISTRATION_WARN) == (edge_sigma == 0), cal.registration_error
+        assert (cal.registration_error > calibration.REGISTRATION_WARN) == (edge_sigma == 0), cal.registration_error
 
 
 def blank(H=256):
@@ -206,7 +207,7 @@ def blank(H=256):
 
 def one_spot():
     field, _ = field_and_target(100, beads=False)
-    return blank() + physics.render_point_sources(field, [128.3], [100.6], [1e5])
+    return blank() + calibration.render_point_sources(field, [128.3], [100.6], [1e5])
 
 
 def corner_spots():
@@ -245,8 +246,8 @@ def test_restoring_with_the_estimated_grid_is_as_good_as_with_the_true_grid(tmp_
     import utils
     H, k = 128, 15
     field = physics.SVBlurSimulator(H, H, k, 4, dtype=torch.float64).simulate_field("correlated", seed=3, **FIELD)
-    img, _, _ = physics.calibration_target(field, 100, False, np.random.default_rng(3))
-    cal = physics.estimate_psf_grid(img, 4, k)
+    img, _, _ = calibration.calibration_target(field, 100, False, np.random.default_rng(3))
+    cal = calibration.estimate_psf_grid(img, 4, k)
     coords = tuple(c.numpy() for c in field.node_coords())
     utils.save_psf_grid(str(tmp_path / "est.npz"), cal.psfs, coords)
     utils.save_psf_grid(str(tmp_path / "true.npz"), field.node_grid(), coords)
@@ -279,15 +280,15 @@ def test_restoring_with_the_estimated_grid_is_as_good_as_with_the_true_grid(tmp_
 def test_every_registered_cutout_sums_to_one(beads, monkeypatch):
     """Each spot's registered cut-out is a PSF (sum 1) before the node fit averages them; a
     cut-out scaled another way (to its maximum, say) would weight bright and faint spots unequally."""
-    cutouts, original = [], physics._registered_cutout
+    cutouts, original = [], calibration._registered_cutout
 
     def spy(img, cy, cx, k):
         out = original(img, cy, cx, k)
         cutouts.append(out)
         return out
 
-    monkeypatch.setattr(physics, "_registered_cutout", spy)
+    monkeypatch.setattr(calibration, "_registered_cutout", spy)
     _, img = field_and_target(100, beads, H=128, G=2, k=15)
-    cal = physics.estimate_psf_grid(img, 2, 15)
+    cal = calibration.estimate_psf_grid(img, 2, 15)
     assert len(cutouts) >= sum(s["status"] == "accepted" for s in cal.spots) >= 4
     np.testing.assert_allclose([c.sum() for c in cutouts], 1.0, rtol=1e-12)

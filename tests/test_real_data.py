@@ -297,6 +297,11 @@ def test_psf_grid_messages_name_the_file_once_and_the_sums_plainly(tmp_path, blu
     r = cli(["--model_id", "analytic", "--blurred", blurred_png, "--psf_grid", str(bad)], capsys, monkeypatch, caplog)
     (line,) = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert r.returncode == 2 and line.startswith(f"error: cannot read PSF grid {bad}: ") and line.count(str(bad)) == 1
+    np.savez(tmp_path / "other.npz", other=good_psfs())      # the error that used to name the file twice
+    r = cli(["--model_id", "analytic", "--blurred", blurred_png, "--psf_grid", str(tmp_path / "other.npz")], capsys,
+            monkeypatch, caplog)
+    (line,) = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert r.returncode == 2 and "must contain an array 'psfs'" in line and line.count("other.npz") == 1, line
     for scale, said in ((1.0, "3x3x5x5, each PSF sums to 1"), (3.0, "normalised to sum 1 (sums were 3..3)")):
         grid = write_grid(tmp_path / f"s{scale}.npy", good_psfs() / 1.5 * scale)
         r = cli(["--model_id", "analytic", "--blurred", blurred_png, "--psf_grid", grid, "--num_inference_steps", "2",
