@@ -154,12 +154,21 @@ def _box(img, cy, cx, h):
     return img[ry - h:ry + h + 1, rx - h:rx + h + 1], ry, rx
 
 
+def _fits(img, cy, cx, h) -> bool:
+    """Whether the (2h + 1)² box around the pixel nearest (cy, cx) lies inside the image."""
+    ry, rx = int(round(cy)), int(round(cx))
+    return h <= ry < img.shape[0] - h and h <= rx < img.shape[1] - h
+
+
 def _centroid(img, r, c, k):
-    """Sub-pixel centre: the intensity centroid in a disk of radius k/2, re-centred twice."""
+    """Sub-pixel centre: the intensity centroid in a disk of radius k/2, re-centred twice (never
+    past the image edge: a box that would leave it stops the re-centring)."""
     cy, cx = float(r), float(c)
     h = k // 2
     yy, xx = np.mgrid[-h:h + 1, -h:h + 1]
     for _ in range(3):
+        if not _fits(img, cy, cx, h):
+            break
         box, ry, rx = _box(img, cy, cx, h)
         w = np.clip(box, 0, None) * ((yy ** 2 + xx ** 2) <= h * h)
         if w.sum() <= 0:
@@ -224,8 +233,9 @@ def estimate_psf_grid(image, grid_size: int, kernel_size: int, saturation=None, 
     1. Background: sigma-clipped tile medians, bilinearly interpolated; noise by MAD.
     2. Detection: local maxima (scikit-image peak_local_max) of the lightly smoothed image above
        `threshold`·noise.
-    3. Rejection of noise peaks, hot pixels, spots clipped by the edge, saturated spots (two or
-       more pixels of the box ≥ `saturation`, in image units) and overlapping pairs.
+    3. Rejection of noise peaks, hot pixels, spots clipped by the edge (at the raw peak, and again
+       where the centroid puts the cut-out), saturated spots (two or more pixels of the box ≥
+       `saturation`, in image units) and overlapping pairs.
     4. Sub-pixel centroid; each spot cut out at k×k, shifted so its centroid is the kernel centre,
        and normalised to sum 1.
     5. Spots are assigned to a G×G grid of equal cells; each cell's spots make its "effective PSF"
@@ -265,6 +275,9 @@ def estimate_psf_grid(image, grid_size: int, kernel_size: int, saturation=None, 
         if s["status"] != "accepted":
             continue
         cy, cx = _centroid(img, int(s["row"]), int(s["col"]), k)
+        if not _fits(img, cy, cx, k // 2 + 3):  # the cut-out is taken where registration puts the spot:
+            s["status"] = "edge"                # a tail (coma at the field edge) can pull it off the image
+            continue
         s["row"], s["col"], s["sigma"] = cy, cx, _narrow_sigma(img, cy, cx, k)
         s["near_nyquist"] = _near_nyquist(img, cy, cx, k, noise)
         i, j = min(int((cy + 0.5) * G / H), G - 1), min(int((cx + 0.5) * G / W), G - 1)

@@ -59,6 +59,8 @@ FLAGS = {
     "psf_grid": ("data.psf_grid", str, "measured PSFs: .npy (G,G,k,k) or .npz with psfs [+ positions (G,G,2)]"),
     "save_psf_grid": ("data.save_psf_grid", str, "export the PSF grid used (.npz/.npy)"),
     "calibration": ("data.calibration", str, "measure the PSF grid from this image of point sources, write it, exit"),
+    "saturation": ("data.saturation", float_or_auto, "calibration: the camera's full scale in the file's units "
+                   "(4095 for 12-bit data in 16-bit files), or auto"),
     "blur_mode": ("physics.blur_mode", str, "the blur family (see config.yaml's physics.blur_mode)"),
     "kernel_size": ("physics.kernel_size", int, "odd PSF size in pixels"),
     "grid_size": ("physics.grid_size", int_or("auto"), "PSFs per image side, or auto (8, or 64 for random_iid)"),
@@ -190,6 +192,8 @@ def check_conflicts(cfg, explicit) -> None:
         raise utils.UserError(f"{name(a)} and {name(b)} are different inputs (one run restores one of: a clean image "
                               f"to simulate from, a folder of them, a real measurement, a folder of them, or a "
                               f"calibration image); give one")
+    if "data.saturation" in explicit and not (given and given[0] == "data.calibration"):
+        raise utils.UserError("--saturation applies to --calibration (the camera's full scale in a calibration image)")
     if given and given[0] == "data.calibration" and flat["data.psf_grid"]:
         raise utils.UserError("--calibration measures a PSF grid; it does not take --psf_grid (restore with the grid it "
                               "writes in a second run)")
@@ -1271,8 +1275,9 @@ def calibrate(cfg) -> int:
                  "channel, calibrate each channel's image on its own")
         img = img @ np.array(physics.LUMINANCE_WEIGHTS)[:, None]
     G, k = physics.resolve_grid_size(pc), pc["kernel_size"]
-    try:  # a pixel at the top of the range may have clipped: such spots are rejected as saturated
-        cal = calibration.estimate_psf_grid(img[..., 0], G, k, saturation=0.999)
+    saturation = saturation_level(d["calibration"], d["saturation"], img[..., 0])
+    try:  # spots with clipped pixels are rejected as saturated
+        cal = calibration.estimate_psf_grid(img[..., 0], G, k, saturation=saturation)
     except ValueError as e:
         raise utils.UserError(f"{d['calibration']}: {e}") from None
     utils.check_writable(rc["save_dir"])
@@ -1287,6 +1292,7 @@ def calibrate(cfg) -> int:
               "spots_accepted": int(cal.counts.sum()), "spots_rejected": cal.rejected(),
               "cells_filled_from_neighbours": [list(c) for c in cal.filled],
               "spots_per_cell": cal.counts.tolist(), "median_peak_snr_per_cell": cal.snr.round(2).tolist(),
+              "saturation": round(saturation * utils.full_scale(d["calibration"]), 3),
               "median_narrow_axis_sigma_px": round(cal.narrow_sigma, 3),
               "registration_error_estimate": round(cal.registration_error, 4)}
     utils.write_json(os.path.join(run_dir, "calibration.json"), report)
@@ -1308,6 +1314,31 @@ def calibrate(cfg) -> int:
     log.info("PSF grid %dx%d of %dx%d written to %s", G, G, k, k, d["save_psf_grid"] or os.path.join(run_dir, "psf_grid.npz"))
     print(run_dir)
     return 0
+
+
+PLATEAU_PIXELS = 4   # this many pixels exactly at the image's maximum: a clipped plateau, not a peak
+
+
+def saturation_level(path, given, img):
+    """The saturation threshold on read_image's [0, 1] scale, with an info line saying where it came
+    from: --saturation (file units); the TIFF's declared maximum sample; a plateau (PLATEAU_PIXELS
+    or more pixels exactly at the image's maximum: what a 12- or 14-bit camera clipping inside a
+    16-bit file leaves); else 0.999 of the file's range."""
+    scale, name = utils.full_scale(path), os.path.basename(path)
+    if given != "auto":
+        log.info("%s: saturation at %g (--saturation, of %g full scale)", name, given, scale)
+        return given / scale
+    declared = utils.declared_max_sample(path)
+    if declared is not None:
+        log.info("%s: saturation at %g, the maximum sample value the file declares", name, declared)
+        return declared / scale
+    top = float(img.max())
+    at_top = int((img == top).sum())
+    if at_top >= PLATEAU_PIXELS and top < 0.999:
+        log.info("%s: %d pixels sit exactly at the image's maximum %g (of %g full scale): treated as the camera's "
+                 "saturation; set --saturation if that is wrong", name, at_top, round(top * scale, 3), scale)
+        return top
+    return 0.999
 
 
 def _bad_input_errors() -> tuple:

@@ -37,13 +37,14 @@ class UserError(ValueError):
 # ----------------------------------------------------------------------------
 
 # Keys whose config.yaml default is a keyword: the type of their other values.
-TYPES = {"physics.grid_size": int, "data.sigma_noise": float, "sampler.clip_denoised": bool,
+TYPES = {"physics.grid_size": int, "data.sigma_noise": float, "data.saturation": float, "sampler.clip_denoised": bool,
          "sampler.num_inference_steps": int}
 # Values a key may take besides the type of its default in config.yaml.
 ALTERNATIVES = {
     "physics.grid_size": ("auto",),
     "physics.n_eigen_psfs": ("all",),
     "data.sigma_noise": ("auto",),
+    "data.saturation": ("auto",),
     "sampler.clip_denoised": ("auto", True, False),
     "sampler.num_inference_steps": ("auto",),
 }
@@ -69,7 +70,7 @@ def choices() -> dict:
 
 # (low, high) inclusive; None = unbounded.
 RANGES = {
-    "data.img_size": (8, 4096), "data.sigma_noise": (0.0, 1.0),
+    "data.img_size": (8, 4096), "data.sigma_noise": (0.0, 1.0), "data.saturation": (0.0, None),
     "physics.kernel_size": (1, 255), "physics.grid_size": (1, 256), "physics.n_eigen_psfs": (1, None),
     "model.max_retries": (1, 100),
     "sampler.dps.step_size": (0.0, None), "sampler.dps.gradient_clip": (0.0, None),
@@ -495,6 +496,44 @@ def bit_depth(spec: str) -> int:
             return 16 if im.mode.startswith("I;16") or im.mode == "I" else 8
     except Exception:  # unreadable files are reported by the decoder
         return 8
+
+
+def declared_max_sample(spec: str):
+    """The largest sample value a TIFF declares (its SMaxSampleValue tag, or MaxSampleValue when
+    that is below the dtype's range, as 12- and 14-bit cameras write), in the file's own units;
+    None when it declares none (or the file is not a TIFF)."""
+    if not spec.lower().endswith((".tif", ".tiff")) or not os.path.isfile(spec):
+        return None
+    try:
+        import tifffile
+        with tifffile.TiffFile(spec) as tif:
+            page = tif.pages[0]
+            full = np.iinfo(page.dtype).max if page.dtype.kind == "u" else None
+            for name in ("SMaxSampleValue", "MaxSampleValue"):
+                tag = page.tags.get(name)
+                if tag is not None:
+                    value = float(np.max(tag.value))
+                    if name == "SMaxSampleValue" or (full is not None and value < full):
+                        return value
+    except Exception:  # unreadable files are reported by the decoder
+        return None
+    return None
+
+
+def full_scale(spec: str) -> float:
+    """What 1.0 of read_image's [0, 1] scale is in the file's own units (65535 for 16-bit, 255 for
+    8-bit, 1 for floating point)."""
+    if spec == "sample" or spec.startswith(("http://", "https://")):
+        return 255.0
+    try:
+        if spec.lower().endswith((".tif", ".tiff")):
+            import tifffile
+            with tifffile.TiffFile(spec) as tif:
+                dtype = tif.pages[0].dtype
+                return float(np.iinfo(dtype).max) if dtype.kind == "u" else 1.0
+    except Exception:
+        pass
+    return 65535.0 if bit_depth(spec) == 16 else 255.0
 
 
 # ----------------------------------------------------------------------------

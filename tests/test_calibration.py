@@ -292,3 +292,90 @@ def test_every_registered_cutout_sums_to_one(beads, monkeypatch):
     cal = calibration.estimate_psf_grid(img, 2, 15)
     assert len(cutouts) >= sum(s["status"] == "accepted" for s in cal.spots) >= 4
     np.testing.assert_allclose([c.sum() for c in cutouts], 1.0, rtol=1e-12)
+
+
+def comet(k, length, angle):
+    """A coma-like k×k spot: a bright core with a tail of widening Gaussians along `angle` (rad)."""
+    h = k // 2
+    yy, xx = np.mgrid[-h:h + 1, -h:h + 1].astype(np.float64)
+    psf = np.zeros((k, k))
+    for t in np.linspace(0, length, 12):
+        cy, cx = t * np.sin(angle), t * np.cos(angle)
+        s = 0.8 + 0.25 * t
+        psf += np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * s * s)) / (1 + t)
+    return psf / psf.sum()
+
+
+def test_coma_pointing_out_at_every_edge_and_corner_is_rejected_not_a_crash():
+    """Comet-shaped spots with their peak just inside the edge test (k//2 + 3 px from the border) and
+    their tail pointing outward: the centroid moves out by more than half a pixel, so the cut-out
+    registration would take leaves the image (it raised 'all input arrays must have the same
+    shape'). Such spots are 'edge' rejections, and the interior array still gives the grid."""
+    H, k, G = 96, 9, 2
+    rng = np.random.default_rng(0)
+    img = rng.normal(10.0, 1.0, (H, H))
+    R = k // 2 + 3
+    normal = comet(k, 0.0, 0.0)
+    for r in (30, 66):                                   # a 2×2 array of round spots, one per cell
+        for c in (30, 66):
+            img[r - k // 2:r + k // 2 + 1, c - k // 2:c + k // 2 + 1] += 3000 * normal
+    edges = {(R, 48): -np.pi / 2, (H - 1 - R, 48): np.pi / 2, (48, R): np.pi, (48, H - 1 - R): 0.0,
+             (R, R): -3 * np.pi / 4, (R, H - 1 - R): -np.pi / 4, (H - 1 - R, R): 3 * np.pi / 4,
+             (H - 1 - R, H - 1 - R): np.pi / 4}
+    for (r, c), angle in edges.items():     # the spot's peak (a pixel off its box centre) lands on (r, c)
+        spot = comet(k, 4.0, angle)
+        py, px = np.unravel_index(spot.argmax(), spot.shape)
+        top, left = r - py, c - px
+        ys, xs = slice(max(top, 0), min(top + k, H)), slice(max(left, 0), min(left + k, H))
+        img[ys, xs] += 3000 * spot[ys.start - top:ys.stop - top, xs.start - left:xs.stop - left]
+    cal = calibration.estimate_psf_grid(img, G, k)
+    status = {(round(s["row"]), round(s["col"])): s["status"] for s in cal.spots}
+    near_edge = [s for s in cal.spots if min(s["row"], s["col"], H - 1 - s["row"], H - 1 - s["col"]) < R + 2]
+    accepted = [s for s in cal.spots if s["status"] == "accepted"]
+    # The four tails along an axis pull the centroid out by more than half a pixel: rejected. A
+    # diagonal tail pulls each axis less, and such a spot is kept only if its cut-out fits.
+    assert len(near_edge) == 8 and sum(s["status"] == "edge" for s in near_edge) >= 4, status
+    assert all(calibration._fits(img, s["row"], s["col"], R) for s in accepted), status
+    assert cal.counts.sum() == len(accepted) >= 4 and cal.psfs.shape == (2, 2, k, k)
+
+
+def clipped_disk_target(tmp_path, full=4095, tags=()):
+    """A Nyquist-sampled soft-disk array at peak SNR 100 in photons, the brightest spots clipped at
+    `full` (a 12-bit camera), stored as a 16-bit TIFF: (path, unclipped image, clipped spots)."""
+    field, img = field_and_target(100, False, **{k: v for k, v in NYQUIST["disks"].items()})
+    # Scaled so that the four brightest cells' spots (the narrowest disks) pass 4095 and the rest not.
+    top = np.sort([img[r * 64:(r + 1) * 64, c * 64:(c + 1) * 64].max() for r in range(4) for c in range(4)])[::-1]
+    img = np.clip(img * 4095 / np.sqrt(top[3] * top[4]), 0, None)
+    clipped = np.minimum(img, full)
+    path = tmp_path / "spots12.tif"
+    tifffile.imwrite(path, clipped.round().astype(np.uint16), extratags=list(tags))
+    n_clipped = sum(1 for r in range(4) for c in range(4)
+                    if (clipped[r * 64:(r + 1) * 64, c * 64:(c + 1) * 64] >= full).sum() >= 2)
+    return str(path), n_clipped
+
+
+@pytest.mark.parametrize("how", ["plateau", "tag", "flag"])
+def test_12_bit_saturation_in_a_16_bit_file_is_caught(tmp_path, how, capsys, monkeypatch, caplog):
+    """0.999 of the 16-bit range never saw a 12-bit camera's clip at 4095; the spots that reach it are
+    now rejected as saturated and counted, from a plateau at the image's maximum, from the file's
+    MaxSampleValue tag, or from --saturation."""
+    tags = [(281, "H", 1, 4095, True)] if how == "tag" else []
+    src, n_clipped = clipped_disk_target(tmp_path, tags=tags)
+    assert n_clipped >= 2
+    args = ["--calibration", src, "--grid_size", "4", "--kernel_size", "15", "--save_dir", str(tmp_path / "res")]
+    r = cli(args + (["--saturation", "4095"] if how == "flag" else []), capsys, monkeypatch, caplog)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads(open(os.path.join(r.stdout.strip().splitlines()[-1], "calibration.json")).read())
+    assert report["saturation"] == 4095 and report["spots_rejected"]["saturated"] == n_clipped, report
+    said = {"plateau": "sit exactly at the image's maximum 4095", "tag": "the maximum sample value the file declares",
+            "flag": "(--saturation"}[how]
+    assert said in r.stderr
+
+
+def test_an_unclipped_16_bit_target_reports_no_saturation(tmp_path, capsys, monkeypatch, caplog):
+    src, _ = clipped_disk_target(tmp_path, full=65535)
+    r = cli(["--calibration", src, "--grid_size", "4", "--kernel_size", "15", "--save_dir", str(tmp_path / "res")],
+            capsys, monkeypatch, caplog)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads(open(os.path.join(r.stdout.strip().splitlines()[-1], "calibration.json")).read())
+    assert report["spots_rejected"]["saturated"] == 0 and "maximum" not in r.stderr

@@ -199,6 +199,8 @@ BAD = {
     "analytic typo": (["--model_id", "analytc"], "unknown model 'analytc'; did you mean analytic?"),
     "analytic typo download": (["--model_id", "Analytical", "--download_only"], "did you mean analytic?"),
     "invalid yaml": (["--config", "{files}/bad.yaml"], r"not valid YAML at line 3, column 2"),
+    "saturation without calibration": (["--saturation", "4095"], "--saturation applies to --calibration"),
+    "nan saturation": (["--calibration", "{files}/y.png", "--saturation", "nan"], "must be a finite number"),
     # inputs that exclude each other (one used to be dropped without a word)
     "blurred and image": (["--blurred", "{files}/y.png", "--image", "{files}/y.png"], "--image and --blurred"),
     "blurred and blurred_dir": (["--blurred", "{files}/y.png", "--blurred_dir", "{files}"],
