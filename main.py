@@ -1294,7 +1294,8 @@ def calibrate(cfg) -> int:
               "spots_per_cell": cal.counts.tolist(), "median_peak_snr_per_cell": cal.snr.round(2).tolist(),
               "saturation": round(saturation * utils.full_scale(d["calibration"]), 3),
               "median_narrow_axis_sigma_px": round(cal.narrow_sigma, 3),
-              "registration_error_estimate": round(cal.registration_error, 4)}
+              "registration_error_estimate": round(cal.registration_error, 4),
+              "flux_outside_kernel": round(cal.flux_outside, 4)}
     utils.write_json(os.path.join(run_dir, "calibration.json"), report)
     utils.save_yaml(os.path.join(run_dir, "config.yaml"), cfg)
     utils.plot_calibration_spots(os.path.join(run_dir, "images", "spots.png"), img[..., 0], cal.spots)
@@ -1308,6 +1309,9 @@ def calibrate(cfg) -> int:
                     "axis; a Gaussian needs 0.8 px, a disk's rim a blur of 0.5 px or more). More magnification "
                     "(smaller pixels) would help; but faint spots (peak SNR 10 or less) read 5-8%% from their "
                     "shot noise alone (README, Calibration)", 100 * cal.registration_error, cal.narrow_sigma)
+    if cal.flux_outside > calibration.OUTSIDE_WARN:
+        log.warning("a median %.0f%% of the spots' flux lies outside the %dx%d kernel: the grid's PSFs are cut off "
+                    "there; increase kernel_size", 100 * cal.flux_outside, k, k)
     if cal.filled:
         log.warning("%d cell(s) had no usable spot and were filled from their neighbours: %s", len(cal.filled),
                     ", ".join(map(str, cal.filled)))

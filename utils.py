@@ -787,16 +787,22 @@ def plot_calibration_spots(path, img, spots):
 def plot_cell_map(path, counts, snr):
     """Accepted spots per grid cell and their median peak SNR, with colorbars and the counts written in."""
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4))
-    for ax, data, title, cmap in ((axes[0], counts, "accepted spots per cell", "viridis"),
-                                  (axes[1], snr, "median peak SNR per cell", "magma")):
+    # wspace leaves the left colorbar's labels clear of the right panel's row label
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), gridspec_kw={"wspace": 0.5})
+    G_rows, G_cols = counts.shape
+    for ax, data, title, cmap, fmt in ((axes[0], counts, "accepted spots per cell", "viridis", "{:d}"),
+                                       (axes[1], snr, "median peak SNR per cell", "magma", "{:.0f}")):
         im = ax.imshow(data, cmap=cmap, vmin=0)
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
         ax.set_title(title, fontsize=10)
+        ax.set_xticks(range(G_cols))          # one tick per cell, at its centre
+        ax.set_yticks(range(G_rows))
         ax.set_xlabel("grid column")
         ax.set_ylabel("grid row")
-    for (i, j), n in np.ndenumerate(counts):
-        axes[0].text(j, i, str(n), ha="center", va="center", color="white" if n == 0 else "black", fontsize=8)
+        light = data.max() * 0.5 if data.size and data.max() > 0 else 1
+        for (i, j), v in np.ndenumerate(data):
+            ax.text(j, i, fmt.format(int(v) if fmt == "{:d}" else float(v)), ha="center", va="center", fontsize=8,
+                    color="black" if v > light else "white")
     _save(fig, path, tight=True)   # free-form legend and axis labels; written once per calibration
 
 

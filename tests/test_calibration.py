@@ -379,3 +379,25 @@ def test_an_unclipped_16_bit_target_reports_no_saturation(tmp_path, capsys, monk
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads(open(os.path.join(r.stdout.strip().splitlines()[-1], "calibration.json")).read())
     assert report["spots_rejected"]["saturated"] == 0 and "maximum" not in r.stderr
+
+
+@pytest.mark.parametrize("case", ["kernel 5 on 1-3 px Gaussians", "kernel 3", "photograph"])
+def test_what_cannot_be_a_calibration_is_refused_with_the_reason(case, tmp_path, capsys, monkeypatch, caplog):
+    if case == "photograph":
+        from skimage import data
+        src, k = write_tif(tmp_path / "photo.tif", data.camera().astype(np.float64)), 15
+        G = 3
+    else:
+        _, img = field_and_target(100, False, **NYQUIST["gaussians"])
+        src, k, G = write_tif(tmp_path / "spots.tif", img), int(case.split()[1]), 4
+    r = cli(["--calibration", src, "--grid_size", str(G), "--kernel_size", str(k), "--save_dir", str(tmp_path / "res")],
+            capsys, monkeypatch, caplog)
+    assert r.returncode == 2 and "flux lies outside the" in r.stderr and "kernel_size is too small" in r.stderr
+    assert not (tmp_path / "res").exists() or not os.listdir(tmp_path / "res")
+
+
+def test_point_sources_that_fit_their_kernel_keep_their_flux_inside_it():
+    for beads in (False, True):
+        _, img = field_and_target(20, beads, **NYQUIST["disks"])
+        cal = calibration.estimate_psf_grid(img, 4, 15)
+        assert cal.flux_outside < calibration.OUTSIDE_WARN, cal.flux_outside
