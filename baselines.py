@@ -34,8 +34,10 @@ def _norms(v):
 
 
 def noise_bound(y, sigma, tau=1.0):
-    """τσ√m per image: the residual norm that white noise of std σ has (Morozov)."""
-    return tau * max(float(sigma), SIGMA_FLOOR) * math.sqrt(y[0].numel())
+    """τσ√m per image, (B,): the residual norm that white noise of std σ has (Morozov). sigma: one
+    value, or one per image."""
+    s = torch.as_tensor(sigma, dtype=torch.float64, device=y.device).flatten().clamp_min(SIGMA_FLOOR)
+    return (tau * s * math.sqrt(y[0].numel())).expand(y.shape[0]).to(y.dtype)
 
 
 def richardson_lucy(operator, y, sigma, tau=1.0, max_iter=RL_MAX_ITER, eps=1e-6):
@@ -114,8 +116,8 @@ def tikhonov(operator, y, sigma, tau=1.0):
         e -= 1
     # 2. Bisect each found decade in log α three times (to a factor of 10^(1/8) ≈ 1.33).
     for step in (0.5, 0.25, 0.125):
-        trial = torch.log10(chosen) + step
-        for value in sorted(set(trial[found].tolist())):
+        trial = (torch.log10(chosen) + step).clamp(max=hi)   # never above the searched range
+        for value in sorted(set(trial[found & (trial > torch.log10(chosen))].tolist())):
             sol, ok = solve(value, best)
             take = found & ok & (trial == value)
             best[take.to(best.device)] = sol[take.to(best.device)]

@@ -128,7 +128,10 @@ def resolve_config(args, argv_flags, schema) -> tuple:
     mode = args.blur_mode or dict(pairs).get("physics.blur_mode") or utils.flatten(user).get(
         "physics.blur_mode", schema["physics"]["blur_mode"])
     user = utils.unflatten(utils.unalias(utils.flatten(user), os.path.basename(args.config), mode, log))
-    explicit = set(utils.flatten(user))
+    # A config file's key counts as chosen where it differs from config.yaml: a full copy of
+    # config.yaml chooses nothing (its image: sample and saturation: auto are the defaults).
+    defaults = utils.flatten(schema)
+    explicit = {k for k, v in utils.flatten(user).items() if k not in defaults or defaults[k] != v}
     resolved = utils.with_defaults(user, schema)
     utils.unalias(dict(pairs), "--set", mode)  # an old key beside its new one, with another value, is an error
     for key, value in pairs:  # in order: a later --set of a key overrides an earlier one
@@ -325,9 +328,12 @@ def grid_cover(coords, H, W):
     shares, inside = [], []
     for c, n in zip(coords, (H, W)):
         c = np.sort(np.asarray(c, dtype=np.float64).ravel())
-        half = (c[-1] - c[0]) / (len(c) - 1) / 2 if len(c) > 1 else n / 2
-        lo, hi = max(c[0] - half, -0.5), min(c[-1] + half, n - 0.5)
-        shares.append(max(hi - lo, 0.0) / n)
+        if len(c) == 1:                 # one PSF along this axis applies to all of it
+            shares.append(1.0)
+        else:
+            half = (c[-1] - c[0]) / (len(c) - 1) / 2
+            lo, hi = max(c[0] - half, -0.5), min(c[-1] + half, n - 0.5)
+            shares.append(max(hi - lo, 0.0) / n)
         inside.append(float(((c >= 0) & (c <= n - 1)).mean()))
     return shares[0] * shares[1], 1 - inside[0] * inside[1]
 
@@ -700,8 +706,6 @@ def progress_callback(views, cfg, device, bar, name, y_norms):
     def callback(i, t, x_t, x0_hat, res):
         bar.update(1)
         record_intermediates(views, cfg, i, x0_hat, res)
-        if STOP["signal"] is not None:  # checked after a finished step: the state is consistent
-            raise Preempted(i, x_t)
         if (i + 1) % sc["log_every"] == 0 or i + 1 == n:
             rel = (res / y_norms).cpu()                       # the only host sync, every log_every steps
             bar.set_postfix_str(f"‖y−A(x̂₀)‖/‖y‖ {float(rel.mean()):.4g}")
@@ -711,6 +715,8 @@ def progress_callback(views, cfg, device, bar, name, y_norms):
                 if i + 1 - first_step == sc["log_every"]:  # warm-up (compile, CUDA graphs, allocator) is behind us
                     view.timing.update(t=time.time(), step=i + 1)
             cpu_estimate(marks, i + 1 - first_step, n - i - 1, sc["log_every"], device, bar, name)
+        if STOP["signal"] is not None:  # checked after a finished step, its curve point kept: the state is consistent
+            raise Preempted(i, x_t)
     return callback
 
 
@@ -1330,6 +1336,8 @@ def saturation_level(path, given, img):
     16-bit file leaves); else 0.999 of the file's range."""
     scale, name = utils.full_scale(path), os.path.basename(path)
     if given != "auto":
+        if not 0 < given <= scale:
+            raise utils.UserError(f"--saturation must be in (0, {scale:g}] for {name} (its full scale), got {given:g}")
         log.info("%s: saturation at %g (--saturation, of %g full scale)", name, given, scale)
         return given / scale
     declared = utils.declared_max_sample(path)

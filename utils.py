@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import numbers
 import os
 import time
 from datetime import datetime
@@ -256,8 +257,8 @@ def validate_config(cfg: dict, schema: dict) -> dict:
 
 def check_finite(name: str, value) -> None:
     """NaN passes every comparison and inf passes every lower bound: a number must be finite."""
-    if isinstance(value, float) and not math.isfinite(value):
-        raise UserError(f"{name} must be a finite number, got {value}")
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isfinite(float(value)):
+        raise UserError(f"{name} must be a finite number, got {value}")  # numpy scalars too
 
 
 def save_yaml(path: str, data: dict) -> None:

@@ -89,3 +89,15 @@ def test_tikhonov_is_the_dense_solution_at_the_alpha_the_discrepancy_principle_p
     residual = lambda v: float((y.reshape(-1) - A @ v).norm())  # noqa: E731
     assert residual(ref) <= bound < residual(dense(a * 10 ** 0.125))   # the largest α on the grid that fits
     assert 1e-6 < a < 1.0
+
+
+def test_baselines_take_one_sigma_per_image_and_keep_alpha_in_range():
+    eig, y = measurement(8, sigma=0.05)
+    flat = torch.full_like(y, 0.5)
+    both = torch.cat([y, flat])
+    x, alpha, _ = baselines.tikhonov(eig, both, torch.tensor([0.05, 0.01]))
+    assert float(alpha.max()) <= baselines.TIKHONOV_ALPHAS[0]          # a flat scene fits at the top of the range
+    alone, a0, _ = baselines.tikhonov(eig, y, 0.05)
+    assert float(alpha[0]) == float(a0)
+    x_rl, _, reached = baselines.richardson_lucy(eig, both, torch.tensor([0.05, 0.01]))
+    assert reached.shape == (2,)

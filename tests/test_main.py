@@ -201,6 +201,8 @@ BAD = {
     "invalid yaml": (["--config", "{files}/bad.yaml"], r"not valid YAML at line 3, column 2"),
     "saturation without calibration": (["--saturation", "4095"], "--saturation applies to --calibration"),
     "nan saturation": (["--calibration", "{files}/y.png", "--saturation", "nan"], "must be a finite number"),
+    "saturation above full scale": (["--calibration", "{files}/y.png", "--saturation", "4095"],
+                                    r"--saturation must be in \(0, 255\] for y.png"),
     # inputs that exclude each other (one used to be dropped without a word)
     "blurred and image": (["--blurred", "{files}/y.png", "--image", "{files}/y.png"], "--image and --blurred"),
     "blurred and blurred_dir": (["--blurred", "{files}/y.png", "--blurred_dir", "{files}"],

@@ -234,3 +234,9 @@ def test_a_second_ctrl_c_names_what_is_on_disk(tmp_path, capsys, monkeypatch):
     assert out.out.strip() == run
     assert f"the checkpoint in {run} was written before it: continue with --resume {run}" in out.err
     assert "no checkpoint" not in out.err
+
+
+def test_numpy_nan_is_refused_in_api_options():
+    import dps
+    with pytest.raises(ValueError, match="finite"):
+        dps.sampler_options("dps", {"step_size": np.float32("nan")})

@@ -231,8 +231,30 @@ def test_a_grid_that_does_not_span_the_image_is_named(tmp_path, blurred_png, sca
         assert run_dirs(tmp_path / "o") == []
         return
     assert r.returncode == 0, r.stderr[-2000:]
-    warned = re.search(r"the PSF grid covers 100% of the image and 89% of its nodes lie outside it", r.stderr)
-    assert bool(warned) == (outcome == "warn"), r.stderr[-2000:]
+    if outcome == "warn":
+        assert re.search(r"the PSF grid covers 100% of the image and 89% of its nodes lie outside it", r.stderr)
+    else:
+        assert "the PSF grid covers" not in r.stderr, r.stderr[-2000:]
+
+
+def test_one_psf_applies_to_the_whole_image(tmp_path, blurred_png, capsys, monkeypatch, caplog):
+    r = cli(["--model_id", "analytic", "--blurred", blurred_png, "--psf_grid",
+             write_grid(tmp_path / "one.npz", good_psfs(1), np.array([[[10.0, 10.0]]])), "--num_inference_steps", "2",
+             "--no_figures", "--no_baseline", "--save_dir", str(tmp_path / "o")], capsys, monkeypatch, caplog)
+    assert r.returncode == 0 and "the PSF grid covers" not in r.stderr, r.stderr[-2000:]
+
+
+def test_a_full_copy_of_config_yaml_chooses_nothing(tmp_path, blurred_png, capsys, monkeypatch, caplog):
+    """Every key of a copied config.yaml is present, at its default: no input conflict, no
+    'saturation applies to --calibration', and defaults still adapt to the data."""
+    import shutil
+    shutil.copy(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config.yaml"),
+                tmp_path / "mine.yaml")
+    r = cli(["--config", str(tmp_path / "mine.yaml"), "--model_id", "analytic", "--blurred", blurred_png, "--psf_grid",
+             write_grid(tmp_path / "g.npy", good_psfs()), "--num_inference_steps", "2", "--no_figures", "--no_baseline",
+             "--save_dir", str(tmp_path / "o")], capsys, monkeypatch, caplog)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "real data: sampler diffpir" in r.stderr and "using K=9" in r.stderr
 
 
 def readme_real_data_command():
