@@ -274,10 +274,12 @@ def proximal_cg(operator, y, z, rho, tol, noise_norm, max_iter, precondition=Non
     return z + d, iters, rule
 
 
-# Regions per image side of DiffPIR's data-step preconditioner. Measured at 64², defocus (radius
-# 1-3 px, 11-px PSFs), CG to 1% of the correction: 2×2 regions cut the iterations from 220 to 111
-# at ρ = 2.4e-4 and from 64 to 34 at ρ = 2.3e-3; the centre PSF alone (1×1) needs more than no
-# preconditioner (352 and 65); 4×4 and 8×8 save no more iterations than 2×2 and cost more.
+# Nodes per image side of DiffPIR's data-step preconditioner, spaced from corner to corner (2: the
+# four corners, where this field's blur is widest). Measured at 64², defocus (radius 1-3 px, 11-px
+# PSFs), CG to 1% of the correction: 2 nodes cut the iterations from 220 to 111 at ρ = 2.4e-4 and
+# from 64 to 34 at ρ = 2.3e-3; the centre PSF alone (1 node) needs more than no preconditioner (352
+# and 65); 4 and 8 nodes save no more iterations than 2 and cost more. Nodes at the centres of
+# 2×2 cells instead did worse (279 and 55; 4×4 cells 125 and 28, at four times the FFTs).
 PRECONDITIONER_REGIONS = 2
 
 
@@ -291,7 +293,8 @@ def _hat_weights(n_regions: int, n: int, dtype, device):
 
 
 def region_psf_gains(operator, shape, device, dtype, n_regions=PRECONDITIONER_REGIONS):
-    """The local blur at R×R region centres, probed with a point source through `operator` itself
+    """The local blur at R×R nodes spanning the image from corner to corner (the peaks of the
+    blending weights), probed with a point source through `operator` itself
     (any wrapper, a per-image stacked operator too): (|ĥ_r(f)|² (N, R², H, W//2+1) on the periodic
     H×W grid, √w_r (R², H, W) for blending weights w_r that sum to 1), or None when the operator
     changes the image's shape (a gray y from an RGB x), where this preconditioner does not apply."""
