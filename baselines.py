@@ -93,15 +93,13 @@ def tikhonov(operator, y, sigma, tau=1.0):
     best = x.clone()
     chosen = torch.full((y.shape[0],), 10 ** lo, dtype=torch.float64)
     found = torch.zeros(y.shape[0], dtype=torch.bool)
-    total, tried = 0, {}
+    total = 0
 
     def solve(log_alpha, start):
         nonlocal total
         sol, n = _tikhonov_solve(operator, y, 10 ** log_alpha, start)
         total += n
-        ok = (_norms(y - operator(sol)) <= bound).cpu()
-        tried[log_alpha] = ok
-        return sol, ok
+        return sol, (_norms(y - operator(sol)) <= bound).cpu()
 
     # 1. From the largest α down by factors of 10 (warm-started), until every image fits.
     e = hi

@@ -89,6 +89,11 @@ def clip_per_image(g, max_norm: float):
     return g * (max_norm / norms).clamp(max=1).view(-1, *([1] * (g.ndim - 1)))
 
 
+def _image_dot(u, v):
+    """Per-image inner product of (B, ...) tensors, shaped (B, 1, ..., 1) to broadcast back."""
+    return (u * v).sum(tuple(range(1, u.ndim)), keepdim=True)
+
+
 def conjugate_gradient(apply_M, b, x, max_iter: int, tol: float, precondition=None):
     """Solves M x = b for a symmetric positive (semi)definite M, image by image (dim 0).
 
@@ -96,8 +101,7 @@ def conjugate_gradient(apply_M, b, x, max_iter: int, tol: float, precondition=No
     its answer does not depend on its neighbours in the batch. precondition: v ↦ P⁻¹v for a
     symmetric positive definite P ≈ M (preconditioned CG), or None. Returns (x, iterations (B,)).
     """
-    dims = tuple(range(1, b.ndim))
-    dot = lambda u, v: (u * v).sum(dims, keepdim=True)  # noqa: E731  per-image inner product, (B, 1, 1, 1)
+    dot = _image_dot
     P = precondition or (lambda v: v)  # noqa: E731
     r = b - apply_M(x)
     z = P(r)
@@ -240,7 +244,7 @@ def proximal_cg(operator, y, z, rho, tol, noise_norm, max_iter, precondition=Non
     for a symmetric positive definite P ≈ AᵀA + ρI, or None. Returns (x, iterations (B,),
     rule (B,) as indices into STOP_RULES).
     """
-    dot = lambda u, v: (u * v).flatten(1).sum(1).view(-1, *([1] * (u.ndim - 1)))  # noqa: E731
+    dot = _image_dot
     P = precondition or (lambda v: v)  # noqa: E731
     s = y - operator(z)
     r = operator.adjoint(s)
@@ -284,12 +288,10 @@ PRECONDITIONER_REGIONS = 2
 
 
 def _hat_weights(n_regions: int, n: int, dtype, device):
-    """(R, n) piecewise-linear weights that peak at R evenly spaced centres and sum to 1."""
-    if n_regions == 1:
-        return torch.ones(1, n, dtype=dtype, device=device)
-    centres = torch.linspace(0, n - 1, n_regions, dtype=dtype, device=device)
-    p = torch.arange(n, dtype=dtype, device=device)
-    return (1 - (p[None] - centres[:, None]).abs() / (centres[1] - centres[0])).clamp_min(0)
+    """(R, n) piecewise-linear weights that peak at R nodes spaced from pixel 0 to n − 1 and sum to 1:
+    physics' bilinear interpolation rule (one node: all ones)."""
+    nodes = torch.linspace(0, n - 1, n_regions, dtype=torch.float64) if n_regions > 1 else torch.zeros(1)
+    return physics.interpolation_matrix(nodes, n, "bilinear").T.to(device, dtype)
 
 
 def region_psf_gains(operator, shape, device, dtype, n_regions=PRECONDITIONER_REGIONS):

@@ -138,13 +138,10 @@ def unalias(flat: dict, source: str, blur_mode: str, log=None) -> dict:
 
 
 def unflatten(flat: dict) -> dict:
+    """The inverse of flatten: {'a.b': v} -> {'a': {'b': v}}."""
     out = {}
     for key, value in flat.items():
-        node = out
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
+        _put(out, key, value)
     return out
 
 
@@ -179,6 +176,11 @@ def set_key(cfg: dict, dotted: str, value, schema: dict) -> None:
     flat = flatten(schema)
     if dotted not in flat:
         raise UserError(f"unknown config key {dotted!r}{_key_hint(dotted, flat)}")
+    _put(cfg, dotted, value)
+
+
+def _put(cfg: dict, dotted: str, value) -> None:
+    """cfg[a][b]... = value for dotted = 'a.b...', making the sections on the way."""
     node = cfg
     *parents, leaf = dotted.split(".")
     for p in parents:
