@@ -23,22 +23,18 @@ DiffPIR (Zhu et al., CVPR Workshops 2023, Alg. 1), about 100 steps and no backwa
 The DDPM step itself is diffusers' `DDPMScheduler.step`: this module never re-derives it.
 The samplers write no files; progress leaves through `callback`.
 
-Also here: model loading and a resumable downloader for hub models, and `AnalyticPrior`, a
-training-free Gaussian natural-image prior whose MMSE denoiser is exact, with the exact
-posterior it implies for a linear blur (`gaussian_posterior`).
+Also here: the exact posterior that the analytic Gaussian prior (priors.AnalyticPrior) implies
+for a linear blur (`gaussian_posterior`), which the samplers are checked against. Where the
+ε-models come from (hub downloads, diffusers and ADM checkpoints, the analytic prior) is
+priors.py.
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import logging
 import os
-import random
-import time
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Callable
 
 import numpy as np
@@ -47,11 +43,12 @@ from diffusers import DDPMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
 import physics
+import priors
 import utils
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL_ID = "google/ddpm-celebahq-256"
+DEFAULT_MODEL_ID = priors.DEFAULT_MODEL_ID
 
 
 # ----------------------------------------------------------------------------
@@ -185,7 +182,9 @@ class DivergenceError(RuntimeError):
 @dataclass
 class StepContext:
     """What a step function may use. eps(x_t, i) runs the UNet (under the caller's autocast) and
-    returns float32 ε̂; y is (B·S, C_y, H, W) in [0, 1]; options is the method's config section."""
+    returns its float32 output: ε̂ in the first C channels, and for a learned-variance model (ADM)
+    C more, the variance interpolation v that DDPMScheduler(variance_type="learned_range") reads;
+    y is (B·S, C_y, H, W) in [0, 1]; options is the method's config section."""
     eps: Callable
     sched: DDPMScheduler
     operator: Callable
@@ -205,8 +204,9 @@ def dps_step(ctx, i, t, x_t):
     zeta = ctx.options["step_size"]
     x_t = x_t.detach().requires_grad_(zeta > 0)
     with torch.set_grad_enabled(zeta > 0):
-        eps = ctx.eps(x_t, i)
-        out = ctx.sched.step(eps, t, x_t, generator=ctx.generator)     # diffusers' DDPM step
+        # diffusers' DDPM step; a learned-variance output (2C channels) is split there, and its
+        # variance used for the noise, as guided-diffusion's p_sample does
+        out = ctx.sched.step(ctx.eps(x_t, i), t, x_t, generator=ctx.generator)
         x0_hat = out.pred_original_sample
         if zeta > 0:
             g, res = compute_likelihood_gradient(x_t, x0_hat, ctx.y, ctx.operator)
@@ -356,7 +356,7 @@ def diffpir_step(ctx, i, t, x_t):
     t_prev = int(sched.previous_timestep(t))
     a_prev = sched.alphas_cumprod[t_prev].item() if t_prev >= 0 else 1.0
     with torch.no_grad():
-        x0_hat = tweedie_estimate(x_t, ctx.eps(x_t, i), a_t)
+        x0_hat = tweedie_estimate(x_t, ctx.eps(x_t, i)[:, :x_t.shape[1]], a_t)   # ε̂: the first C channels
         if sched.config.clip_sample:
             x0_hat = x0_hat.clamp(-1, 1)
         sig = ctx.sigma_y
@@ -574,163 +574,14 @@ def create_dps_pipeline(operator, model_id=DEFAULT_MODEL_ID, cache_dir=None, dev
     order (model_id, operator) of earlier releases of this one is still accepted."""
     if isinstance(operator, (str, os.PathLike)):
         operator, model_id = model_id, operator
-    unet, scheduler = load_model(model_id, cache_dir=cache_dir, device=device, local_files_only=local_files_only)
+    unet, scheduler = priors.load_model(model_id, cache_dir=cache_dir, device=device, local_files_only=local_files_only)
     return EigenPSFDPSPipeline(unet, scheduler, operator.to(device))
 
 
+
 # ----------------------------------------------------------------------------
-# 3. Analytic Gaussian prior (exact MMSE denoiser, any size, offline)
+# 4. The exact posterior of the analytic prior (what the samplers are checked against)
 # ----------------------------------------------------------------------------
-
-# Fitted once by `fit_analytic_prior` on scikit-image's chelsea, coffee and rocket photographs
-# (not the astronaut used as the sample), in the model's [−1, 1] space. Refit with
-#   python -c "import dps; print(dps.fit_analytic_prior())"
-ANALYTIC_PRIOR = {
-    "mean": [-0.0593, -0.3354, -0.4354],
-    "channel_cov": [[0.26059, 0.14739, 0.04427], [0.14739, 0.14435, 0.1039], [0.04427, 0.1039, 0.12423]],
-    "f0": 0.00391,
-}
-ANALYTIC_REF_SIZE = 256  # the per-pixel channel covariance above holds at 256×256
-
-
-def _spectrum_shape(H, W, f0, device, dtype):
-    """s(f) ∝ 1/(|f|² + f0²) on the rfft grid, normalised to mean 1 at ANALYTIC_REF_SIZE."""
-    def raw(h, w):
-        fy = torch.fft.fftfreq(h, device=device, dtype=torch.float64)[:, None]
-        fx = torch.fft.rfftfreq(w, device=device, dtype=torch.float64)[None, :]
-        return 1.0 / (fy ** 2 + fx ** 2 + f0 ** 2)
-    ref = 1.0 / (torch.fft.fftfreq(ANALYTIC_REF_SIZE, dtype=torch.float64)[:, None] ** 2
-                 + torch.fft.fftfreq(ANALYTIC_REF_SIZE, dtype=torch.float64)[None, :] ** 2 + f0 ** 2)
-    return (raw(H, W) / ref.mean().to(device)).to(dtype)
-
-
-def fit_analytic_prior(images=None):
-    """Fits mean, channel covariance and the spectral knee f0 to natural RGB images in [0, 1].
-
-    The prior is x₀ = μ + Q diag(√λ) s with Σ_c = Q diag(λ) Qᵀ and each s-channel stationary with
-    power spectrum ∝ 1/(|f|² + f0²) (unit variance at 256²). f0 is found by a log-space least-squares
-    fit of the radially averaged periodogram.
-    """
-    import numpy as np
-    from skimage import data
-    from skimage.transform import resize
-    if images is None:
-        images = [data.chelsea(), data.coffee(), data.rocket()]
-    crops, n = [], ANALYTIC_REF_SIZE
-    for img in images:
-        img = np.asarray(img, dtype=np.float64) / (255.0 if np.asarray(img).dtype == np.uint8 else 1.0)
-        s = min(img.shape[:2])
-        img = img[(img.shape[0] - s) // 2:(img.shape[0] - s) // 2 + s, (img.shape[1] - s) // 2:(img.shape[1] - s) // 2 + s]
-        crops.append(resize(img, (n, n), anti_aliasing=True) * 2 - 1)
-    X = np.stack(crops)                                   # (N, n, n, 3) in [−1, 1]
-    mean = X.reshape(-1, 3).mean(0)
-    Z = (X - mean).reshape(-1, 3)
-    cov = Z.T @ Z / len(Z)
-    # Periodogram of luminance-like first principal channel, radially binned.
-    lam, Q = np.linalg.eigh(cov)
-    lead = ((X - mean) @ Q[:, -1]) / np.sqrt(lam[-1])     # (N, n, n), unit variance
-    P = (np.abs(np.fft.fft2(lead, norm="ortho")) ** 2).mean(0)
-    f = np.fft.fftfreq(n)
-    rad = np.sqrt(f[:, None] ** 2 + f[None, :] ** 2)
-    bins = np.linspace(0, 0.5, 40)
-    idx = np.digitize(rad.ravel(), bins)
-    fr = np.array([rad.ravel()[idx == b].mean() for b in range(1, 40)])
-    pr = np.array([P.ravel()[idx == b].mean() for b in range(1, 40)])
-    best = None
-    for f0 in np.geomspace(1.0 / n, 0.2, 200):  # below the lowest resolvable frequency f0 is unidentifiable
-        model = 1.0 / (fr ** 2 + f0 ** 2)
-        c = np.mean(np.log(pr) - np.log(model))
-        err = np.mean((np.log(pr) - np.log(model) - c) ** 2)
-        if best is None or err < best[0]:
-            best = (err, f0)
-    return {"mean": [round(float(m), 4) for m in mean], "channel_cov": [[round(float(v), 5) for v in row] for row in cov],
-            "f0": round(float(best[1]), 5)}
-
-
-class AnalyticPrior(torch.nn.Module):
-    """Stationary Gaussian image prior with the exact MMSE ε-predictor at every t.
-
-    With x_t = √ᾱ x₀ + √(1−ᾱ) ε and x₀ ~ N(μ, Σ_c ⊗ S), in the channel eigenbasis and Fourier
-    (orthonormal DFT), everything is diagonal:
-
-        ε̂(f) = √(1−ᾱ) · (x̂_t(f) − √ᾱ μ̂(f)) / (ᾱ λ_c s(f) + 1 − ᾱ)
-
-    Same call shape as UNet2DModel: `model(x_t, t).sample` is ε̂. Works at any size.
-    """
-
-    def __init__(self, alphas_cumprod, mean=None, channel_cov=None, f0=None):
-        super().__init__()
-        p = ANALYTIC_PRIOR
-        self.register_buffer("alphas_cumprod", torch.as_tensor(alphas_cumprod, dtype=torch.float64))
-        self.register_buffer("mu", torch.tensor(p["mean"] if mean is None else mean, dtype=torch.float64))
-        cov = torch.tensor(p["channel_cov"] if channel_cov is None else channel_cov, dtype=torch.float64)
-        lam, Q = torch.linalg.eigh(cov)
-        self.register_buffer("lam", lam)
-        self.register_buffer("Q", Q)
-        self.f0 = p["f0"] if f0 is None else f0
-        self.config = SimpleNamespace(in_channels=len(lam), out_channels=len(lam), sample_size=None)
-
-    @property
-    def dtype(self):
-        return torch.float32
-
-    @property
-    def device(self):
-        return self.mu.device
-
-    def _rotate(self, x, M):  # apply a (C, C) channel matrix to (B, C, H, W)
-        return torch.einsum("dc,bchw->bdhw", M.to(x.dtype), x)
-
-    def prior_variance(self, H, W, dtype=torch.float64):
-        """(C, H, W//2+1): variance of each rotated channel's orthonormal rFFT coefficient."""
-        return self.lam.to(dtype)[:, None, None] * _spectrum_shape(H, W, self.f0, self.mu.device, dtype)[None]
-
-    def forward(self, x_t, t):
-        with torch.autocast(x_t.device.type, enabled=False):  # exact in float64 whatever the caller's dtype
-            return self._eps(x_t, t)
-
-    def _eps(self, x_t, t):
-        x = x_t.to(torch.float64)
-        H, W = x.shape[-2:]
-        a = self.alphas_cumprod[torch.as_tensor(t, device=self.alphas_cumprod.device).long()].to(x.device)
-        z = self._rotate(x - a.sqrt() * self.mu.view(1, -1, 1, 1), self.Q.T)       # channel eigenbasis
-        Z = torch.fft.rfft2(z, norm="ortho")
-        E = (1 - a).sqrt() * Z / (a * self.prior_variance(H, W) + (1 - a))
-        eps = self._rotate(torch.fft.irfft2(E, s=(H, W), norm="ortho"), self.Q)
-        return SimpleNamespace(sample=eps.to(x_t.dtype))
-
-    def sample_prior(self, shape, generator=None):
-        """Draws x₀ ~ N(μ, Σ) of shape (B, C, H, W) in [−1, 1]-space units (not clipped)."""
-        B, C, H, W = shape
-        w = torch.randn(shape, generator=generator, dtype=torch.float64, device=self.mu.device)
-        Wf = torch.fft.rfft2(w, norm="ortho") * self.prior_variance(H, W).sqrt()
-        s = torch.fft.irfft2(Wf, s=(H, W), norm="ortho")
-        return (self._rotate(s, self.Q) + self.mu.view(1, -1, 1, 1)).float()
-
-    def apply_covariance(self, x, power=1.0):
-        """Σ^power · (x − 0) for (B, C, H, W) x; power may be negative or fractional."""
-        return self.filter(x, self.prior_variance(*x.shape[-2:]) ** power)
-
-    def filter(self, x, gain):
-        """Q F⁻¹(gain · F(Qᵀ x)): a (C, H, W//2+1) gain per channel of the prior's eigenbasis and per
-        frequency (orthonormal rFFT), in float64; the operators diagonal where Σ is."""
-        H, W = x.shape[-2:]
-        Z = torch.fft.rfft2(self._rotate(x.to(torch.float64), self.Q.T), norm="ortho") * gain
-        return self._rotate(torch.fft.irfft2(Z, s=(H, W), norm="ortho"), self.Q).to(x.dtype)
-
-
-def analytic_prior(alphas_cumprod, channels=3):
-    """The fitted AnalyticPrior in RGB (channels=3), or for gray images (channels=1): the
-    luminance of the RGB prior, with mean w·μ and variance wᵀΣw (Rec. 709 weights w)."""
-    if channels == 3:
-        return AnalyticPrior(alphas_cumprod)
-    if channels != 1:
-        raise ValueError(f"the analytic prior has 1 or 3 channels, got {channels}")
-    w = torch.tensor(physics.LUMINANCE_WEIGHTS, dtype=torch.float64)
-    mean = torch.tensor(ANALYTIC_PRIOR["mean"], dtype=torch.float64)
-    cov = torch.tensor(ANALYTIC_PRIOR["channel_cov"], dtype=torch.float64)
-    return AnalyticPrior(alphas_cumprod, mean=[float(w @ mean)], channel_cov=[[float(w @ cov @ w)]])
-
 
 def gaussian_posterior(prior, operator, y, sigma_y, n_samples=0, generator=None, max_iter=3000, tol=1e-6):
     """The exact posterior of the AnalyticPrior's x₀ ~ N(μ, Σ) given y = A((x₀ + 1)/2) + n,
@@ -780,249 +631,3 @@ def _posterior_preconditioner(prior, operator, sigma_y, H, W, device):
     gain = torch.fft.rfft2(psf).abs() ** 2                                   # |ĥ(f)|², (H, W//2+1)
     inv = 1 / (1 + prior.prior_variance(H, W) * gain / (4 * sigma_y ** 2))   # (C, H, W//2+1)
     return lambda v: prior.filter(v, inv)
-
-
-def analytic_scheduler():
-    """The standard linear-β DDPM schedule, with no clipping: the Gaussian prior is unbounded."""
-    return DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
-                         clip_sample=False, variance_type="fixed_small", prediction_type="epsilon")
-
-
-# ----------------------------------------------------------------------------
-# 4. Models: local directories, the hub cache, and a downloader that truly resumes
-# ----------------------------------------------------------------------------
-
-class ModelUnavailableError(RuntimeError):
-    """The model is neither cached nor reachable (or the hub refused it)."""
-
-
-def hub_cache_dir(cache_dir=None) -> str:
-    """cache_dir, else HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub."""
-    if cache_dir:
-        return os.path.abspath(os.path.expanduser(cache_dir))
-    if os.environ.get("HF_HUB_CACHE"):
-        return os.environ["HF_HUB_CACHE"]
-    home = os.environ.get("HF_HOME", os.path.join(os.path.expanduser("~"), ".cache", "huggingface"))
-    return os.path.join(home, "hub")
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def _repo_dir(model_id, cache_dir):
-    return os.path.join(hub_cache_dir(cache_dir), "models--" + model_id.replace("/", "--"))
-
-
-def cached_snapshot(model_id, cache_dir=None, revision="main"):
-    """Path of a complete cached snapshot (huggingface_hub's cache layout), or None."""
-    repo = _repo_dir(model_id, cache_dir)
-    ref = os.path.join(repo, "refs", revision)
-    sha = open(ref).read().strip() if os.path.isfile(ref) else revision
-    snap = os.path.join(repo, "snapshots", sha)
-    ok = os.path.isfile(os.path.join(snap, "config.json")) or os.path.isfile(os.path.join(snap, "unet", "config.json"))
-    return snap if ok else None
-
-
-def _load_dir(path, device, dtype):
-    # Imported here, not at the top: about 2 s of start-up that the analytic prior and every early
-    # error exit do not need.
-    from diffusers import UNet2DModel
-    unet_dir = os.path.join(path, "unet") if os.path.isdir(os.path.join(path, "unet")) else path
-    sched_dir = os.path.join(path, "scheduler") if os.path.isdir(os.path.join(path, "scheduler")) else path
-    try:
-        # low_cpu_mem_usage=False: the default needs `accelerate` and prints an install notice without it
-        unet = UNet2DModel.from_pretrained(unet_dir, torch_dtype=dtype, low_cpu_mem_usage=False)
-        scheduler = DDPMScheduler.from_pretrained(sched_dir)
-    except (OSError, ValueError, EnvironmentError, json.JSONDecodeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelUnavailableError(f"could not load a diffusers UNet2DModel + DDPMScheduler from {path}: {first}") from e
-    return unet.to(device).eval().requires_grad_(False), scheduler
-
-
-def check_model_id(model_id: str) -> None:
-    """A near miss of 'analytic' (no owner/ in it, no such directory) is a typo, not a hub model:
-    say so before any download is tried."""
-    import difflib
-    if model_id != "analytic" and "/" not in model_id and not os.path.exists(model_id) and \
-            difflib.get_close_matches(model_id.lower(), ["analytic"], 1, 0.75):
-        raise ModelUnavailableError(f"unknown model {model_id!r}; did you mean analytic?")
-
-
-def load_model(model_id=DEFAULT_MODEL_ID, cache_dir=None, device="cpu", dtype=torch.float32, local_files_only=False,
-               channels=3):
-    """Returns (unet, scheduler) for a hub id, a local diffusers directory, or 'analytic'.
-
-    channels applies to the analytic prior only (1: gray, 3: RGB); a diffusers model has its own.
-
-    Hub ids are read from the cache (cache_dir, HF_HUB_CACHE or HF_HOME). When they are missing and
-    neither HF_HUB_OFFLINE nor local_files_only is set, one quick download is tried; if that fails
-    the error says how to pre-download (no minutes of back-off here).
-    """
-    check_model_id(model_id)
-    if model_id == "analytic":
-        scheduler = analytic_scheduler()
-        return analytic_prior(scheduler.alphas_cumprod, channels).to(device), scheduler
-    if os.path.isdir(model_id):
-        return _load_dir(model_id, device, dtype)
-    if model_id.startswith((".", "/", "~")) or os.sep in model_id.strip("/").replace("/", "", 1):
-        raise ModelUnavailableError(f"model directory {model_id!r} does not exist")
-    snap = cached_snapshot(model_id, cache_dir)
-    if snap is None:
-        hint = (f"pre-download it on a machine with internet: python main.py --download_only --model_id {model_id}"
-                f" --model_cache DIR, then run with --model_cache DIR (or pass the snapshot directory as --model_id)")
-        if local_files_only or _offline():
-            raise ModelUnavailableError(f"model {model_id!r} is not in the cache {hub_cache_dir(cache_dir)} and "
-                                        f"offline mode is on; {hint}")
-        try:
-            snap = download_model(model_id, cache_dir, max_retries=1, timeout=(5, 30), progress=True)
-        except ModelUnavailableError as e:
-            raise ModelUnavailableError(f"model {model_id!r} is not cached and the hub could not be reached "
-                                        f"({e}); {hint}") from None
-    return _load_dir(snap, device, dtype)
-
-
-def _endpoint():
-    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-
-
-def _headers():
-    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
-    return {"Authorization": f"Bearer {token}"} if token else {}
-
-
-class _Retryable(Exception):
-    pass
-
-
-def _wanted_files(siblings):
-    """Configs plus one weights format (safetensors preferred), at the root or unet/ scheduler/."""
-    names = [s["rfilename"] for s in siblings]
-    keep_dirs = ("", "unet", "scheduler")
-    in_scope = [s for s in siblings if os.path.dirname(s["rfilename"]) in keep_dirs]
-    has_st = any(n.endswith(".safetensors") for n in names)
-    weights_ext = ".safetensors" if has_st else ".bin"
-    return [s for s in in_scope if s["rfilename"].endswith(".json") or s["rfilename"].endswith(weights_ext)]
-
-
-def _verify(path, info):
-    size = info.get("lfs", {}).get("size", info.get("size"))
-    actual = os.path.getsize(path)
-    if size is not None and actual != size:
-        raise _Retryable(f"{info['rfilename']}: size {actual} != expected {size}")
-    h = hashlib.sha256() if "lfs" in info else hashlib.sha1(f"blob {actual}\0".encode())
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    expected = info["lfs"].get("sha256") if "lfs" in info else info.get("blobId")
-    if expected and h.hexdigest() != expected:
-        raise _Retryable(f"{info['rfilename']}: checksum mismatch (got {h.hexdigest()[:12]}…, expected {expected[:12]}…)")
-
-
-def _fetch_file(session, url, partial, info, timeout, progress):
-    """Downloads url into `partial`, continuing an existing partial file with an HTTP Range request."""
-    import requests
-    from tqdm.auto import tqdm
-    have = os.path.getsize(partial) if os.path.exists(partial) else 0
-    headers = {**_headers(), **({"Range": f"bytes={have}-"} if have else {})}
-    try:
-        resp = session.get(url, headers=headers, stream=True, timeout=timeout)
-    except (requests.ConnectionError, requests.Timeout) as e:
-        raise _Retryable(f"cannot reach {url.split('/resolve/')[0]}: {type(e).__name__}") from None
-    with resp:
-        if resp.status_code == 416:  # nothing left: the partial file is already complete
-            return
-        if resp.status_code in (401, 403, 404):
-            raise ModelUnavailableError(f"{url}: HTTP {resp.status_code} (repository missing, private or gated; "
-                                        f"set HF_TOKEN for gated models)")
-        if resp.status_code >= 400:
-            raise _Retryable(f"{url}: HTTP {resp.status_code}")
-        if have and resp.status_code != 206:
-            have = 0  # server ignored the Range header: start over
-        total = info.get("lfs", {}).get("size", info.get("size"))
-        bar = tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=info["rfilename"], disable=not progress,
-                   leave=False)
-        try:
-            with open(partial, "ab" if have else "wb") as f:
-                for chunk in resp.iter_content(1 << 16):
-                    f.write(chunk)
-                    f.flush()  # a killed process keeps everything written so far
-                    bar.update(len(chunk))
-        except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError, requests.Timeout) as e:
-            raise _Retryable(f"{info['rfilename']}: connection lost after {os.path.getsize(partial)} bytes "
-                             f"({type(e).__name__})") from None
-        finally:
-            bar.close()
-
-
-def download_model(model_id=DEFAULT_MODEL_ID, cache_dir=None, max_retries=5, revision="main", backoff_base=1.0,
-                   timeout=(10, 60), progress=True):
-    """Downloads a diffusers DDPM from the hub into the cache and returns the snapshot path.
-
-    Partial files live in <repo>/.partial/<sha>/ and survive failures and killed processes; each
-    attempt continues them with `Range: bytes=N-`. Sizes and checksums (sha256 for LFS files, the
-    git blob id otherwise) are verified before a file is moved into place. Between attempts the
-    wait is backoff_base·2^attempt seconds with ±50% jitter. Honours HF_ENDPOINT, HF_TOKEN,
-    HF_HOME / HF_HUB_CACHE. HF_HUB_OFFLINE makes this an error.
-    """
-    import requests
-    check_model_id(model_id)
-    if _offline():
-        raise ModelUnavailableError("HF_HUB_OFFLINE is set; unset it to download")
-    if max_retries < 1:
-        raise ValueError(f"max_retries must be >= 1, got {max_retries}")
-    repo = _repo_dir(model_id, cache_dir)
-    api = f"{_endpoint()}/api/models/{model_id}/revision/{revision}"
-    last_error = None
-    with requests.Session() as session:
-        for attempt in range(max_retries):
-            if attempt:
-                delay = backoff_base * 2 ** (attempt - 1) * (0.5 + random.random())
-                log.warning("download attempt %d/%d failed (%s); retrying in %.1f s", attempt, max_retries, last_error, delay)
-                time.sleep(delay)
-            try:
-                # 1. Which files, at which commit, with which sizes and hashes.
-                try:
-                    resp = session.get(api, params={"blobs": "true"}, headers=_headers(), timeout=timeout)
-                except (requests.ConnectionError, requests.Timeout) as e:
-                    raise _Retryable(f"cannot reach {_endpoint()}: {type(e).__name__}") from None
-                if resp.status_code in (401, 403, 404):
-                    raise ModelUnavailableError(f"{model_id!r} at {_endpoint()}: HTTP {resp.status_code} "
-                                                f"(unknown, private or gated model; set HF_TOKEN if gated)")
-                if resp.status_code >= 400:
-                    raise _Retryable(f"{api}: HTTP {resp.status_code}")
-                meta = resp.json()
-                sha = meta["sha"]
-                files = _wanted_files(meta["siblings"])
-                if not any(f["rfilename"].endswith("config.json") for f in files):
-                    raise ModelUnavailableError(f"{model_id!r} has no diffusers config.json")
-                # 2. Each file: resume into .partial, verify, move into the snapshot.
-                snap = os.path.join(repo, "snapshots", sha)
-                for info in files:
-                    final = os.path.join(snap, info["rfilename"])
-                    if os.path.isfile(final):
-                        continue
-                    partial = os.path.join(repo, ".partial", sha, info["rfilename"] + ".incomplete")
-                    os.makedirs(os.path.dirname(partial), exist_ok=True)
-                    url = f"{_endpoint()}/{model_id}/resolve/{sha}/{info['rfilename']}"
-                    _fetch_file(session, url, partial, info, timeout, progress)
-                    expected = info.get("lfs", {}).get("size", info.get("size"))
-                    if expected is not None and os.path.getsize(partial) < expected:  # keep it: resume next time
-                        raise _Retryable(f"{info['rfilename']}: incomplete ({os.path.getsize(partial)}/{expected} bytes)")
-                    try:
-                        _verify(partial, info)
-                    except _Retryable:
-                        os.remove(partial)  # corrupt: the next attempt starts this file over
-                        raise
-                    os.makedirs(os.path.dirname(final), exist_ok=True)
-                    os.replace(partial, final)
-                # 3. Publish the snapshot only when complete (refs/<revision> is what loads look for).
-                os.makedirs(os.path.join(repo, "refs"), exist_ok=True)
-                tmp = os.path.join(repo, "refs", f".{revision}.tmp")
-                with open(tmp, "w") as f:
-                    f.write(sha)
-                os.replace(tmp, os.path.join(repo, "refs", revision))
-                return snap
-            except _Retryable as e:
-                last_error = str(e)
-    raise ModelUnavailableError(f"download of {model_id!r} failed after {max_retries} attempt(s): {last_error}")

@@ -928,11 +928,12 @@ def load_pipeline(cfg, device, channels=3, cache=None):
     gray y is then compared with the luminance of A(x) (see restore). `cache`: a dict that keeps
     what was loaded across calls (a batch may hold gray and RGB images)."""
     import dps
+    import priors
     mc, sc = cfg["model"], cfg["sampler"]
     key = channels if mc["model_id"] == "analytic" else "model"
     if cache is not None and key in cache:
         return cache[key]
-    unet, scheduler = dps.load_model(mc["model_id"], mc["model_cache"] or None, device, channels=channels)
+    unet, scheduler = priors.load_model(mc["model_id"], mc["model_cache"] or None, device, channels=channels)
     dps.check_num_inference_steps(sc["num_inference_steps"], scheduler, sc["method"])  # before any run folder
     blocks = getattr(unet.config, "block_out_channels", None)
     multiple = 2 ** (len(blocks) - 1) if blocks else 1  # the UNet downsamples len-1 times
@@ -1192,6 +1193,7 @@ def run(argv=None) -> int:
 
     import dps
     import physics
+    import priors
     d, mc, rc = cfg["data"], cfg["model"], cfg["run"]
     cfg["physics"]["form"] = physics.resolve_form(cfg["physics"], measured=bool(d["psf_grid"]))  # saved resolved
     if cfg["sampler"]["num_inference_steps"] == "auto":
@@ -1202,9 +1204,12 @@ def run(argv=None) -> int:
         if mc["model_id"] == "analytic" or os.path.isdir(mc["model_id"]):
             print(f"{mc['model_id']} needs no download")
             return 0
-        path = dps.download_model(mc["model_id"], cache, max_retries=mc["max_retries"])
+        if mc["model_id"].endswith(".pt") and os.path.isfile(mc["model_id"]):
+            print(f"converted once; later runs load {priors.convert_adm_checkpoint(mc['model_id'])}")
+            return 0
+        path = priors.download_model(mc["model_id"], cache, max_retries=mc["max_retries"])
         print(f"model ready; compute nodes can load it offline with HF_HUB_OFFLINE=1 --model_id {mc['model_id']} "
-              f"--model_cache {dps.hub_cache_dir(cache)}  (or --model_id {path})")
+              f"--model_cache {priors.hub_cache_dir(cache)}  (or --model_id {path})")
         return 0
 
     if args.resume:
@@ -1354,10 +1359,10 @@ def saturation_level(path, given, img):
 
 
 def _bad_input_errors() -> tuple:
-    """Exception types reported as bad input (exit 2). dps is only consulted once imported, so
+    """Exception types reported as bad input (exit 2). priors is only consulted once imported, so
     that --help never waits for torch; an except clause evaluates this only when needed."""
-    dps = sys.modules.get("dps")
-    return (utils.UserError, ValueError) + ((dps.ModelUnavailableError,) if dps else ())
+    priors = sys.modules.get("priors")
+    return (utils.UserError, ValueError) + ((priors.ModelUnavailableError,) if priors else ())
 
 
 def main(argv=None) -> int:

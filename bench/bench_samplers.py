@@ -4,7 +4,7 @@
     python bench/bench_samplers.py --device cuda    # the full table, 64² and 128²
     python bench/bench_samplers.py --sizes 64 --sigmas 0.05 --photos astronaut --modes motion   # one problem
 
-With the analytic prior (dps.AnalyticPrior: a Gaussian fitted to other photographs) the
+With the analytic prior (priors.AnalyticPrior: a Gaussian fitted to other photographs) the
 posterior under the reconstruction operator is Gaussian, so it is known exactly:
 dps.gaussian_posterior gives exact posterior draws (perturbation-optimisation, each a CG solve to
 1e-7). The measurement comes from the per-pixel ground truth (physics.GroundTruthBlur, with real
@@ -37,6 +37,7 @@ sys.path.insert(0, ROOT)
 import baselines  # noqa: E402
 import dps  # noqa: E402
 import physics  # noqa: E402
+import priors  # noqa: E402
 import utils  # noqa: E402
 from bench_dps import data_step_timer  # noqa: E402
 
@@ -62,7 +63,7 @@ def problem(photo, mode, size, sigma, seed=0):
     field, truth = physics.create_ground_truth(size, size, pc, seed=seed)
     r = pc["kernel_size"] // 2
     if photo == PRIOR_DRAW:
-        prior = dps.load_model("analytic")[0]
+        prior = priors.load_model("analytic")[0]
         x_ext = (prior.sample_prior((1, 3, size + 2 * r, size + 2 * r), torch.Generator().manual_seed(seed + 7)) + 1) / 2
     else:
         scene = utils.center_crop_resize(utils.to_float_image(PHOTOS[photo](data), photo), size, margin=r)
@@ -122,7 +123,7 @@ def main():
     settings = [(m, int(n)) for m, n in (item.split(":") for item in args.settings.split(",") if item)]
     diffpir_options = json.loads(args.diffpir_options)
     device = torch.device(args.device)
-    prior, sched = dps.load_model("analytic", device=device)
+    prior, sched = priors.load_model("analytic", device=device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} CPU threads"
     print(f"torch {torch.__version__}, {where}; {N_SAMPLES} samples per setting; "
           f"DPS step_size {args.dps_step_size}; DiffPIR {dps.sampler_options('diffpir', diffpir_options)}")

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import dps
+import priors
 import physics
 from test_dps import dense_matrix
 
@@ -104,7 +105,7 @@ def test_diffpir_final_step_is_the_data_consistent_argmin(monkeypatch):
         return original(operator, y_, x0_hat, rho, opt, noise_norm, gains)
 
     monkeypatch.setattr(dps, "data_proximal_step", spy)
-    prior, sched = dps.load_model("analytic")
+    prior, sched = priors.load_model("analytic")
     out, inter = dps.EigenPSFDPSPipeline(prior, sched, eig.float())(
         y.float(), num_inference_steps=10, method="diffpir", sigma_y=0.05, generator=torch.Generator().manual_seed(0))
     x0_hat, rho, noise_norm = calls[-1]
@@ -128,7 +129,7 @@ def test_diffpir_rho_follows_its_schedule(monkeypatch):
 
     monkeypatch.setattr(dps, "data_proximal_step", spy)
     eig, _, y, _, _ = problem(sigma=0.05)
-    prior, sched = dps.load_model("analytic")
+    prior, sched = priors.load_model("analytic")
     for sigma, used in ((0.05, 0.05), (0.0, 1e-3)):
         rhos.clear()
         dps.EigenPSFDPSPipeline(prior, sched, eig.float())(y.float(), num_inference_steps=12, method="diffpir",

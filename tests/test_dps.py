@@ -12,6 +12,7 @@ import torch
 from diffusers import DDPMPipeline, DDPMScheduler
 
 import dps
+import priors
 import physics
 from fakehub import FakeHub, files_from_dir
 from helpers import full_and_resumed, save_tiny_model, tiny_scheduler, tiny_unet
@@ -91,7 +92,7 @@ def test_dps_lands_near_exact_posterior_mean():
     x, eig, true = face_under_defocus(40, kernel_size=9, max_radius=4)
     sigma = 0.02
     y = true(x) + sigma * torch.randn(x.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    prior, sched = dps.load_model("analytic")
+    prior, sched = priors.load_model("analytic")
     mu = prior.mu.view(1, -1, 1, 1).expand_as(x)
     half = lambda v: prior.apply_covariance(v, 0.5)                       # Σ^{1/2}
     normal = lambda w: w + half(eig.adjoint(eig(half(w)))) / (4 * sigma ** 2)
@@ -112,10 +113,10 @@ def test_dps_lands_near_exact_posterior_mean():
 # --- 3. the analytic prior's denoiser is the exact MMSE ------------------------------------------
 
 def test_analytic_eps_equals_dense_mmse():
-    prior, sched = dps.load_model("analytic")
+    prior, sched = priors.load_model("analytic")
     C, H, W = 3, 4, 6
     # Dense prior covariance Σ = Σ_c ⊗ R, with R the circulant autocovariance from the spectrum.
-    s = torch.fft.irfft2(dps._spectrum_shape(H, W, prior.f0, "cpu", torch.float64), s=(H, W), norm="ortho")
+    s = torch.fft.irfft2(priors._spectrum_shape(H, W, prior.f0, "cpu", torch.float64), s=(H, W), norm="ortho")
     s = s * (H * W) ** -0.5  # autocovariance c(Δ) of a stationary field with ortho-DFT variances S
     idx = torch.stack(torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij"), -1).reshape(-1, 2)
     d = (idx[:, None, :] - idx[None, :, :])
@@ -132,16 +133,16 @@ def test_analytic_eps_equals_dense_mmse():
 
 
 def test_analytic_prior_constants_match_their_fit():
-    fit = dps.fit_analytic_prior()
-    np.testing.assert_allclose(fit["mean"], dps.ANALYTIC_PRIOR["mean"], atol=1e-3)
-    np.testing.assert_allclose(fit["channel_cov"], dps.ANALYTIC_PRIOR["channel_cov"], atol=1e-4)
-    assert abs(fit["f0"] - dps.ANALYTIC_PRIOR["f0"]) < 1e-4
+    fit = priors.fit_analytic_prior()
+    np.testing.assert_allclose(fit["mean"], priors.ANALYTIC_PRIOR["mean"], atol=1e-3)
+    np.testing.assert_allclose(fit["channel_cov"], priors.ANALYTIC_PRIOR["channel_cov"], atol=1e-4)
+    assert abs(fit["f0"] - priors.ANALYTIC_PRIOR["f0"]) < 1e-4
 
 
 # --- 4. guidance, batching, divergence, knobs -----------------------------------------------------
 
 def test_guidance_lowers_residual():
-    prior, sched = dps.load_model("analytic")
+    prior, sched = priors.load_model("analytic")
     eig, true, _ = small_system(32, 32, n=4)
     x = torch.rand(1, 3, 32, 32)
     y = true(x)
@@ -158,7 +159,7 @@ def test_guidance_lowers_residual():
 def test_batch_independence_with_per_image_generators(prior_kind, method):
     """Per-image generators (diffusers' list form) and the per-image norm make images independent.
     Equality is to float tolerance, not bitwise: batched convolutions may sum in another order."""
-    unet, sched = (tiny_unet(), tiny_scheduler()) if prior_kind == "tiny_unet" else dps.load_model("analytic")
+    unet, sched = (tiny_unet(), tiny_scheduler()) if prior_kind == "tiny_unet" else priors.load_model("analytic")
     eig, _, _ = small_system()
     pipe = dps.EigenPSFDPSPipeline(unet, sched, eig)
     # A measurement that the operator can explain: on uniform noise (no image explains it) DiffPIR's
@@ -189,7 +190,7 @@ def test_huge_step_size_diverges_with_clear_error():
 def test_runaway_residual_is_divergence_not_success():
     """A step size far too large keeps x_t finite but drives ‖y − A(x̂₀)‖ to many times ‖y‖: that
     must stop as a divergence, not end 'complete' (while a sane step size finishes)."""
-    unet, sched = dps.load_model("analytic")
+    unet, sched = priors.load_model("analytic")
     eig, true, _ = small_system()
     y = true(torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1)))
     pipe = dps.EigenPSFDPSPipeline(unet, sched, eig)
@@ -223,7 +224,7 @@ def test_likelihood_gradient_matches_finite_difference():
 
 
 def test_num_samples_returns_samples_mean_std_and_callback():
-    prior, sched = dps.load_model("analytic")
+    prior, sched = priors.load_model("analytic")
     eig, _, _ = small_system()
     seen = []
     out, inter = dps.EigenPSFDPSPipeline(prior, sched, eig)(
@@ -253,7 +254,7 @@ def test_bf16_autocast_x0_close_to_fp32():
 
 
 def test_analytic_prior_ignores_half_precision_autocast():
-    prior, sched = dps.load_model("analytic")
+    prior, sched = priors.load_model("analytic")
     eig, _, _ = small_system()
     y = torch.rand(1, 3, 16, 16)
     runs = [dps.EigenPSFDPSPipeline(prior, sched, eig)(y, num_inference_steps=20, dtype=dt,
@@ -297,18 +298,18 @@ def test_bad_sampler_arguments():
 
 def test_load_local_directory_and_analytic(tmp_path):
     path = save_tiny_model(tmp_path / "m")
-    unet, sched = dps.load_model(path)
+    unet, sched = priors.load_model(path)
     ref = tiny_unet()
     x = torch.randn(1, 3, 16, 16)
     assert torch.allclose(unet(x, 10).sample, ref(x, 10).sample, atol=1e-5)
     assert sched.config.num_train_timesteps == 1000
-    prior, s2 = dps.load_model("analytic")
+    prior, s2 = priors.load_model("analytic")
     assert prior(torch.randn(1, 3, 20, 30), 10).sample.shape == (1, 3, 20, 30)
 
 
 def test_missing_local_directory_is_clear(tmp_path):
-    with pytest.raises(dps.ModelUnavailableError, match="does not exist"):
-        dps.load_model(str(tmp_path / "nope"))
+    with pytest.raises(priors.ModelUnavailableError, match="does not exist"):
+        priors.load_model(str(tmp_path / "nope"))
 
 
 @pytest.fixture
@@ -321,14 +322,14 @@ def test_download_resumes_dropped_connection_byte_identical(tmp_path, tiny_files
     half = len(tiny_files[weights]) // 2
     with FakeHub("acme/tiny-ddpm", tiny_files, drop_first_at={weights: half}) as hub:
         monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
-        snap = dps.download_model("acme/tiny-ddpm", cache_dir=tmp_path / "cache", max_retries=3, backoff_base=0.01,
+        snap = priors.download_model("acme/tiny-ddpm", cache_dir=tmp_path / "cache", max_retries=3, backoff_base=0.01,
                                   progress=False)
     ranges = [r for p, r in hub.requests if p.endswith(weights)]
     assert ranges[0] is None and ranges[1] is not None
     assert int(ranges[1][len("bytes="):].rstrip("-")) >= half - 65536 and int(ranges[1][6:].rstrip("-")) > 0
     for name, data in tiny_files.items():
         assert open(os.path.join(snap, name), "rb").read() == data
-    unet, _ = dps.load_model("acme/tiny-ddpm", cache_dir=tmp_path / "cache", local_files_only=True)
+    unet, _ = priors.load_model("acme/tiny-ddpm", cache_dir=tmp_path / "cache", local_files_only=True)
     x = torch.randn(1, 3, 16, 16)
     assert torch.allclose(unet(x, 3).sample, tiny_unet()(x, 3).sample, atol=1e-5)
 
@@ -338,7 +339,7 @@ def test_download_killed_process_resumes(tmp_path, tiny_files):
     cache = tmp_path / "cache"
     with FakeHub("acme/tiny-ddpm", tiny_files, trickle_s=0.01) as hub:
         env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "PYTHONPATH": ROOT}
-        code = f"import dps; dps.download_model('acme/tiny-ddpm', cache_dir={str(cache)!r}, progress=False)"
+        code = f"import priors; priors.download_model('acme/tiny-ddpm', cache_dir={str(cache)!r}, progress=False)"
         proc = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT)
         partial_dir = cache / "models--acme--tiny-ddpm" / ".partial" / hub.sha
         partial = partial_dir / (weights + ".incomplete")
@@ -352,7 +353,7 @@ def test_download_killed_process_resumes(tmp_path, tiny_files):
         hub.trickle_s = 0.0
         os.environ["HF_ENDPOINT"] = hub.endpoint
         try:
-            snap = dps.download_model("acme/tiny-ddpm", cache_dir=cache, progress=False)
+            snap = priors.download_model("acme/tiny-ddpm", cache_dir=cache, progress=False)
         finally:
             del os.environ["HF_ENDPOINT"]
     last = [r for p, r in hub.requests if p.endswith(weights)][-1]
@@ -363,10 +364,10 @@ def test_download_killed_process_resumes(tmp_path, tiny_files):
 def test_corrupt_download_fails_checksum(tmp_path, tiny_files, monkeypatch):
     with FakeHub("acme/tiny-ddpm", tiny_files, corrupt=True) as hub:
         monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
-        with pytest.raises(dps.ModelUnavailableError, match="checksum"):
-            dps.download_model("acme/tiny-ddpm", cache_dir=tmp_path / "c", max_retries=2, backoff_base=0.01,
+        with pytest.raises(priors.ModelUnavailableError, match="checksum"):
+            priors.download_model("acme/tiny-ddpm", cache_dir=tmp_path / "c", max_retries=2, backoff_base=0.01,
                                progress=False)
-    assert dps.cached_snapshot("acme/tiny-ddpm", tmp_path / "c") is None
+    assert priors.cached_snapshot("acme/tiny-ddpm", tmp_path / "c") is None
 
 
 def test_unreachable_hub_empty_cache_errors_quickly(tmp_path, monkeypatch):
@@ -377,16 +378,16 @@ def test_unreachable_hub_empty_cache_errors_quickly(tmp_path, monkeypatch):
     s.close()  # nothing listens there now
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
     t0 = time.time()
-    with pytest.raises(dps.ModelUnavailableError, match="--download_only.*--model_cache"):
-        dps.load_model("acme/tiny-ddpm", cache_dir=tmp_path / "empty")
+    with pytest.raises(priors.ModelUnavailableError, match="--download_only.*--model_cache"):
+        priors.load_model("acme/tiny-ddpm", cache_dir=tmp_path / "empty")
     assert time.time() - t0 < 10
 
 
 def test_offline_mode_never_touches_network(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
-    with pytest.raises(dps.ModelUnavailableError, match="offline"):
-        dps.load_model("acme/tiny-ddpm", cache_dir=tmp_path)
+    with pytest.raises(priors.ModelUnavailableError, match="offline"):
+        priors.load_model("acme/tiny-ddpm", cache_dir=tmp_path)
 
 
 def test_hf_home_is_honoured(tmp_path, tiny_files, monkeypatch):
@@ -395,10 +396,10 @@ def test_hf_home_is_honoured(tmp_path, tiny_files, monkeypatch):
     with FakeHub("acme/tiny-ddpm", tiny_files) as hub:
         monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
         monkeypatch.setenv("HF_TOKEN", "secret-token")
-        snap = dps.download_model("acme/tiny-ddpm", progress=False)
+        snap = priors.download_model("acme/tiny-ddpm", progress=False)
     assert snap.startswith(str(tmp_path / "hfhome" / "hub"))
     assert set(hub.authorization) == {"Bearer secret-token"}
-    assert dps.cached_snapshot("acme/tiny-ddpm") == snap
+    assert priors.cached_snapshot("acme/tiny-ddpm") == snap
 
 
 # --- 6. DiffPIR and the sampler registry -----------------------------------------------------------
@@ -488,7 +489,7 @@ def test_diffpir_near_exact_posterior_mean_and_beats_dps_at_a_tenth_of_the_steps
     x, eig, _ = face_under_defocus(32, kernel_size=7, max_radius=3)
     sigma = 0.01
     y = eig(x) + sigma * torch.randn(x.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    prior, sched = dps.load_model("analytic")
+    prior, sched = priors.load_model("analytic")
     exact, _ = dps.gaussian_posterior(prior, eig, y, sigma)
     pipe = dps.EigenPSFDPSPipeline(prior, sched, eig.float())
     run = lambda m, n, o: pipe(y.float(), num_inference_steps=n, method=m, options=o, sigma_y=sigma, num_samples=4,
@@ -508,7 +509,7 @@ def test_gaussian_posterior_samples_have_the_exact_covariance():
     """Perturbation-optimisation draws, against the dense posterior covariance of a tiny problem."""
     eig, _, _ = small_system(6, 6, n=2)
     eig = eig.double()
-    prior, _ = dps.load_model("analytic")
+    prior, _ = priors.load_model("analytic")
     y, sigma = torch.rand(1, 3, 6, 6, dtype=torch.float64), 0.1
     mean, draws = dps.gaussian_posterior(prior, eig, y, sigma, n_samples=4000,
                                          generator=torch.Generator().manual_seed(0), tol=1e-10)
@@ -525,7 +526,7 @@ def test_gaussian_posterior_samples_have_the_exact_covariance():
 
 
 def test_diffpir_with_zero_sigma_stays_finite():
-    prior, sched = dps.load_model("analytic")
+    prior, sched = priors.load_model("analytic")
     eig, true, _ = small_system()
     y = true(torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(2)))
     out, inter = dps.EigenPSFDPSPipeline(prior, sched, eig)(y, num_inference_steps=20, method="diffpir", sigma_y=0.0,
@@ -556,7 +557,7 @@ def test_per_image_sigma_y_gives_each_image_its_own_diffpir_result(S):
     """σ_y given per image (as folder runs with estimated noise do): image b of the batch, with
     its S samples, equals its run alone with its own σ_y; a wrong count is a clear error."""
     eig, _, _ = small_system(16, 16, n=3)
-    pipe = dps.EigenPSFDPSPipeline(*dps.load_model("analytic"), eig)  # a prior without batch-dependent rounding
+    pipe = dps.EigenPSFDPSPipeline(*priors.load_model("analytic"), eig)  # a prior without batch-dependent rounding
     y = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds for _ in range(S)]  # noqa: E731
     kw = dict(num_inference_steps=5, method="diffpir", num_samples=S)

@@ -14,6 +14,7 @@ from PIL import Image
 
 import main
 import physics
+import priors
 import utils
 from helpers import save_tiny_model
 from test_main import FAST, ROOT, call_main as main_call, cli, run_cli, run_dirs
@@ -74,8 +75,8 @@ def test_luminance_operator_is_exact_adjoint_and_matches_gray_blur():
 
 def test_gray_analytic_prior_is_the_luminance_of_the_rgb_prior():
     import dps
-    unet, sched = dps.load_model("analytic", channels=1)
-    rgb, _ = dps.load_model("analytic")
+    unet, sched = priors.load_model("analytic", channels=1)
+    rgb, _ = priors.load_model("analytic")
     assert unet.config.in_channels == 1
     w = torch.tensor(physics.LUMINANCE_WEIGHTS, dtype=torch.float64)
     # Luminance of the RGB prior, per orthonormal Fourier coefficient: mean w·μ, variance Σ_c (wᵀQ)_c² λ_c s(f).

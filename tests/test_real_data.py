@@ -12,6 +12,7 @@ import yaml
 from PIL import Image
 
 import dps
+import priors
 import physics
 import utils
 from helpers import save_tiny_model
@@ -303,7 +304,7 @@ def test_readme_real_data_command_restores_near_the_exact_posterior_mean(tmp_pat
     eig, _, _ = physics.build_operators(torch.tensor(psfs), H, H, saved["physics"],
                                         tuple(torch.as_tensor(c) for c in coords))
     y_run = torch.from_numpy(np.load(run / "measurement.npy")).permute(2, 0, 1)[None].double()
-    prior, _ = dps.load_model("analytic")
+    prior, _ = priors.load_model("analytic")
     mean, _ = dps.gaussian_posterior(prior, eig.double(), y_run, m["sigma_y"], tol=1e-7)
     p_restored, p_exact = utils.psnr(clean, restored), utils.psnr(clean, utils.to_numpy(mean))
     p_blurred = utils.psnr(clean, utils.to_numpy(y_run))

@@ -168,17 +168,17 @@ def test_pickled_object_array_in_psf_grid_is_refused(tmp_path):
 
 
 def test_bin_only_model_with_pickle_payload_does_not_run(tmp_path):
-    import dps
+    import priors
     model = tmp_path / "model"
     tiny_unet().save_pretrained(model, safe_serialization=False)
     tiny_scheduler().save_pretrained(model)
     weights = model / "diffusion_pytorch_model.bin"
     assert weights.exists() and not list(model.glob("*.safetensors"))
-    dps.load_model(str(model))  # a plain .bin state dict loads (weights_only)
+    priors.load_model(str(model))  # a plain .bin state dict loads (weights_only)
     marker = tmp_path / "pwned"
     torch.save({"conv_in.weight": Payload(marker)}, weights)
-    with pytest.raises(dps.ModelUnavailableError):
-        dps.load_model(str(model))
+    with pytest.raises(priors.ModelUnavailableError):
+        priors.load_model(str(model))
     assert not marker.exists()
 
 
