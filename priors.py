@@ -244,8 +244,8 @@ def _adm_modules(arch: str):
     'plain' (weight, bias), 'resnet', 'resnet+shortcut' or 'attention'."""
     a = ADM_ARCHITECTURES[arch]
     mc, nrb, mult = a["model_channels"], a["num_res_blocks"], a["channel_mult"]
-    out = [("conv_in", "input_blocks.0.0", "plain"), ("time_embedding.linear_1", "time_embed.0", "plain"),
-           ("time_embedding.linear_2", "time_embed.2", "plain")]
+    out = [("time_embedding.linear_1", "time_embed.0", "plain"), ("time_embedding.linear_2", "time_embed.2", "plain"),
+           ("conv_in", "input_blocks.0.0", "plain")]
     k, ch, ds, skips = 1, mc, 1, [mc]
     for level, m in enumerate(mult):
         for j in range(nrb):
@@ -297,16 +297,15 @@ def _adm_pairs(arch: str):
         if kind == "plain":
             layers = {"": ""}
         elif kind == "attention":
-            layers = {"group_norm": "norm", "to_out.0": "proj_out"}
+            layers = {"group_norm": "norm", "qkv": "qkv", "to_out.0": "proj_out"}
         else:
             layers = dict(_RESNET_LAYERS, **({"conv_shortcut": "skip_connection"} if kind == "resnet+shortcut" else {}))
         for d, s_ in layers.items():
             for p in ("weight", "bias"):
-                pairs.append((".".join(x for x in (dst, d, p) if x), ".".join(x for x in (src, s_, p) if x)))
-        if kind == "attention":
-            for i, name in enumerate(("to_q", "to_k", "to_v")):
-                for p in ("weight", "bias"):
-                    pairs.append((f"{dst}.{name}.{p}", (f"{src}.qkv.{p}", i)))
+                if d == "qkv":   # one ADM tensor, three diffusers ones
+                    pairs += [(f"{dst}.{name}.{p}", (f"{src}.qkv.{p}", i)) for i, name in enumerate(("to_q", "to_k", "to_v"))]
+                else:
+                    pairs.append((".".join(x for x in (dst, d, p) if x), ".".join(x for x in (src, s_, p) if x)))
     return pairs
 
 

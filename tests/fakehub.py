@@ -13,7 +13,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-WEIGHT_EXT = (".safetensors", ".bin")
+WEIGHT_EXT = (".safetensors", ".bin", ".pt")
 
 
 def files_from_dir(path):
