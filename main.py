@@ -885,8 +885,11 @@ def write_outputs(p: Problem, view: RunView, run_dir, cfg, device, out, partial)
             panels = [("clean", p.clean),
                       (f"blurred  PSNR {m['psnr_blurred']:.2f} dB  SSIM {m['ssim_blurred']:.3f}", y_np),
                       (f"{title} ({sc['method']})  PSNR {m['psnr_restored']:.2f} dB  SSIM {m['ssim_restored']:.3f}", r)]
-        if cfg["run"]["baseline"]:
-            panels += classical_baselines(p, images_dir, cfg, m)
+        baseline_images = classical_baselines(p, images_dir, cfg, m) if cfg["run"]["baseline"] else {}
+        panels += [(title, img) for title, img in baseline_images.values()]
+        if p.clean is not None:
+            add_lpips(m, p.clean, {"blurred": y_np, "restored": r, **{k: v[1] for k, v in baseline_images.items()}},
+                      cfg, device)
         if p.clean is None:
             m["operator_relative_error_on_restoration"] = physics.operator_relative_error(
                 p.eig_op, p.grid_op, restored.to(device))
@@ -902,14 +905,15 @@ def write_outputs(p: Problem, view: RunView, run_dir, cfg, device, out, partial)
 BASELINE_TITLES = {"richardson_lucy": "Richardson-Lucy", "tikhonov": "Tikhonov"}
 
 
-def classical_baselines(p: Problem, images_dir, cfg, m) -> list:
+def classical_baselines(p: Problem, images_dir, cfg, m) -> dict:
     """Richardson-Lucy and Tikhonov (baselines.py) on y with the same EigenPSF operator and σ_y as
-    the sampler: their images, metrics beside the diffusion result's, and comparison panels."""
+    the sampler: their images and metrics beside the diffusion result's. Returns
+    {name: (comparison panel title, (H, W, C) image)}."""
     import baselines
     t0 = time.time()
     results = baselines.restore_baselines(p.eig_op, p.y, sigma_y(p, cfg))
     m["baseline_runtime_s"] = time.time() - t0
-    panels = []
+    out = {}
     for name, (x, facts) in results.items():
         img = utils.to_numpy(x)
         utils.save_image(os.path.join(images_dir, f"baseline_{name}.png"), x)
@@ -918,8 +922,23 @@ def classical_baselines(p: Problem, images_dir, cfg, m) -> list:
         if p.clean is not None:
             m[f"psnr_{name}"], m[f"ssim_{name}"] = utils.psnr(p.clean, img), utils.ssim(p.clean, img)
             title += f"  PSNR {m[f'psnr_{name}']:.2f} dB  SSIM {m[f'ssim_{name}']:.3f}"
-        panels.append((f"{title} (baseline)", img))
-    return panels
+        out[name] = (f"{title} (baseline)", img)
+    return out
+
+
+def add_lpips(m, clean, images: dict, cfg, device) -> None:
+    """m[lpips_<name>] for each (H, W, C) image against the clean one (run.lpips backbone), or
+    m[lpips_note] saying why LPIPS was not computed: never a made-up value."""
+    import torch
+    net = cfg["run"]["lpips"]
+    why = utils.lpips_unavailable(net)
+    if why:
+        m["lpips_note"] = why
+        return
+    as_batch = lambda a: torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)[None]  # noqa: E731
+    for name, img in images.items():
+        m[f"lpips_{name}"] = utils.lpips_distance(as_batch(clean), as_batch(img), net, device)[0]
+    m["lpips_definition"] = utils.LPIPS_DEFINITION.format(net=net)
 
 
 def load_pipeline(cfg, device, channels=3, cache=None):
@@ -1006,8 +1025,9 @@ def resume_run(run_dir, schema, given) -> int:
 # Folder runs: --image_dir / --blurred_dir, up to run.batch_size measurements per sampler call
 # ----------------------------------------------------------------------------
 
-SUMMARY_KEYS = ("status", "psnr_blurred", "psnr_restored", "ssim_blurred", "ssim_restored", "psnr_richardson_lucy",
-                "psnr_tikhonov", "data_residual_relative",
+SUMMARY_KEYS = ("status", "psnr_blurred", "psnr_restored", "ssim_blurred", "ssim_restored", "lpips_blurred",
+                "lpips_restored", "psnr_richardson_lucy", "psnr_tikhonov", "lpips_richardson_lucy", "lpips_tikhonov",
+                "data_residual_relative",
                 "operator_relative_error", "sigma_noise_estimated", "runtime_s", "batch_size", "error")
 
 
@@ -1193,24 +1213,14 @@ def run(argv=None) -> int:
 
     import dps
     import physics
-    import priors
-    d, mc, rc = cfg["data"], cfg["model"], cfg["run"]
+    import priors  # noqa: F401 - imported first here, so that its errors count as bad input (exit 2)
+    d, rc = cfg["data"], cfg["run"]
     cfg["physics"]["form"] = physics.resolve_form(cfg["physics"], measured=bool(d["psf_grid"]))  # saved resolved
     if cfg["sampler"]["num_inference_steps"] == "auto":
         cfg["sampler"]["num_inference_steps"] = dps.DEFAULT_STEPS[cfg["sampler"]["method"]]
-    cache = mc["model_cache"] or None
 
     if args.download_only:
-        if mc["model_id"] == "analytic" or os.path.isdir(mc["model_id"]):
-            print(f"{mc['model_id']} needs no download")
-            return 0
-        if mc["model_id"].endswith(".pt") and os.path.isfile(mc["model_id"]):
-            print(f"converted once; later runs load {priors.convert_adm_checkpoint(mc['model_id'])}")
-            return 0
-        path = priors.download_model(mc["model_id"], cache, max_retries=mc["max_retries"])
-        print(f"model ready; compute nodes can load it offline with HF_HUB_OFFLINE=1 --model_id {mc['model_id']} "
-              f"--model_cache {priors.hub_cache_dir(cache)}  (or --model_id {path})")
-        return 0
+        return download_only(cfg)
 
     if args.resume:
         return resume_run(args.resume, schema, given)
@@ -1356,6 +1366,39 @@ def saturation_level(path, given, img):
                  "saturation; set --saturation if that is wrong", name, at_top, round(top * scale, 3), scale)
         return top
     return 0.999
+
+
+def download_only(cfg) -> int:
+    """--download_only: the model (converted, for an ADM checkpoint) and LPIPS's backbone weights,
+    so that compute nodes without internet need nothing more."""
+    import priors
+    mc = cfg["model"]
+    cache = mc["model_cache"] or None
+    lpips_weights(cfg["run"]["lpips"])
+    if mc["model_id"] == "analytic" or os.path.isdir(mc["model_id"]):
+        print(f"{mc['model_id']} needs no download")
+    elif mc["model_id"].endswith(".pt") and os.path.isfile(mc["model_id"]):
+        print(f"converted once; later runs load {priors.convert_adm_checkpoint(mc['model_id'])}")
+    else:
+        path = priors.download_model(mc["model_id"], cache, max_retries=mc["max_retries"])
+        print(f"model ready; compute nodes can load it offline with HF_HUB_OFFLINE=1 --model_id {mc['model_id']} "
+              f"--model_cache {priors.hub_cache_dir(cache)}  (or --model_id {path})")
+    return 0
+
+
+def lpips_weights(net: str) -> None:
+    """LPIPS's backbone file, when the lpips package can use it here; otherwise one line on why not."""
+    if net == "off":
+        return
+    why = utils.lpips_unavailable(net)
+    if why is None or "backbone weights" in why:
+        try:
+            print(f"LPIPS ({net}) backbone weights in {utils.download_lpips_weights(net)}")
+        except (OSError, RuntimeError) as e:  # no network, or a hash mismatch: the model may still be wanted
+            print(f"warning: LPIPS's {net} backbone weights could not be fetched ({e}); runs will say LPIPS was "
+                  f"not computed", file=sys.stderr)
+    else:
+        print(f"LPIPS: {why.replace('not computed: ', '')}; its weights are skipped (metrics.json will say so)")
 
 
 def _bad_input_errors() -> tuple:

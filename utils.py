@@ -66,6 +66,7 @@ def choices() -> dict:
         "sampler.method": SAMPLER_METHODS,
         "run.dtype": ("float32", "bfloat16", "float16"),
         "run.compile": ("off", "default", "reduce-overhead", "max-autotune"),
+        "run.lpips": ("vgg", "alex", "off"),
     }
 
 
@@ -558,6 +559,59 @@ def ssim(ref: np.ndarray, est: np.ndarray) -> float:
     from skimage.metrics import structural_similarity
     return float(structural_similarity(ref, np.clip(est, 0, 1), data_range=1.0, channel_axis=-1,
                                        gaussian_weights=True, sigma=1.5, use_sample_covariance=False))
+
+
+# LPIPS (Zhang et al. 2018), as the DPS and DiffPIR tables report it: the `lpips` package, its v0.1
+# linear layers on torchvision's ImageNet backbone. The backbone weights are torchvision's files in
+# torch.hub's cache ($TORCH_HOME/hub/checkpoints); --download_only fetches them, and a run never does.
+LPIPS_BACKBONES = {"vgg": "vgg16-397923af.pth", "alex": "alexnet-owt-7be5be79.pth"}
+LPIPS_WEIGHTS_URL = "https://download.pytorch.org/models/"
+LPIPS_DEFINITION = "lpips package v0.1 (Zhang et al. 2018), {net} backbone, inputs in [0, 1] mapped to [-1, 1]"
+_LPIPS = {}
+
+
+def lpips_weights_path(net: str) -> str:
+    import torch
+    return os.path.join(torch.hub.get_dir(), "checkpoints", LPIPS_BACKBONES[net])
+
+
+def lpips_unavailable(net: str):
+    """Why LPIPS with this backbone cannot be computed here (one line), or None when it can."""
+    if net == "off":
+        return "off (run.lpips: off)"
+    try:
+        import lpips  # noqa: F401 - it imports torchvision, which a CPU-only torch may not load
+    except Exception as e:  # noqa: BLE001 - ImportError, or torchvision's RuntimeError against this torch
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return f"not computed: the lpips package does not import here ({first})"
+    if not os.path.isfile(lpips_weights_path(net)):
+        return (f"not computed: the {net} backbone weights {LPIPS_BACKBONES[net]} are not in "
+                f"{os.path.dirname(lpips_weights_path(net))}; fetch them with python main.py --download_only")
+    return None
+
+
+def lpips_distance(ref, est, net: str = "vgg", device="cpu") -> list:
+    """Per-image LPIPS between (B, C, H, W) tensors in [0, 1] (C = 1 is repeated to RGB). Call
+    lpips_unavailable first: this raises where it would have said why."""
+    import torch
+    import lpips
+    key = (net, str(device))
+    if key not in _LPIPS:
+        _LPIPS[key] = lpips.LPIPS(net=net, verbose=False).to(device).eval().requires_grad_(False)
+    to_model = lambda x: (2 * torch.as_tensor(x).float().clamp(0, 1) - 1).expand(-1, 3, -1, -1).to(device)  # noqa: E731
+    with torch.no_grad():
+        return [float(v) for v in _LPIPS[key](to_model(ref), to_model(est)).flatten()]
+
+
+def download_lpips_weights(net: str) -> str:
+    """torchvision's backbone file for LPIPS into torch.hub's cache (sha256 prefix checked)."""
+    import torch
+    path = lpips_weights_path(net)
+    if not os.path.isfile(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        name = LPIPS_BACKBONES[net]
+        torch.hub.download_url_to_file(LPIPS_WEIGHTS_URL + name, path, hash_prefix=name.rsplit("-", 1)[1].split(".")[0])
+    return path
 
 
 # ----------------------------------------------------------------------------

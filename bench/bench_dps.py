@@ -15,6 +15,10 @@ Then folder runs as `main.py --image_dir --batch_size N` does them (--folder_bat
 and the speed-up over batch 1, and the peak memory of that row (GPU: allocated; CPU: the
 process's peak resident set, UNet and Python included).
 
+Then the priors' architectures side by side (--archs, default celebahq,adm-ffhq-256,adm-imagenet-256;
+'' skips it): one DPS step's UNet work (forward + input-gradient backward) and one forward (DiffPIR's
+UNet call) at --arch_size (default 256), batch 1, fp32 and bf16 autocast, random weights.
+
 Last, a whole 100-step DiffPIR run on the sample's measurement beside the classical baselines that
 every main.py run adds, with their cost as a share of it (--no_end_to_end skips it).
 """
@@ -32,6 +36,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import dps  # noqa: E402
 import physics  # noqa: E402
+import priors  # noqa: E402
 
 CELEBAHQ_UNET = dict(
     sample_size=256, in_channels=3, out_channels=3, layers_per_block=2,
@@ -164,6 +169,58 @@ def folder_table(unet, sched, batches, size, steps, device, samplers, dtype):
             print(f"{method:8s} {batch:5d} {s:8.3f} {per_image:8.1f} {base / per_image:9.2f}x {peak:8.2f}")
 
 
+def arch_unet(name, device):
+    torch.manual_seed(0)
+    config = CELEBAHQ_UNET if name == "celebahq" else priors.adm_unet_config(priors.ADM_MODELS[name][2])
+    return UNet2DModel.from_config(config).to(device).eval().requires_grad_(False)
+
+
+def time_unet(unet, size, device, dtype, backward, repeats):
+    """Seconds per UNet call at batch 1 (after one warm-up call): forward, or forward + backward to x_t."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    x_t = torch.randn(1, 3, size, size, device=device)
+    t = torch.tensor(500, device=device)
+
+    def call():
+        x = x_t.clone().requires_grad_(backward)
+        with torch.set_grad_enabled(backward), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            eps = unet(x, t).sample[:, :3].float()
+        if backward:
+            torch.autograd.grad(eps.square().sum(), x)
+
+    call()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        call()
+    sync()
+    return (time.perf_counter() - t0) / repeats
+
+
+def arch_table(archs, size, device, repeats):
+    print(f"\npriors' architectures, {size}x{size}, batch 1, random weights; s per UNet call "
+          f"(DPS step: forward + backward to x_t; DiffPIR step: forward)")
+    print(f"{'architecture':18s} {'params M':>8s} {'dtype':>8s} {'DPS s':>8s} {'DiffPIR s':>9s} {'DPS vs celebahq':>15s} "
+          f"{'peak GB':>8s}")
+    base = {}
+    for name in archs:
+        unet = arch_unet(name, device)
+        n = sum(p.numel() for p in unet.parameters()) / 1e6
+        for dtype in (torch.float32, torch.bfloat16):
+            reset_peak_memory(device)
+            try:
+                dps_s = time_unet(unet, size, device, dtype, True, repeats)
+                fwd_s = time_unet(unet, size, device, dtype, False, repeats)
+            except torch.OutOfMemoryError:
+                print(f"{name:18s} {n:8.1f} {str(dtype)[6:]:>8s} out of memory")
+                continue
+            base.setdefault(dtype, dps_s if name == "celebahq" else None)
+            ratio = f"{dps_s / base[dtype]:14.2f}x" if base.get(dtype) else "              -"
+            print(f"{name:18s} {n:8.1f} {str(dtype)[6:]:>8s} {dps_s:8.2f} {fwd_s:9.2f} {ratio} "
+                  f"{peak_memory_gb(device):8.2f}")
+        del unet
+
+
 def sample_problem(size, device, sigma=0.01):
     """The sample face under a simulated motion blur (per-pixel truth + noise) and its EigenPSF operator."""
     import utils
@@ -212,6 +269,10 @@ def main():
     ap.add_argument("--folder_batches", default="1,4,8", help="batch sizes of the folder-run table ('' skips it)")
     ap.add_argument("--folder_dtype", default=None, help="float32 | bfloat16 (default: bfloat16 on CUDA)")
     ap.add_argument("--no_end_to_end", action="store_true", help="skip the whole DiffPIR run against the baselines")
+    ap.add_argument("--archs", default="celebahq,adm-ffhq-256,adm-imagenet-256",
+                    help="architectures to time side by side ('' skips the table)")
+    ap.add_argument("--arch_size", type=int, default=256, help="image side of the architecture table")
+    ap.add_argument("--arch_repeats", type=int, default=None, help="timed calls per row (CPU default 2, CUDA 10)")
     args = ap.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -263,6 +324,9 @@ def main():
         dtype = getattr(torch, args.folder_dtype or ("bfloat16" if cuda else "float32"))
         folder_table(unet, sched, [int(b) for b in args.folder_batches.split(",")], size, steps, device,
                      args.samplers.split(","), dtype)
+    if args.archs:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        arch_table(args.archs.split(","), args.arch_size, device, args.arch_repeats or (10 if cuda else 2))
     if not args.no_end_to_end:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         diffpir_and_baselines(unet, sched, size, device)

@@ -36,8 +36,8 @@ sys.path.insert(0, ROOT)
 import utils  # noqa: E402
 
 SPEC_KEYS = {"sweep_dir", "args", "grid", "seeds", "images", "image_dir", "batch_size"}
-METRIC_KEYS = ("psnr_blurred", "psnr_restored", "ssim_blurred", "ssim_restored", "operator_relative_error",
-               "data_residual_relative", "runtime_s")
+METRIC_KEYS = ("psnr_blurred", "psnr_restored", "ssim_blurred", "ssim_restored", "lpips_blurred", "lpips_restored",
+               "operator_relative_error", "data_residual_relative", "runtime_s")
 
 
 def fail(msg):
