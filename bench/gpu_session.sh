@@ -12,7 +12,8 @@
 #            CUDA graphs, DiffPIR; a folder of 8 images at --batch_size 1, 4, 8; then SIGTERM + --resume
 #            against an uninterrupted run
 #   samplers DPS vs DiffPIR against the exact Gaussian posterior (analytic prior), 64x64 and 128x128
-#   dps      sampler s/step and s/image: fp32 / bf16 / CUDA graphs at batch 1 and 8, bf16 x0_hat error
+#   dps      sampler s/step and s/image: fp32 / bf16 / CUDA graphs at batch 1 and 8, bf16 x0_hat error;
+#            then one UNet call of each prior's architecture (celebahq, adm-ffhq-256, adm-imagenet-256) at 256²
 #   folder   folder runs (per-image PSFs and generators), bf16: s/image and peak memory at batch 1, 4, 8, 16
 #   physics  operator timings on the GPU
 set -uo pipefail
@@ -38,7 +39,8 @@ stage tests 150 bash -c "python -m pytest -q -p no:cacheprovider tests/test_cuda
 stage e2e 210 python bench/cuda_e2e.py --steps 100 --timeout 120 --folder \
   --only "dps fp32,dps bf16,dps graphs-bf16,diffpir bf16"
 stage samplers 150 python bench/bench_samplers.py --device cuda
-stage dps 120 python bench/bench_dps.py --steps 20 --configs fp32,bf16,graphs-bf16 --batches 1,8 --folder_batches ""
-stage folder 90 python bench/bench_dps.py --steps 20 --configs bf16 --batches 1 --samplers dps,diffpir \
-  --folder_batches 1,4,8,16
+stage dps 150 python bench/bench_dps.py --steps 20 --configs fp32,bf16,graphs-bf16 --batches 1,8 --folder_batches "" \
+  --arch_repeats 5
+stage folder 60 python bench/bench_dps.py --steps 10 --configs bf16 --batches 1 --samplers dps,diffpir \
+  --folder_batches 1,4,8,16 --archs "" --no_end_to_end
 stage physics 60 python bench/bench_physics.py --device cuda
