@@ -255,10 +255,12 @@ def test_download_only_then_offline_run_of_adm_short_name(tmp_path, ffhq_checkpo
 
 
 @pytest.mark.slow
-def test_sigterm_then_resume_with_a_converted_adm_is_bit_identical(tmp_path, ffhq_checkpoint, capsys, monkeypatch,
-                                                                    caplog):
+@pytest.mark.parametrize("sampler", ["dps", "diffpir"])
+def test_sigterm_then_resume_with_a_converted_adm_is_bit_identical(tmp_path, ffhq_checkpoint, sampler, capsys,
+                                                                    monkeypatch, caplog):
     folder = priors.convert_adm_checkpoint(ffhq_checkpoint)
-    args = ["--model_id", folder, "--img_size", "64", "--num_inference_steps", "8", "--sampler", "dps", "--no_baseline"]
+    args = ["--model_id", folder, "--img_size", "64", "--num_inference_steps", "8", "--sampler", sampler,
+            "--no_baseline"]
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), *args, "--save_dir", str(tmp_path / "a")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_first_step(tmp_path / "a")
