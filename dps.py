@@ -44,6 +44,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 import physics
 import priors
+import tiling
 import utils
 
 log = logging.getLogger(__name__)
@@ -193,6 +194,7 @@ class StepContext:
     options: dict
     sigma_y: float | torch.Tensor   # one σ_y, or one per sample (B·S, 1, 1, 1) float64
     stats: dict = field(default_factory=lambda: {"cg_iterations": [], "cg_stop_rule": []})
+    eps_vjp: Callable | None = None   # (x_t, i, v) -> Jᵀv of eps at x_t, tile by tile; None when untiled
     cache: dict = field(default_factory=dict)   # what a step computes once per run (DiffPIR's preconditioner)
 
 
@@ -202,6 +204,8 @@ def dps_step(ctx, i, t, x_t):
     Returns (x_{t−1}, x̂₀, per-image ‖y − A(x̂₀)‖), detached.
     """
     zeta = ctx.options["step_size"]
+    if ctx.eps_vjp is not None and zeta > 0:
+        return _dps_step_tiled(ctx, i, t, x_t, zeta)
     x_t = x_t.detach().requires_grad_(zeta > 0)
     with torch.set_grad_enabled(zeta > 0):
         # diffusers' DDPM step; a learned-variance output (2C channels) is split there, and its
@@ -214,6 +218,22 @@ def dps_step(ctx, i, t, x_t):
         else:
             res, x_prev = residual_norms(ctx.y, ctx.operator, x0_hat), out.prev_sample
     return x_prev.detach(), x0_hat.detach(), res.detach()
+
+
+def _dps_step_tiled(ctx, i, t, x_t, zeta):
+    """dps_step with a tiled ε, in memory that follows the tile size: ε over all tiles without a
+    graph, then the chain rule ∇_{x_t}‖r‖ = ∂‖r‖/∂x_t + Jᵀ ∂‖r‖/∂ε, with ∂‖r‖/∂ε from autograd
+    through the DDPM step and the operator (no UNet), and Jᵀ applied tile by tile."""
+    with torch.no_grad():
+        eps = ctx.eps(x_t, i)
+    x_leaf, eps_leaf = x_t.detach().requires_grad_(True), eps.requires_grad_(True)
+    with torch.enable_grad():
+        out = ctx.sched.step(eps_leaf, t, x_leaf, generator=ctx.generator)
+        res = residual_norms(ctx.y, ctx.operator, out.pred_original_sample)
+        g_x, g_eps = torch.autograd.grad(res.sum(), [x_leaf, eps_leaf])
+    g = g_x + ctx.eps_vjp(x_t, i, g_eps)
+    x_prev = out.prev_sample.detach() - zeta * clip_per_image(g, ctx.options["gradient_clip"])
+    return x_prev, out.pred_original_sample.detach(), res.detach()
 
 
 # DiffPIR's σ_y floor: its official code uses max(0.001, σ) so that σ = 0 keeps ρ_t > 0.
@@ -455,7 +475,8 @@ class EigenPSFDPSPipeline:
 
     def __call__(self, y, num_inference_steps=1000, method="dps", options=None, sigma_y=0.0, generator=None,
                  callback=None, num_samples=1, intermediate_freq=0, clip_denoised=None, dtype=torch.float32,
-                 gradient_checkpointing=False, check_every=10, x_T=None, start_index=0, x_size=None, **settings):
+                 gradient_checkpointing=False, check_every=10, x_T=None, start_index=0, x_size=None, tiles=None,
+                 **settings):
         """Runs `method` (a key of SAMPLERS) with `options` (its settings; defaults in SAMPLERS).
 
         settings: the same settings as keywords, as the first version's API took them
@@ -472,6 +493,8 @@ class EigenPSFDPSPipeline:
             restored to its state at that point).
         x_size: (H, W) of the image x when the operator maps a larger domain onto y
             (physics.CroppedOperator); default y's size.
+        tiles: a tiling.TilePlan to evaluate the UNet on overlapping tiles (x_t, y and the operator
+            stay whole-image; DPS's gradient goes tile by tile); None runs it on the whole image.
         """
         # 1. Validate and set up the schedule.
         if y.ndim != 4:
@@ -490,9 +513,20 @@ class EigenPSFDPSPipeline:
         timesteps = sched.timesteps                                         # CPU, for the scheduler
         t_device = timesteps.to(y.device)  # the UNet's copy: CUDA graphs skip graphs fed CPU tensors
 
+        def unet_at(i):
+            def call(x):
+                with autocast:
+                    return self.unet(x, t_device[i]).sample.float()
+            return call
+
         def eps(x_t, i):
-            with autocast:
-                return self.unet(x_t, t_device[i]).sample.float()
+            return unet_at(i)(x_t) if tiles is None else tiling.tiled_eps(unet_at(i), x_t, tiles, i)
+
+        def eps_vjp(x_t, i, v):
+            return tiling.tiled_eps_vjp(unet_at(i), x_t, tiles, i, v)
+
+        if tiles is not None and tiling.n_tiles(*(x_size or y.shape[-2:]), tiles) == 1:
+            tiles = None   # one tile covers the image: that is the untiled run, exactly
 
         # 2. x_T ~ N(0, I), drawn exactly as DDPMPipeline draws it. y_rep: (B·S, C, H, W).
         B = y.shape[0]
@@ -500,7 +534,8 @@ class EigenPSFDPSPipeline:
         shape = (y_rep.shape[0], self.unet.config.in_channels) + tuple(x_size or y_rep.shape[-2:])  # the prior's channels
         x_t = randn_tensor(shape, generator=generator, device=y.device, dtype=torch.float32) if x_T is None \
             else x_T.to(y.device, torch.float32)
-        ctx = StepContext(eps, sched, self.operator, y_rep, generator, opt, sigma)
+        ctx = StepContext(eps, sched, self.operator, y_rep, generator, opt, sigma,
+                          eps_vjp=eps_vjp if tiles is not None else None)
         step, watch = SAMPLERS[method][0], _Watch(y_rep, len(timesteps), check_every, intermediate_freq, method)
 
         # 3. The steps; the watch keeps intermediates and stops on divergence.

@@ -48,6 +48,14 @@ def int_or(keyword):
     return parse
 
 
+def tile_value(text):
+    """--tile: a side in pixels, auto or off."""
+    return text if text in ("auto", "off") else int(text)
+
+
+tile_value.__name__ = "int, 'auto' or 'off'"
+
+
 # flag -> config key. Each flag's help shows the config.yaml default.
 FLAGS = {
     "image": ("data.image", str, "clean image: path (PNG/JPEG/TIFF), http(s) URL, or 'sample'"),
@@ -72,6 +80,8 @@ FLAGS = {
     "sampler": ("sampler.method", str, "dps | diffpir"),
     "num_inference_steps": ("sampler.num_inference_steps", int_or("auto"),
                             "sampler steps, or auto (1000 for dps, 100 for diffpir)"),
+    "tile": ("sampler.tile", tile_value, "run the UNet on overlapping tiles of this side (pixels), auto, or off"),
+    "tile_overlap": ("sampler.tile_overlap", int, "pixels shared by neighbouring tiles"),
     "step_size": ("sampler.dps.step_size", float, "DPS step size zeta"),
     "gradient_clip": ("sampler.dps.gradient_clip", float, "DPS: max per-image gradient norm (0 = off)"),
     "num_samples": ("sampler.num_samples", int, "posterior samples per measurement"),
@@ -761,12 +771,20 @@ def is_out_of_memory(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
 
 
-def out_of_memory_hint(ps, cfg, device) -> str:
+def out_of_memory_hint(ps, cfg, device, tiles=None) -> str:
     """The one-line error for a batch that does not fit, with the settings that would shrink it."""
     B, S = len(ps), cfg["sampler"]["num_samples"]
     H, W = ps[0].y.shape[-2:]
-    fix = f"try --batch_size {max(1, B // 2)}" if B > 1 else \
-        "try a smaller --num_samples or --img_size, or --set run.gradient_checkpointing=true"
+    if B > 1:
+        fix = f"try --batch_size {max(1, B // 2)}"
+    elif tiles is not None and tiles.batch > 1:
+        fix = f"try --set sampler.tile_batch={tiles.batch // 2} (tiles per UNet call)"
+    elif tiles is not None:
+        fix = f"try a smaller --tile (now {tiles.tile}) or --set run.gradient_checkpointing=true"
+    elif max(H, W) > 256:
+        fix = "try --tile 256 (the UNet on overlapping tiles, in memory that does not grow with the image)"
+    else:
+        fix = "try a smaller --num_samples or --img_size, or --set run.gradient_checkpointing=true"
     return (f"out of {device.type.upper()} memory sampling {B} image(s) x {S} sample(s) of {H}x{W} "
             f"({B * S} in one call); {fix}")
 
@@ -784,6 +802,7 @@ def sample(ps, views, cfg, device, dtype, generator, pipe, start, checkpoint, ru
     import dps
     sc, rc, state = cfg["sampler"], cfg["run"], views[0].state
     name = ps[0].name if len(ps) == 1 else f"{len(ps)} images: {ps[0].name}…{ps[-1].name}"
+    tiles = tile_plan(cfg, pipe, views, len(ps), dtype)
     bar = tqdm(total=sc["num_inference_steps"], desc=f"{sc['method']} {name}", unit="step", dynamic_ncols=True)
     bar.update(state["steps_done"])
     t0 = time.time() - state["runtime"]
@@ -798,7 +817,8 @@ def sample(ps, views, cfg, device, dtype, generator, pipe, start, checkpoint, ru
                               clip_denoised=None if sc["clip_denoised"] == "auto" else sc["clip_denoised"],
                               dtype=dtype, gradient_checkpointing=rc["gradient_checkpointing"],
                               check_every=sc["log_every"], x_size=views[0].x_size,
-                              x_T=start[0].to(device) if start else None, start_index=start[1] if start else 0)
+                              x_T=start[0].to(device) if start else None, start_index=start[1] if start else 0,
+                              tiles=tiles)
             status, cg = "complete", (inter.get("cg_iterations_per_image"), inter.get("cg_stop_rule_per_image"))
         except dps.DivergenceError as e:
             exit_code, error, status, partial = EXIT_DIVERGED, str(e), "diverged", e.partial
@@ -814,11 +834,44 @@ def sample(ps, views, cfg, device, dtype, generator, pipe, start, checkpoint, ru
         except (RuntimeError, MemoryError) as e:
             if not (is_out_of_memory(e) or isinstance(e, MemoryError)):
                 raise
-            exit_code, error, status = EXIT_BAD_INPUT, out_of_memory_hint(ps, cfg, device), "error"
+            exit_code, error, status = EXIT_BAD_INPUT, out_of_memory_hint(ps, cfg, device, tiles), "error"
         finally:
             bar.close()
     record_sampling(views, cfg, status, time.time() - t0, cg)
     return out, exit_code, error, partial
+
+
+def tile_plan(cfg, pipe, views, n_images, dtype):
+    """The tiling.TilePlan for this sampler call (None: the UNet sees whole images), said in the log
+    with the planned peak memory, and recorded in each image's metrics."""
+    import tiling
+    sc = cfg["sampler"]
+    H, W = views[0].x_size
+    sample_size = getattr(pipe.unet.config, "sample_size", None)
+    sample_size = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
+    plan = tiling.resolve(sc["tile"], sc["tile_overlap"], sc["tile_batch"], H, W, sample_size, 1)
+    if plan is not None and tiling.n_tiles(H, W, plan) == 1:
+        plan = None
+    if sc["tile"] == "auto" and plan is not None:
+        log.info("%dx%d exceeds 2× the model's training size %d: running the UNet on tiles (--tile off to "
+                 "run it on the whole image)", H, W, sample_size)
+    images = n_images * sc["num_samples"]
+    peak = tiling.estimate_peak_bytes(pipe.unet, plan, images, H, W, sc["method"], dtype)
+    said = ("peak memory not estimated for this model" if not peak else
+            f"estimated peak memory {peak / 2 ** 30:.1f} GB" if peak >= 2 ** 28 else
+            f"estimated peak memory {peak / 2 ** 20:.0f} MB")
+    if plan is not None:
+        n = tiling.n_tiles(H, W, plan)
+        log.info("tiles of %d px, overlap %d: up to %d per step, %d per UNet call; %s", plan.tile, plan.overlap, n,
+                 plan.batch, said)
+    elif peak:
+        log.info("UNet on the whole %dx%d image; %s", H, W, said)
+    for view in views:
+        view.metrics["tiles"] = None if plan is None else {
+            "tile": plan.tile, "overlap": plan.overlap, "tiles_per_call": plan.batch,
+            "tiles_per_step": tiling.n_tiles(H, W, plan)}
+        view.metrics["estimated_peak_memory_gb"] = None if peak is None else round(peak / 2 ** 30, 3)
+    return plan
 
 
 def record_sampling(views, cfg, status, runtime, cg) -> None:
@@ -957,6 +1010,10 @@ def load_pipeline(cfg, device, channels=3, cache=None):
     dps.check_num_inference_steps(sc["num_inference_steps"], scheduler, sc["method"])  # before any run folder
     blocks = getattr(unet.config, "block_out_channels", None)
     multiple = 2 ** (len(blocks) - 1) if blocks else 1  # the UNet downsamples len-1 times
+    if isinstance(sc["tile"], int):  # before any run folder too
+        import tiling
+        tiling.resolve(sc["tile"], sc["tile_overlap"], sc["tile_batch"], sc["tile"] + 1, sc["tile"] + 1, None,
+                       multiple)
     unet = setup_accelerators(cfg, device, unet)
     loaded = dps.EigenPSFDPSPipeline(unet, scheduler, None), multiple
     if cache is not None:

@@ -39,7 +39,7 @@ class UserError(ValueError):
 
 # Keys whose config.yaml default is a keyword: the type of their other values.
 TYPES = {"physics.grid_size": int, "data.sigma_noise": float, "data.saturation": float, "sampler.clip_denoised": bool,
-         "sampler.num_inference_steps": int}
+         "sampler.num_inference_steps": int, "sampler.tile": int}
 # Values a key may take besides the type of its default in config.yaml.
 ALTERNATIVES = {
     "physics.grid_size": ("auto",),
@@ -48,6 +48,7 @@ ALTERNATIVES = {
     "data.saturation": ("auto",),
     "sampler.clip_denoised": ("auto", True, False),
     "sampler.num_inference_steps": ("auto",),
+    "sampler.tile": ("off", "auto"),
 }
 # The samplers (dps.SAMPLERS holds their code; a test keeps the two in step). Here so that config
 # checks need not import diffusers.
@@ -80,6 +81,7 @@ RANGES = {
     "sampler.diffpir.cg_max_iter": (1, 10000), "sampler.diffpir.cg_tol": (0.0, 1.0),
     "sampler.diffpir.discrepancy": (0.0, None), "sampler.diffpir.precondition": (False, True),
     "sampler.num_samples": (1, 1024), "sampler.intermediate_freq": (0, None), "sampler.log_every": (1, None),
+    "sampler.tile": (8, 8192), "sampler.tile_overlap": (0, 8192), "sampler.tile_batch": (1, 4096),
     "run.seed": (0, 2 ** 63 - 1), "run.batch_size": (1, 4096),
 }
 

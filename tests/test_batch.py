@@ -82,17 +82,19 @@ def test_batched_folder_equals_one_at_a_time(tmp_path, capsys, monkeypatch, samp
             np.testing.assert_array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
 
 
+@pytest.mark.parametrize("tiles", [[], ["--tile", "16", "--tile_overlap", "4"]], ids=["whole", "tiled"])
 @pytest.mark.parametrize("sampler", sorted(dps.SAMPLERS))
-def test_batched_real_folder_groups_mixed_shapes(tmp_path, capsys, monkeypatch, tiny_model, sampler):
+def test_batched_real_folder_groups_mixed_shapes(tmp_path, capsys, monkeypatch, tiny_model, sampler, tiles):
     """Real data with one shared PSF grid: sizes that need padding for the UNet, and a gray
     measurement under an RGB prior, are grouped by shape; each equals its batch-1 result, with
-    the noise σ estimated per measurement (DiffPIR's ρ_t is then per image)."""
+    the noise σ estimated per measurement (DiffPIR's ρ_t is then per image). With tiles too: every
+    image of a batch sees the same tile grids."""
     src = write_images(tmp_path / "ys", [(32, 32, 3), (30, 37, 3), (32, 32, 1), (30, 37, 3), (32, 32, 3)], seed=1)
     psfs = np.zeros((3, 3, 5, 5))
     psfs[..., 2, 2], psfs[..., 2, 3] = 1.0, 0.5
     np.save(tmp_path / "g.npy", psfs)
     args = ["--model_id", tiny_model, "--device", "cpu", "--blurred_dir", src, "--psf_grid", str(tmp_path / "g.npy"),
-            "--sigma_noise", "auto", "--n_eigen_psfs", "3", "--num_inference_steps", "4", "--sampler", sampler]
+            "--sigma_noise", "auto", "--n_eigen_psfs", "3", "--num_inference_steps", "4", "--sampler", sampler, *tiles]
     one = folder_run([*args, "--batch_size", "1"], tmp_path / "b1", capsys, monkeypatch)
     two = folder_run([*args, "--batch_size", "2"], tmp_path / "b2", capsys, monkeypatch)
     assert one[0] == 0 and two[0] == 0, two[1][-2000:]
