@@ -282,17 +282,21 @@ def proximal_cg(operator, y, z, rho, tol, noise_norm, max_iter, precondition=Non
         return converged | fits
 
     active = ~stopped()
+    # The updates are in place (addcmul_): a camera-size image holds its CG vectors once, without
+    # image-sized temporaries beside them. An inactive image gets α = 0 and keeps its p.
     for _ in range(max_iter):
         if not bool(active.any()):  # a host sync per iteration: cheap next to the operator
             break
         Ap = operator(p)
-        Mp = operator.adjoint(Ap) + rho * p
+        Mp = operator.adjoint(Ap)
+        Mp.addcmul_(rho, p) if torch.is_tensor(rho) else Mp.add_(p, alpha=rho)
         alpha = torch.where(active, rq / dot(p, Mp).clamp_min(1e-30), torch.zeros_like(rq))
-        d, r, s = d + alpha * p, r - alpha * Mp, s - alpha * Ap
+        d.addcmul_(alpha, p), r.addcmul_(alpha, Mp, value=-1), s.addcmul_(alpha, Ap, value=-1)
+        del Ap, Mp
         iters += active.flatten().long()
         q = P(r)
         rq_new = dot(r, q)
-        p = torch.where(active, q + rq_new / rq.clamp_min(1e-30) * p, p)
+        p.mul_(torch.where(active, rq_new / rq.clamp_min(1e-30), torch.ones_like(rq))).addcmul_(active.to(q.dtype), q)
         rq = torch.where(active, rq_new, rq)
         active = active & ~stopped()
     return z + d, iters, rule
@@ -346,9 +350,12 @@ def region_preconditioner(gains, rho):
     inv = (1 / (gain + rho))[:, :, None]                                    # (N, R², 1, H, W//2+1)
     root = root[None, :, None]                                              # (1, R², 1, H, W)
 
-    def apply(v):
-        u = torch.fft.rfft2(v[:, None] * root) * inv
-        return (torch.fft.irfft2(u, s=v.shape[-2:]) * root).sum(1)
+    def apply(v):   # one region at a time: the FFT buffers of a camera-size image stay one region's
+        out = torch.zeros_like(v)
+        for r in range(root.shape[1]):
+            u = torch.fft.rfft2(v * root[:, r]) * inv[:, r]
+            out += torch.fft.irfft2(u, s=v.shape[-2:]) * root[:, r]
+        return out
     return apply
 
 
