@@ -80,6 +80,9 @@ FLAGS = {
     "sampler": ("sampler.method", str, "dps | diffpir"),
     "num_inference_steps": ("sampler.num_inference_steps", int_or("auto"),
                             "sampler steps, or auto (1000 for dps, 100 for diffpir)"),
+    "train_dir": ("train.dir", str, "train a prior on this folder of clean images instead of restoring (README: "
+                  "\"Your own prior\")"),
+    "init": ("train.init", str, "training: fine-tune this --model_id instead of starting from scratch"),
     "tile": ("sampler.tile", tile_value, "run the UNet on overlapping tiles of this side (pixels), auto, or off"),
     "tile_overlap": ("sampler.tile_overlap", int, "pixels shared by neighbouring tiles"),
     "step_size": ("sampler.dps.step_size", float, "DPS step size zeta"),
@@ -1063,6 +1066,8 @@ def resume_run(run_dir, schema, given) -> int:
     extra = saved.pop("resolved", {})
     # Keys added since the run was written take their defaults: what that version did.
     cfg = utils.validate_config(utils.with_defaults(saved, schema), schema)
+    if cfg["train"]["dir"]:
+        return train_prior(cfg, run_dir)
     ckpt = load_checkpoint(ckpt_path)
     device = resolve_device(cfg["run"]["device"])
     dtype = getattr(torch, cfg["run"]["dtype"])  # validated: float32 | bfloat16 | float16
@@ -1279,6 +1284,8 @@ def run(argv=None) -> int:
 
     if args.download_only:
         return download_only(cfg)
+    if cfg["train"]["dir"] and not args.resume:
+        return train_prior(cfg)
 
     if args.resume:
         return resume_run(args.resume, schema, given)
@@ -1424,6 +1431,47 @@ def saturation_level(path, given, img):
                  "saturation; set --saturation if that is wrong", name, at_top, round(top * scale, 3), scale)
         return top
     return 0.999
+
+
+def train_prior(cfg, run_dir=None) -> int:
+    """--train_dir: train (or fine-tune) a prior into a new train_* folder, or continue run_dir from
+    its checkpoint. SIGTERM, SIGUSR1 and Ctrl-C save a checkpoint and exit 75 or 130."""
+    import torch
+
+    import training
+    rank, world, device = training.init_distributed(cfg["run"]["device"])
+    device = device or resolve_device(cfg["run"]["device"])
+    trainer, facts = training.prepare(cfg, device, rank, world)   # bad input: before any folder
+    if run_dir is None:
+        run_dir = [utils.make_run_dir(cfg["run"]["save_dir"], prefix="train") if rank == 0 else None]
+        if world > 1:
+            torch.distributed.broadcast_object_list(run_dir)
+        run_dir = run_dir[0]
+        if rank == 0:
+            utils.save_yaml(os.path.join(run_dir, "config.yaml"), cfg)
+    else:
+        trainer.load_state_dict(training.load_checkpoint(os.path.join(run_dir, "checkpoint.pt")))
+        log.info("resuming training in %s at step %d/%d", run_dir, trainer.step, cfg["train"]["steps"])
+    RUN_DIR["path"] = run_dir
+    n_params = sum(p.numel() for p in trainer.unet.parameters()) / 1e6
+    log.info("training a %s UNet (%.2f M parameters, %d channel(s)) on %d images (%d held out), %d skipped; %s",
+             cfg["train"]["init"] or cfg["train"]["size"], n_params, facts["channels"], facts["train_images"],
+             facts["validation_images"], len(facts["skipped"]), run_dir)
+    t0 = time.time()
+    with stop_requests():
+        status = training.train(trainer, run_dir, lambda: STOP["signal"] is not None)
+    if rank == 0:
+        utils.write_json(os.path.join(run_dir, "metrics.json"), {
+            "status": "complete" if status == "complete" else stop_outcome()[1], "steps_completed": trainer.step,
+            "steps": cfg["train"]["steps"], "parameters_millions": n_params, "runtime_s": time.time() - t0,
+            "final_train_loss": trainer.history[-1][1] if trainer.history else None, **facts,
+            "model": os.path.join(run_dir, "model") if status == "complete" else None})
+    if status != "complete":
+        code, _, why = stop_outcome()
+        print(f"{why} at step {trainer.step}; checkpoint saved, continue with --resume {run_dir}", file=sys.stderr)
+        return code
+    print(os.path.join(run_dir, "model"))
+    return 0
 
 
 def download_only(cfg) -> int:

@@ -39,7 +39,7 @@ class UserError(ValueError):
 
 # Keys whose config.yaml default is a keyword: the type of their other values.
 TYPES = {"physics.grid_size": int, "data.sigma_noise": float, "data.saturation": float, "sampler.clip_denoised": bool,
-         "sampler.num_inference_steps": int, "sampler.tile": int}
+         "sampler.num_inference_steps": int, "sampler.tile": int, "train.channels": int}
 # Values a key may take besides the type of its default in config.yaml.
 ALTERNATIVES = {
     "physics.grid_size": ("auto",),
@@ -49,6 +49,7 @@ ALTERNATIVES = {
     "sampler.clip_denoised": ("auto", True, False),
     "sampler.num_inference_steps": ("auto",),
     "sampler.tile": ("off", "auto"),
+    "train.channels": ("auto", 1, 3),
 }
 # The samplers (dps.SAMPLERS holds their code; a test keeps the two in step). Here so that config
 # checks need not import diffusers.
@@ -68,6 +69,7 @@ def choices() -> dict:
         "run.dtype": ("float32", "bfloat16", "float16"),
         "run.compile": ("off", "default", "reduce-overhead", "max-autotune"),
         "run.lpips": ("vgg", "alex", "off"),
+        "train.size": ("tiny", "small", "base"),
     }
 
 
@@ -82,6 +84,10 @@ RANGES = {
     "sampler.diffpir.discrepancy": (0.0, None), "sampler.diffpir.precondition": (False, True),
     "sampler.num_samples": (1, 1024), "sampler.intermediate_freq": (0, None), "sampler.log_every": (1, None),
     "sampler.tile": (8, 8192), "sampler.tile_overlap": (0, 8192), "sampler.tile_batch": (1, 4096),
+    "train.crop": (8, 4096), "train.val_fraction": (0.0, 0.9), "train.batch_size": (1, 65536), "train.steps": (1, None),
+    "train.lr": (0.0, 1.0), "train.warmup_steps": (0, None), "train.weight_decay": (0.0, None),
+    "train.grad_clip": (0.0, None), "train.ema_decay": (0.0, 1.0), "train.eval_every": (1, None),
+    "train.sample_every": (1, None), "train.checkpoint_every": (1, None),
     "run.seed": (0, 2 ** 63 - 1), "run.batch_size": (1, 4096),
 }
 
@@ -863,6 +869,25 @@ def plot_cell_map(path, counts, snr):
             ax.text(j, i, fmt.format(int(v) if fmt == "{:d}" else float(v)), ha="center", va="center", fontsize=8,
                     color="black" if v > light else "white")
     _save(fig, path, tight=True)   # free-form legend and axis labels; written once per calibration
+
+
+def plot_loss_curve(path, history):
+    """Training loss per step (and its running mean over 50 steps) and the validation loss."""
+    plt = _plt()
+    h = np.asarray(history, dtype=float).reshape(-1, 3)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if len(h):
+        ax.plot(h[:, 0], h[:, 1], lw=0.5, alpha=0.35, color="C0", label="train (per step)")
+        k = min(50, len(h))
+        ax.plot(h[k - 1:, 0], np.convolve(h[:, 1], np.ones(k) / k, mode="valid"), color="C0", label=f"train ({k}-step mean)")
+        v = ~np.isnan(h[:, 2])
+        ax.plot(h[v, 0], h[v, 2], "o-", color="C1", ms=3, label="validation (EMA weights, fixed crops)")
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("ε-prediction MSE")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    _save(fig, path, tight=True)
 
 
 def plot_progress(path, steps, images, curve_steps, curve_values, max_panels=8):
