@@ -194,7 +194,7 @@ def activation_bytes(unet, tile: int, dtype=torch.float32):
 # Whole-image buffers per pixel and image channel (x_t, ε, x̂₀, the gradient or the CG vectors, the
 # operator's coefficient maps and spectra at K = 10): measured by bench/bench_tiling.py on this CPU
 # as the slope of peak memory against pixels with a fixed small UNet (see the README).
-BUFFER_BYTES_PER_PIXEL = {"dps": 190, "diffpir": 230}
+BUFFER_BYTES_PER_PIXEL = {"dps": 160, "diffpir": 225}
 
 
 def estimate_peak_bytes(unet, plan: TilePlan | None, images: int, H: int, W: int, method: str, dtype):

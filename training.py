@@ -318,7 +318,7 @@ def train(trainer, out_dir, should_stop=lambda: False, progress=True) -> str:
                 write_curve(out_dir, trainer.history)
             if main_process and s % tc["checkpoint_every"] == 0 and s < tc["steps"]:
                 save_checkpoint(os.path.join(out_dir, "checkpoint.pt"), trainer)
-            if s < tc["steps"] and should_stop():
+            if s < tc["steps"] and stop_everywhere(should_stop(), trainer.world, trainer.device):
                 status = "stopped"
                 break
     finally:
@@ -332,6 +332,16 @@ def train(trainer, out_dir, should_stop=lambda: False, progress=True) -> str:
             if os.path.exists(os.path.join(out_dir, "checkpoint.pt")):
                 os.remove(os.path.join(out_dir, "checkpoint.pt"))
     return status
+
+
+def stop_everywhere(stop: bool, world: int, device) -> bool:
+    """True in every process when any process was asked to stop (a signal may reach only some):
+    they then stop after the same step, and process 0's checkpoint is consistent."""
+    if world == 1:
+        return stop
+    flag = torch.tensor([1.0 if stop else 0.0], device=device)   # NCCL reduces on the GPU
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def write_curve(out_dir, history) -> None:

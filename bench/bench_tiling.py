@@ -142,7 +142,7 @@ def time_table(args, device):
             sampler_call(unet, 256, method, 1, device)                        # warm-up
             s, _, _ = sampler_call(unet, size, method, 1, device)
             n = tiles_used(size, PLAN, 1, method)
-            print(f"{method:8s} {size:6d} {n:6d} {s:8.1f} {s / n:8.2f}")
+            print(f"{method:8s} {size:6d} {n:6.0f} {s:8.1f} {s / n:8.2f}", flush=True)
 
 
 def seam_table(args):

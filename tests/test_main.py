@@ -60,8 +60,8 @@ def cli(args, capsys, monkeypatch, caplog, env=None):
     return SimpleNamespace(returncode=code, stdout=out.out, stderr=logs + out.err)
 
 
-def run_dirs(save_dir):
-    return sorted(d for d in os.listdir(save_dir) if d.startswith("run_")) if os.path.isdir(save_dir) else []
+def run_dirs(save_dir, prefix="run"):
+    return sorted(d for d in os.listdir(save_dir) if d.startswith(prefix + "_")) if os.path.isdir(save_dir) else []
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,163 @@
+"""Training a prior on a folder of clean images: the loss falls, resume is bit-identical, the
+result loads with --model_id and restores, bad input is one line, and DDP with 2 gloo processes
+trains as 1 process with the same global batch."""
+
+import glob
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import main
+import training
+import utils
+from test_main import cli, run_dirs
+
+TINY = {"train.crop": 16, "train.batch_size": 8, "train.warmup_steps": 5, "train.lr": 0.002, "train.eval_every": 5,
+        "train.sample_every": 1000, "train.checkpoint_every": 1000, "train.ema_decay": 0.99}
+
+
+def blob_images(folder, n=8, channels=1, seed=0, size=(40, 48)):
+    """Fluorescence-like frames: a few Gaussian spots on a dark background, 8-bit."""
+    import imageio.v3 as iio
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size[0], :size[1]]
+    for i in range(n):
+        img = np.zeros(size)
+        for _ in range(6):
+            cy, cx, r = rng.uniform(0, size[0]), rng.uniform(0, size[1]), rng.uniform(1.5, 4)
+            img += rng.uniform(0.5, 1) * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r ** 2))
+        img = np.clip(img, 0, 1)
+        img = np.repeat(img[..., None], 3, -1) * [1, 0.6, 0.3] if channels == 3 else img
+        iio.imwrite(os.path.join(folder, f"frame{i:02d}.png"), (img * 255).astype(np.uint8))
+    return str(folder)
+
+
+def config(folder, steps, **over):
+    schema = utils.load_config(main.DEFAULT_CONFIG)
+    cfg = utils.validate_config(utils.with_defaults({}, schema), schema)
+    cfg["train"].update({k.split(".", 1)[1]: v for k, v in TINY.items()}, dir=folder, steps=steps)
+    cfg["train"].update(over)
+    return cfg
+
+
+def trainer_for(cfg, rank=0, world=1):
+    return training.prepare(cfg, torch.device("cpu"), rank, world)[0]
+
+
+def test_loss_falls(tmp_path):
+    trainer = trainer_for(config(blob_images(tmp_path / "imgs"), 80))
+    losses = [trainer.train_step() for _ in range(80)]
+    assert np.mean(losses[:10]) > 2 * np.mean(losses[-10:]), (np.mean(losses[:10]), np.mean(losses[-10:]))
+
+
+def test_resume_is_bit_identical(tmp_path):
+    cfg = config(blob_images(tmp_path / "imgs"), 12)
+    straight = trainer_for(cfg)
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    training.train(straight, str(tmp_path / "a"), progress=False)
+    first = trainer_for(cfg)
+    assert training.train(first, str(tmp_path / "b"), should_stop=lambda: first.step >= 5, progress=False) == "stopped"
+    resumed = trainer_for(cfg)
+    resumed.load_state_dict(training.load_checkpoint(str(tmp_path / "b" / "checkpoint.pt")))
+    assert resumed.step == 5
+    assert training.train(resumed, str(tmp_path / "b"), progress=False) == "complete"
+    a, b = straight.unet.state_dict(), resumed.unet.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(x, y) for x, y in zip(straight.ema.shadow_params, resumed.ema.shadow_params))
+    assert np.array_equal(np.array(straight.history), np.array(resumed.history), equal_nan=True)
+    assert not (tmp_path / "b" / "checkpoint.pt").exists()
+
+
+def flags(over=None):
+    out = []
+    for k, v in {**TINY, **(over or {})}.items():
+        out += ["--set", f"{k}={v}"]
+    return out
+
+
+def test_cli_trains_stops_resumes_and_the_model_restores(tmp_path, capsys, monkeypatch, caplog):
+    """--train_dir end to end: a stop request after step 6 saves a checkpoint (exit 75), --resume
+    finishes it bit-identically to an uninterrupted run, and --model_id loads the result."""
+    folder = blob_images(tmp_path / "imgs", channels=3)
+    (tmp_path / "imgs" / "broken.png").write_bytes(b"not an image")
+    args = ["--train_dir", folder, "--device", "cpu", *flags({"train.steps": 12, "train.sample_every": 6})]
+    ref = cli(args + ["--save_dir", str(tmp_path / "ref")], capsys, monkeypatch, caplog)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    original = training.Trainer.train_step
+
+    def stop_after_six(self):
+        loss = original(self)
+        if self.step == 6:
+            main.STOP["signal"] = signal.SIGTERM
+        return loss
+
+    monkeypatch.setattr(training.Trainer, "train_step", stop_after_six)
+    r = cli(args + ["--save_dir", str(tmp_path / "run")], capsys, monkeypatch, caplog)
+    main.STOP["signal"] = None
+    monkeypatch.setattr(training.Trainer, "train_step", original)
+    run = tmp_path / "run" / run_dirs(tmp_path / "run", "train")[0]
+    assert r.returncode == 75 and "--resume" in r.stderr and (run / "checkpoint.pt").is_file()
+    r = cli(["--resume", str(run)], capsys, monkeypatch, caplog)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ref_run = tmp_path / "ref" / run_dirs(tmp_path / "ref", "train")[0]
+    from safetensors.torch import load_file
+    a, b = (load_file(str(d / "model" / "diffusion_pytorch_model.safetensors")) for d in (ref_run, run))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["status"] == "complete" and m["skipped"][0]["file"] == "broken.png" and m["channels"] == 3
+    assert (run / "loss.csv").is_file() and (run / "loss.png").is_file() and (run / "config.yaml").is_file()
+    assert sorted(os.listdir(run / "samples")) == ["step_0000006.png", "step_0000012.png"]
+    r = cli(["--model_id", str(run / "model"), "--img_size", "32", "--num_inference_steps", "5", "--kernel_size", "7",
+             "--grid_size", "4", "--n_eigen_psfs", "4", "--save_dir", str(tmp_path / "restore")], capsys, monkeypatch,
+            caplog)
+    assert r.returncode == 0, r.stderr[-2000:]
+    restored = np.load(glob.glob(str(tmp_path / "restore" / "run_*" / "restored.npy"))[0])
+    assert restored.shape == (32, 32, 3) and np.isfinite(restored).all()
+
+
+@pytest.mark.parametrize("case, why", [
+    ("missing", "is not a folder"),
+    ("empty", "holds no PNG, JPEG or TIFF images"),
+    ("small", "no usable image (8 skipped; e.g. frame00.png: 12x10 is smaller than the 16-pixel crop)"),
+])
+def test_bad_training_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, caplog, case, why):
+    folder = tmp_path / "imgs"
+    if case == "empty":
+        folder.mkdir()
+    elif case == "small":
+        blob_images(folder, size=(10, 12))
+    r = cli(["--train_dir", str(folder), "--save_dir", str(tmp_path / "out"), *flags({"train.steps": 3})], capsys,
+            monkeypatch, caplog)
+    assert r.returncode == 2 and why in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def _ddp_worker(rank, folder, store, steps, out):
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        trainer = trainer_for(config(folder, steps), rank, 2)
+        losses = [trainer.train_step() for _ in range(steps)]
+        if rank == 0:
+            torch.save({"losses": losses, "unet": trainer.unet.state_dict()}, out)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_with_two_gloo_processes_matches_one_process(tmp_path):
+    folder = blob_images(tmp_path / "imgs")
+    steps = 4
+    mp.spawn(_ddp_worker, args=(folder, str(tmp_path / "store"), steps, str(tmp_path / "ddp.pt")), nprocs=2)
+    ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
+    one = trainer_for(config(folder, steps))
+    losses = [one.train_step() for _ in range(steps)]
+    assert np.allclose(ddp["losses"], losses, rtol=1e-5), (ddp["losses"], losses)
+    ref = one.unet.state_dict()
+    assert all(torch.allclose(ddp["unet"][k], ref[k], atol=1e-5) for k in ref)
