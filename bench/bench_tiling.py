@@ -111,7 +111,8 @@ def memory_table(args, device):
     rows = []
     for method in args.samplers.split(","):
         for size in [int(s) for s in args.memory_sizes.split(",")]:
-            out = subprocess.run([sys.executable, __file__, "--row", f"{size},{method}", "--device", str(device)],
+            out = subprocess.run([sys.executable, __file__, "--row", f"{size},{method}", "--device", str(device),
+                                  "--allocator", args.allocator],
                                  capture_output=True, text=True)
             if out.returncode:
                 print(f"{method:8s} {size:6d} failed: {out.stderr.strip().splitlines()[-1][:100]}")
@@ -208,9 +209,14 @@ def main():
     ap.add_argument("--memory_sizes", default="512,1024,2048,4096")
     ap.add_argument("--time_sizes", default=None, help="CPU default 512,1024; CUDA 512,1024,2048,4096")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench_out"))
+    ap.add_argument("--allocator", default="default", choices=("default", "tuned"),
+                    help="CPU: glibc's default, or main.py's utils.tune_cpu_allocator (faster, more resident memory)")
     ap.add_argument("--row", default=None, help=argparse.SUPPRESS)   # internal: one memory row
     args = ap.parse_args()
     device = torch.device(args.device)
+    if device.type == "cpu" and args.allocator == "tuned":
+        import utils
+        utils.tune_cpu_allocator()   # as main.py does on the CPU: large temporaries are not unmapped after each call
     if args.row:
         size, method = args.row.split(",")
         print(json.dumps(memory_row(int(size), method, device)))

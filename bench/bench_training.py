@@ -103,11 +103,12 @@ def main_():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--frames", type=int, default=4, help="held-out frames to restore")
     ap.add_argument("--sweep_frames", type=int, default=2, help="frames of the ζ and λ sweeps")
+    ap.add_argument("--model", default=None, help="a trained model folder: skip the training")
     args = ap.parse_args()
     torch.manual_seed(0)
     minutes, n, dps_steps, samples = (1, 32, 50, 2) if args.quick else (args.train_minutes, args.n_train, 1000, 8)
     held_out = make_data(os.path.join(args.out, "clean"), n, 96, seed=0)
-    model = train(os.path.join(args.out, "clean"), os.path.join(args.out, "run"), minutes, args.quick)
+    model = args.model or train(os.path.join(args.out, "clean"), os.path.join(args.out, "run"), minutes, args.quick)
     print(f"\nrestoration, 64² gray, defocus varying across the field, σ = 0.02, {samples} samples, posterior mean")
     print(f"{'frame':5s} {'sampler':8s} {'blurred':>8s} {'analytic':>9s} {'trained':>8s}")
     for i, clean in enumerate(held_out[:args.frames]):
