@@ -321,11 +321,12 @@ def adm_expected_keys(arch: str) -> list:
 
 def _mismatch(state_dict, arch: str):
     """The first key `arch` needs that state_dict lacks, or has that arch does not know; None if none."""
-    want, have = adm_expected_keys(arch), list(state_dict)
+    want = adm_expected_keys(arch)
     missing = [k for k in want if k not in state_dict]
     if missing:
         return f"missing key {missing[0]!r}"
-    extra = [k for k in have if k not in set(want)]
+    known = set(want)
+    extra = [k for k in state_dict if k not in known]
     return f"unexpected key {extra[0]!r}" if extra else None
 
 

@@ -21,6 +21,7 @@ x_t, y and the operator stay whole-image: only the UNet call is tiled.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -65,9 +66,11 @@ def _axis(n: int, tile: int, overlap: int, offset: int):
     return offset, starts[-1] + tile - n, [s + offset for s in starts], tile
 
 
+@functools.lru_cache(maxsize=1)   # a tiled DPS step asks twice (ε, then Jᵀv); one step's weights kept
 def layout(H: int, W: int, plan: TilePlan, step: int, device, dtype=torch.float32):
     """The tiles of step `step` on an H×W image: (padding (left, right, top, bottom), [(y0, x0)] on
-    the padded canvas, tile (h, w), normalised weights (n_tiles, h, w) whose scatter sums to 1)."""
+    the padded canvas, tile (h, w), normalised weights (n_tiles, h, w) whose scatter sums to 1).
+    The result is cached and shared: callers must not modify it."""
     g = torch.Generator().manual_seed(OFFSET_SEED + step)
     stride = plan.tile - plan.overlap
     oy, ox = (int(torch.randint(0, stride, (1,), generator=g)) for _ in range(2))

@@ -54,17 +54,5 @@ else
   echo "task $TASK: $PYTHON main.py ${ARGS[*]}"
 fi
 
-"$PYTHON" "$REPO/main.py" "${ARGS[@]}" &
-PID=$!
-trap 'echo "task $TASK: signal received, asking main.py to checkpoint"; kill -USR1 $PID 2>/dev/null' USR1 TERM
-wait $PID
-RC=$?
-while kill -0 $PID 2>/dev/null; do  # a trapped signal ends `wait` early: wait for the checkpoint
-  wait $PID
-  RC=$?
-done
-if [ "$RC" -eq 75 ] && [ -n "${SLURM_ARRAY_JOB_ID:-}" ]; then
-  echo "task $TASK: preempted with a checkpoint; requeueing"
-  scontrol requeue "${SLURM_ARRAY_JOB_ID}_${TASK}"
-fi
-exit $RC
+source "$REPO/scripts/run_and_requeue.sh"
+run_and_requeue "task $TASK: " "${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${TASK}}" "$PYTHON" "$REPO/main.py" "${ARGS[@]}"

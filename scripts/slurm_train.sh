@@ -46,17 +46,5 @@ else
 fi
 echo "${LAUNCH[*]} main.py ${ARGS[*]}"
 
-"${LAUNCH[@]}" "$REPO/main.py" "${ARGS[@]}" &
-PID=$!
-trap 'echo "signal received, asking main.py to checkpoint"; kill -USR1 $PID 2>/dev/null' USR1 TERM
-wait $PID
-RC=$?
-while kill -0 $PID 2>/dev/null; do  # a trapped signal ends `wait` early: wait for the checkpoint
-  wait $PID
-  RC=$?
-done
-if [ "$RC" -eq 75 ] && [ -n "${SLURM_JOB_ID:-}" ]; then
-  echo "preempted with a checkpoint; requeueing"
-  scontrol requeue "$SLURM_JOB_ID"
-fi
-exit $RC
+source "$REPO/scripts/run_and_requeue.sh"
+run_and_requeue "" "${SLURM_JOB_ID:-}" "${LAUNCH[@]}" "$REPO/main.py" "${ARGS[@]}"

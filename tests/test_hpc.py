@@ -43,32 +43,42 @@ def wait_for_first_step(save_dir):
     wait_for(lambda: list(save_dir.glob("run_*/intermediates/step_0000.png")), 300, "the first completed step")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("sampler", ["dps", "diffpir"])
-def test_sigterm_then_resume_is_bit_identical(tmp_path, tiny_model, sampler, capsys, monkeypatch, caplog):
-    """The stop is a real signal to a real process; the resume and the uninterrupted reference
-    run in this process (same code, same thread count)."""
-    args = ["--model_id", tiny_model, "--img_size", "48", "--num_inference_steps", "50", "--sampler", sampler]
+def sigterm_then_resume(args, steps, tmp_path, capsys, monkeypatch, caplog, before_resume=lambda run: None):
+    """main.py `args` in a real process, stopped by SIGTERM after its first step (exit 75, a
+    checkpoint, 0 < steps_completed < steps); then --resume and an uninterrupted reference, both in
+    this process (same code, same thread count). Returns (resumed run folder, reference folder)."""
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), *args, "--save_dir", str(tmp_path / "a")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_first_step(tmp_path / "a")
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=300)
     assert proc.returncode == 75, err[-2000:]
     run = tmp_path / "a" / run_dirs(tmp_path / "a")[0]
     assert (run / "checkpoint.pt").is_file() and "--resume" in err
     m = json.loads((run / "metrics.json").read_text())
-    assert m["status"] == "preempted" and 0 < m["steps_completed"] < 50
-    saved = yaml.safe_load((run / "config.yaml").read_text())
-    del saved["run"]["save_figures"]         # as a run written before that key existed
-    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert m["status"] == "preempted" and 0 < m["steps_completed"] < steps
+    before_resume(run)
     r = cli(["--resume", str(run)], capsys, monkeypatch, caplog)
     assert r.returncode == 0, r.stderr[-2000:]
     assert not (run / "checkpoint.pt").exists()
     assert json.loads((run / "metrics.json").read_text())["status"] == "complete"
     ref = cli(args + ["--save_dir", str(tmp_path / "b")], capsys, monkeypatch, caplog)
     assert ref.returncode == 0
-    full = tmp_path / "b" / run_dirs(tmp_path / "b")[0]
+    return run, tmp_path / "b" / run_dirs(tmp_path / "b")[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sampler", ["dps", "diffpir"])
+def test_sigterm_then_resume_is_bit_identical(tmp_path, tiny_model, sampler, capsys, monkeypatch, caplog):
+    """The stop is a real signal to a real process; the resume and the uninterrupted reference
+    run in this process (same code, same thread count)."""
+    def as_an_older_run(run):
+        saved = yaml.safe_load((run / "config.yaml").read_text())
+        del saved["run"]["save_figures"]         # as a run written before that key existed
+        (run / "config.yaml").write_text(yaml.safe_dump(saved))
+
+    args = ["--model_id", tiny_model, "--img_size", "48", "--num_inference_steps", "50", "--sampler", sampler]
+    run, full = sigterm_then_resume(args, 50, tmp_path, capsys, monkeypatch, caplog, as_an_older_run)
     assert np.array_equal(np.load(run / "restored.npy"), np.load(full / "restored.npy"))
 
 

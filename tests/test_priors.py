@@ -4,9 +4,6 @@ formula, and loading, downloading and running them from the CLI."""
 
 import json
 import os
-import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,8 +13,8 @@ from diffusers import UNet2DModel
 import priors
 from adm_reference import ADMUNet, randomize_
 from fakehub import FakeHub
-from test_hpc import wait_for_first_step
-from test_main import ROOT, cli, run_dirs
+from test_hpc import sigterm_then_resume
+from test_main import cli, run_dirs
 
 
 def architecture(arch):
@@ -261,17 +258,5 @@ def test_sigterm_then_resume_with_a_converted_adm_is_bit_identical(tmp_path, ffh
     folder = priors.convert_adm_checkpoint(ffhq_checkpoint)
     args = ["--model_id", folder, "--img_size", "64", "--num_inference_steps", "8", "--sampler", sampler,
             "--no_baseline"]
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), *args, "--save_dir", str(tmp_path / "a")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for_first_step(tmp_path / "a")
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 75, err[-2000:]
-    run = tmp_path / "a" / run_dirs(tmp_path / "a")[0]
-    assert 0 < json.loads((run / "metrics.json").read_text())["steps_completed"] < 8
-    r = cli(["--resume", str(run)], capsys, monkeypatch, caplog)
-    assert r.returncode == 0, r.stderr[-2000:]
-    ref = cli(args + ["--save_dir", str(tmp_path / "b")], capsys, monkeypatch, caplog)
-    assert ref.returncode == 0
-    full = tmp_path / "b" / run_dirs(tmp_path / "b")[0]
+    run, full = sigterm_then_resume(args, 8, tmp_path, capsys, monkeypatch, caplog)
     assert np.array_equal(np.load(run / "restored.npy"), np.load(full / "restored.npy"))
