@@ -161,20 +161,43 @@ def _fits(img, cy, cx, h) -> bool:
     return h <= ry < img.shape[0] - h and h <= rx < img.shape[1] - h
 
 
+CENTROID_TOL, CENTROID_MAX_ITER = 1e-4, 50   # px; the weighted centroid halves its error each iteration
+
+
 def _centroid(img, r, c, k):
-    """Sub-pixel centre: the intensity centroid in a disk of radius k/2, re-centred twice (never
-    past the image edge: a box that would leave it stops the re-centring)."""
-    cy, cx = float(r), float(c)
+    """Sub-pixel centre: the iteratively weighted centroid (Baker & Moallem 2007, Opt. Express 15,
+    5147), starting from the raw peak (r, c).
+
+    Each iteration takes the centroid of the background-subtracted pixels times a Gaussian window
+    of the spot's own width, centred on the current *sub-pixel* estimate, and moves there. Its
+    fixed point is the centre of any symmetric spot. Why not the plain centroid of a box: a box
+    centred on the nearest pixel, with negative pixels clipped to zero (as this used to be), adds
+    a uniform positive flux that pulls the estimate towards that pixel (pixel locking; measured at
+    background 1000, peak SNR 20: slope 0.86, RMS 0.20 px), and the noise of every pixel in the
+    box enters in proportion to its distance. The window keeps the pixels where the spot is (at
+    that background: slope 1.02, RMS 0.06 px). A Gaussian fit would do as well for Gaussian
+    spots, but not for disks or coma; the weighted centroid asks no model. For an asymmetric spot
+    (coma) the fixed point sits nearer the peak than the intensity centroid would: a consistent
+    registration point across spots, not the centroid itself."""
     h = k // 2
-    yy, xx = np.mgrid[-h:h + 1, -h:h + 1]
-    for _ in range(3):
-        if not _fits(img, cy, cx, h):
+    if not _fits(img, r, c, h):
+        return float(r), float(c)
+    width = min(max(math.sqrt(np.mean(_second_moments(img, r, c, k)[:2])), 0.8), h / 2)
+    v = np.arange(-h, h + 1, dtype=np.float64)
+    cy, cx = float(r), float(c)
+    for _ in range(CENTROID_MAX_ITER):
+        if not _fits(img, cy, cx, h):      # never past the image edge: the caller rejects such a spot
             break
         box, ry, rx = _box(img, cy, cx, h)
-        w = np.clip(box, 0, None) * ((yy ** 2 + xx ** 2) <= h * h)
-        if w.sum() <= 0:
+        dy, dx = v[:, None] + (ry - cy), v[None, :] + (rx - cx)
+        w = box * np.exp(-(dy ** 2 + dx ** 2) / (2 * width ** 2))
+        total = w.sum()
+        if total <= 0:
             break
-        cy, cx = ry + (w * yy).sum() / w.sum(), rx + (w * xx).sum() / w.sum()
+        sy, sx = (w * dy).sum() / total, (w * dx).sum() / total
+        cy, cx = cy + sy, cx + sx
+        if max(abs(sy), abs(sx)) < CENTROID_TOL:
+            break
     return cy, cx
 
 
@@ -213,33 +236,43 @@ def _near_nyquist(img, cy, cx, k, noise):
     return math.sqrt(max(p_high, 0.0) / p_all) if p_all > 0 else 0.0
 
 
-def _narrow_sigma(img, cy, cx, k):
-    """σ along a spot's narrow axis, in px, before any interpolation (which would widen it): the
-    smaller eigenvalue of the second moments about the centroid, in a disk that shrinks to 3σ + 1
-    px (twice) so that the background noise of the whole box does not swamp a narrow spot."""
+def _second_moments(img, cy, cx, k):
+    """(var_y, var_x, cov_yx) of a spot about (cy, cx), in px², before any interpolation (which
+    would widen it), in a disk that shrinks to 3σ + 1 px (twice; σ along the narrow axis) so that
+    the background noise of the whole box does not swamp a narrow spot. Zeros if the disk holds no
+    positive flux."""
     h = k // 2
     box, ry, rx = _box(img, cy, cx, h)
     v = np.arange(-h, h + 1)
     yy, xx = v[:, None] + (ry - cy), v[None, :] + (rx - cx)
-    radius, sigma = float(h), 0.0
+    radius, moments = float(h), (0.0, 0.0, 0.0)
     for _ in range(3):
         w = box * (yy ** 2 + xx ** 2 <= radius ** 2)
         total = w.sum()
         if total <= 0:
-            return 0.0
-        a, b, c = (w * yy * yy).sum() / total, (w * xx * xx).sum() / total, (w * yy * xx).sum() / total
-        sigma = math.sqrt(max((a + b) / 2 - math.sqrt(((a - b) / 2) ** 2 + c * c), 0.0))
-        radius = min(float(h), max(2.0, 3 * sigma + 1))
-    return sigma
+            return 0.0, 0.0, 0.0
+        moments = a, b, c = (w * yy * yy).sum() / total, (w * xx * xx).sum() / total, (w * yy * xx).sum() / total
+        radius = min(float(h), max(2.0, 3 * _narrow(a, b, c) + 1))
+    return moments
+
+
+def _narrow(a, b, c):
+    """σ along the narrow axis: the square root of the smaller eigenvalue of [[a, c], [c, b]]."""
+    return math.sqrt(max((a + b) / 2 - math.sqrt(((a - b) / 2) ** 2 + c * c), 0.0))
+
+
+def _narrow_sigma(img, cy, cx, k):
+    """σ along a spot's narrow axis, in px (_second_moments)."""
+    return _narrow(*_second_moments(img, cy, cx, k))
 
 
 def _registered_cutout(img, cy, cx, k):
     """The k×k PSF around (cy, cx), shifted sub-pixel (cubic spline) so that the centroid sits on
-    the kernel centre, normalised to sum 1."""
+    the kernel centre, normalised to sum 1; and the flux it was divided by."""
     from scipy.ndimage import shift
     box, ry, rx = _box(img, cy, cx, k // 2 + 3)   # 3 px more each side for the spline's reach
     box = shift(box, (ry - cy, rx - cx), order=3, mode="constant")[3:-3, 3:-3]
-    return box / box.sum()
+    return box / box.sum(), float(box.sum())
 
 
 def estimate_psf_grid(image, grid_size: int, kernel_size: int, saturation=None, threshold: float = 5.0) -> Calibration:
@@ -296,7 +329,8 @@ def estimate_psf_grid(image, grid_size: int, kernel_size: int, saturation=None, 
         s["row"], s["col"], s["sigma"] = cy, cx, _narrow_sigma(img, cy, cx, k)
         s["near_nyquist"], s["outside"] = _near_nyquist(img, cy, cx, k, noise), _flux_outside(img, cy, cx, k)
         i, j = min(int((cy + 0.5) * G / H), G - 1), min(int((cx + 0.5) * G / W), G - 1)
-        cells[i][j].append((_registered_cutout(img, cy, cx, k), cy, cx, s["snr"]))
+        psf, flux = _registered_cutout(img, cy, cx, k)
+        cells[i][j].append((psf, cy, cx, s["snr"], (noise / flux) ** 2))   # with its pixels' noise variance
     check_point_like(spots, k)
     return _assemble_grid(cells, spots, noise, H, W, k)
 
@@ -316,8 +350,8 @@ LOCAL_FIT_RADIUS = 1.2   # cells: how far from a node the spots of a local fit m
 LOCAL_FIT_MIN_SPOTS = 10  # fewer within that radius (an array target has 5): the cell's own mean
 
 
-def _node_psf(own, pos, P, node_y, node_x, cell_h, cell_w):
-    """The effective PSF at one node (k², flat).
+def _node_psf(own, pos, P, V, node_y, node_x, cell_h, cell_w):
+    """The effective PSF at one node (k², flat) and the noise variance of each of its pixels.
 
     With LOCAL_FIT_MIN_SPOTS or more spots within LOCAL_FIT_RADIUS cells (bead targets), a
     per-pixel quadratic fit of the PSF against position, P(p) ≈ a + b·d + d·C·d with d = p − node,
@@ -326,17 +360,39 @@ def _node_psf(own, pos, P, node_y, node_x, cell_h, cell_w):
     for the bench's defocus beads at SNR 100, and 5.4 -> 4.2% for a fast-varying Gaussian field).
     Otherwise (one spot per cell: an array target, whose spot sits at the node) the plain mean of
     the cell's own spots.
-    own: this cell's spots, each (psf (k, k), row, col, snr); pos (N, 2) [row, col] and P (N, k²)
-    the positions and flattened PSFs of every accepted spot, built once for all nodes.
+    Both are linear in the spots' PSFs, a = Σᵢ Lᵢ Pᵢ, so the node's pixel variance is Σᵢ Lᵢ² Vᵢ.
+    own: this cell's spots, each (psf (k, k), row, col, snr, variance); pos (N, 2) [row, col], P
+    (N, k²) and V (N,) the positions, flattened PSFs and pixel variances of every accepted spot,
+    built once for all nodes.
     """
     dy, dx = (pos[:, 0] - node_y) / cell_h, (pos[:, 1] - node_x) / cell_w
     near = np.flatnonzero(np.hypot(dy, dx) < LOCAL_FIT_RADIUS)
     if len(near) < LOCAL_FIT_MIN_SPOTS:
-        return np.mean([s[0].ravel() for s in own], 0)
+        return np.mean([s[0].ravel() for s in own], 0), sum(s[4] for s in own) / len(own) ** 2
     y, x = dy[near], dx[near]
     w = np.sqrt((1 - (np.hypot(y, x) / LOCAL_FIT_RADIUS) ** 3) ** 3)        # √tricube: weighted least squares
     X = np.stack([np.ones_like(y), y, x, y * y, x * x, y * x], 1) * w[:, None]  # (n, 6)
-    return np.linalg.lstsq(X, P[near] * w[:, None], rcond=None)[0][0]
+    L = np.linalg.pinv(X)[0] * w              # the fit's first coefficient is a = L @ P[near]
+    return L @ P[near], float((L ** 2 * V[near]).sum())
+
+
+NOISE_TAU = 2.0  # standard errors: a pixel whose 3×3 mean is within this of zero is mostly noise
+
+
+def _suppress_noise(psf, variance):
+    """A node PSF with the background noise of its empty pixels taken out: each pixel scaled by
+    (1 − τ²·σ²/m²)₊, where m is its 3×3 neighbourhood mean and σ² = variance/9 that mean's noise
+    variance (a non-negative garrote, Breiman 1995, as in Donoho-Johnstone thresholding, decided
+    on a local mean so that a faint but extended wing, significant over nine pixels, survives).
+
+    Why: at a high background the noise is spread evenly over the k×k kernel, while the PSF
+    occupies a few pixels of it. At peak SNR 20 and 1000 photons of background, with every spot
+    registered at its true position, the noise of the empty pixels alone left 28% L2 error
+    (11% at 10 photons). Pixels well above the noise (the core, real wings) keep their value to
+    within (τσ/m)²."""
+    from scipy.ndimage import uniform_filter
+    m = uniform_filter(psf, 3, mode="constant")
+    return psf * np.clip(1 - NOISE_TAU ** 2 * (variance / 9) / np.maximum(m * m, 1e-300), 0, None)
 
 
 def _rejection_hint(rejected, many):
@@ -369,8 +425,10 @@ def _assemble_grid(cells, spots, noise, H, W, k) -> Calibration:
     every = [s for row in cells for cell in row for s in cell]
     pos = np.array([(s[1], s[2]) for s in every])                   # (N, 2)
     P = np.stack([s[0].ravel() for s in every])                     # (N, k²)
+    V = np.array([s[4] for s in every])                             # (N,)
     for i, j in np.argwhere(counts > 0):
-        psfs[i, j] = _node_psf(cells[i][j], pos, P, ys[i], xs[j], H / G, W / G).reshape(k, k)
+        psf, variance = _node_psf(cells[i][j], pos, P, V, ys[i], xs[j], H / G, W / G)
+        psfs[i, j] = _suppress_noise(psf.reshape(k, k), variance)
     todo = list(empty)
     while todo:  # fill from filled 8-neighbours, outward
         done = []

@@ -3,6 +3,7 @@ held-out ones under a spatially varying blur, and compare with the analytic prio
 
     python bench/bench_training.py                    # about 30 min of training on a 2-core CPU, then restorations
     python bench/bench_training.py --quick            # a 2-minute smoke run of the whole protocol (numbers meaningless)
+    python bench/bench_training.py --train_steps 3000 --train_minutes 60   # a fixed number of steps (a shared machine)
 
 1. Data: gray frames of cells (textured ellipses) and beads (small Gaussian spots) on a dark
    background, drawn here; `--n_train` for training, 4 held out.
@@ -62,10 +63,10 @@ def make_data(folder, n, size, seed):
     return [frame(rng, 64) for _ in range(4)]          # held out: never written to the training folder
 
 
-def train(folder, out, minutes, quick):
+def train(folder, out, minutes, quick, steps=None):
     schema = utils.load_config(main.DEFAULT_CONFIG)
     cfg = utils.validate_config(utils.with_defaults({}, schema), schema)
-    cfg["train"].update(dir=folder, crop=64 if not quick else 32, batch_size=16, steps=10 ** 6, lr=2e-4,
+    cfg["train"].update(dir=folder, crop=64 if not quick else 32, batch_size=16, steps=steps or 10 ** 6, lr=2e-4,
                         warmup_steps=100, eval_every=200, sample_every=10 ** 9, checkpoint_every=10 ** 9, rotate90=True)
     trainer, facts = training.prepare(cfg, torch.device("cpu"))
     deadline, t0 = time.time() + 60 * minutes, time.time()
@@ -104,11 +105,14 @@ def main_():
     ap.add_argument("--frames", type=int, default=4, help="held-out frames to restore")
     ap.add_argument("--sweep_frames", type=int, default=2, help="frames of the ζ and λ sweeps")
     ap.add_argument("--model", default=None, help="a trained model folder: skip the training")
+    ap.add_argument("--train_steps", type=int, default=None,
+                    help="train this many steps (within --train_minutes), so that a shared machine changes the time only")
     args = ap.parse_args()
     torch.manual_seed(0)
     minutes, n, dps_steps, samples = (1, 32, 50, 2) if args.quick else (args.train_minutes, args.n_train, 1000, 8)
     held_out = make_data(os.path.join(args.out, "clean"), n, 96, seed=0)
-    model = args.model or train(os.path.join(args.out, "clean"), os.path.join(args.out, "run"), minutes, args.quick)
+    model = args.model or train(os.path.join(args.out, "clean"), os.path.join(args.out, "run"), minutes, args.quick,
+                                args.train_steps)
     print(f"\nrestoration, 64² gray, defocus varying across the field, σ = 0.02, {samples} samples, posterior mean")
     print(f"{'frame':5s} {'sampler':8s} {'blurred':>8s} {'analytic':>9s} {'trained':>8s}")
     for i, clean in enumerate(held_out[:args.frames]):
