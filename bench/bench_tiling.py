@@ -3,6 +3,7 @@
     python bench/bench_tiling.py                       # CPU: all three tables (about 20 min on 2 cores)
     python bench/bench_tiling.py --device cuda         # the same on a GPU
     python bench/bench_tiling.py --tables memory       # one table: memory | time | seams
+    python bench/bench_tiling.py --tables memory --allocator late   # glibc tuned only just before sampling
 
 memory  peak memory of one sampler call (1 step from the middle of the schedule, tile 256, overlap 64, 4 tiles per UNet call) at
         512², 1024², 2048² and 4096² RGB, DPS and DiffPIR, with a small UNet (so that the image-sized
@@ -68,6 +69,9 @@ def sampler_call(unet, size, method, steps, device, plan=PLAN):
     with torch.no_grad():
         y = op(scene) + 0.05 * torch.randn(1, 3, size, size, generator=g, device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cpu" and ALLOCATOR == "late":
+        import utils
+        utils.tune_cpu_allocator()   # only now: what the setup freed has gone back to the OS
     before = torch.cuda.memory_allocated(device) / 2 ** 30 if device.type == "cuda" else resident_gb()
     reset_peak_memory(device)
     t0 = time.perf_counter()
@@ -85,6 +89,9 @@ def sampler_call(unet, size, method, steps, device, plan=PLAN):
         pass
     sync()
     return (time.perf_counter() - t0) / steps, peak_memory_gb(device), before
+
+
+ALLOCATOR = "default"
 
 
 class StopTiming(Exception):
@@ -209,11 +216,14 @@ def main():
     ap.add_argument("--memory_sizes", default="512,1024,2048,4096")
     ap.add_argument("--time_sizes", default=None, help="CPU default 512,1024; CUDA 512,1024,2048,4096")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench_out"))
-    ap.add_argument("--allocator", default="default", choices=("default", "tuned"),
-                    help="CPU: glibc's default, or main.py's utils.tune_cpu_allocator (faster, more resident memory)")
+    ap.add_argument("--allocator", default="default", choices=("default", "tuned", "late"),
+                    help="CPU: glibc's default, main.py's utils.tune_cpu_allocator from the start (faster, more "
+                         "resident memory), or that tuning applied only just before the sampler call")
     ap.add_argument("--row", default=None, help=argparse.SUPPRESS)   # internal: one memory row
     args = ap.parse_args()
     device = torch.device(args.device)
+    global ALLOCATOR
+    ALLOCATOR = args.allocator
     if device.type == "cpu" and args.allocator == "tuned":
         import utils
         utils.tune_cpu_allocator()   # as main.py does on the CPU: large temporaries are not unmapped after each call
