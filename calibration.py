@@ -175,7 +175,7 @@ def _centroid(img, r, c, k):
     a uniform positive flux that pulls the estimate towards that pixel (pixel locking; measured at
     background 1000, peak SNR 20: slope 0.86, RMS 0.20 px), and the noise of every pixel in the
     box enters in proportion to its distance. The window keeps the pixels where the spot is (at
-    that background: slope 1.02, RMS 0.06 px). A Gaussian fit would do as well for Gaussian
+    that background: slope 1.01, RMS 0.06 px). A Gaussian fit would do as well for Gaussian
     spots, but not for disks or coma; the weighted centroid asks no model. For an asymmetric spot
     (coma) the fixed point sits nearer the peak than the intensity centroid would: a consistent
     registration point across spots, not the centroid itself."""
