@@ -616,7 +616,7 @@ def _fast_len(n: int) -> int:
 # 5. EigenPSF operator (FFT, batched over K and channels)
 # ----------------------------------------------------------------------------
 
-# Default cap on an operator's temporaries per chunk (K components, or PSF rows): peak memory then
+# Default cap on an operator's temporaries per chunk (K components, bands of rows, or PSF rows): peak memory then
 # grows linearly with the batch and the image, and the chunks stay large enough to run at full speed.
 MAX_CHUNK_BYTES = 256 * 2 ** 20
 # The EigenPSF operator's cap on the CPU. Chunks under glibc's mmap threshold (32 MB at most) are
@@ -632,7 +632,9 @@ class SVBlurOperator(torch.nn.Module):
 
     Each application costs K+1 real FFTs per channel (one per term plus one shared), all
     batched. Convolutions are linear (padded by the kernel radius with the chosen boundary,
-    transformed at a 5-smooth length), so the only boundary effect is the padding itself.
+    transformed at a 5-smooth length), so the only boundary effect is the padding itself. An
+    image whose spectra exceed max_chunk_bytes is done in bands of rows, each with its halo
+    (_bands): the same result, with temporaries that do not grow with the image.
     """
 
     def __init__(self, decomposition: EigenPSFDecomposition, form: str = "gather", boundary: str = "reflect",
@@ -653,34 +655,40 @@ class SVBlurOperator(torch.nn.Module):
         self._cache = {}
 
     def _setup(self, x):
-        """Index maps, kernel spectra and coefficient maps for x's device/dtype, cached.
+        """Index maps and coefficient maps for x's device/dtype, cached.
 
-        The cache is rebuilt only when the device or dtype changes, so the hot loop does no
-        host work and no kernel FFTs.
+        The cache is rebuilt only when the device or dtype changes, so the hot loop does no host
+        work. Kernel spectra are made per band height (_spectra), also once.
         """
         key = (x.device, x.dtype)
         if key not in self._cache:
             pad = _Pad(self.H, self.W, self.r, self.boundary, x.device)
-            # Kernel centred at index 0 of the FFT grid, so products are plain convolutions.
-            kern = self.basis_kernels.to(x.device, x.dtype)
-            kern = F.pad(kern, (0, self.fft_shape[1] - self.k, 0, self.fft_shape[0] - self.k))
-            kern = torch.roll(kern, (-self.r, -self.r), (-2, -1))
             C = self.coefficient_maps.to(x.device, x.dtype)
             # Padding is a gather, so Pad(Cₖ ⊙ x) = Pad(Cₖ) ⊙ Pad(x) and Padᵀ(Pad(Cₖ) ⊙ z) = Cₖ ⊙ Padᵀ(z):
             # the scatter form pads (and un-pads) one image instead of K weighted copies.
             C_pad = pad.forward(C) if self.form == "scatter" else None                  # (K, Hp, Wp)
+            if self.batched:  # (B, K, ...) -> (B, 1, K, ...): broadcasts over x's channels, like (K, ...)
+                C = C.unsqueeze(1)
+                C_pad = C_pad.unsqueeze(1) if C_pad is not None else None
+            self._cache = {key: (pad, C, C_pad, {})}
+        return self._cache[key]
+
+    def _spectra(self, x, Fh):
+        """(spec, spec_t): the basis kernels' spectra on an (Fh, Fw) FFT grid, and their conjugates
+        (the adjoint's), for x's device/dtype; made once per band height."""
+        spectra = self._setup(x)[3]
+        if Fh not in spectra:
+            # Kernel centred at index 0 of the FFT grid, so products are plain convolutions.
+            kern = self.basis_kernels.to(x.device, x.dtype)
+            kern = F.pad(kern, (0, self.fft_shape[1] - self.k, 0, Fh - self.k))
+            kern = torch.roll(kern, (-self.r, -self.r), (-2, -1))
             spec = torch.fft.rfft2(kern)                                           # ([B,] K, Fh, Fw//2+1)
             # conj() is lazy in torch, and products with a lazily conjugated operand run ~2x slower.
             spec_t = spec.conj().resolve_conj()
-            if self.batched:  # (B, K, ...) -> (B, 1, K, ...): broadcasts over x's channels, like (K, ...)
-                spec, spec_t, C = spec.unsqueeze(1), spec_t.unsqueeze(1), C.unsqueeze(1)
-                C_pad = C_pad.unsqueeze(1) if C_pad is not None else None
-            self._cache = {key: (pad, (spec, spec_t), C, C_pad)}
-        return self._cache[key]
-
-    def _irfft_crop(self, Z, origin):
-        z = torch.fft.irfft2(Z, s=self.fft_shape)
-        return z[..., origin:origin + self.H, origin:origin + self.W]
+            if self.batched:
+                spec, spec_t = spec.unsqueeze(1), spec_t.unsqueeze(1)
+            spectra[Fh] = (spec, spec_t)
+        return spectra[Fh]
 
     @classmethod
     def stacked(cls, decompositions, form: str = "gather", boundary: str = "reflect",
@@ -719,45 +727,85 @@ class SVBlurOperator(torch.nn.Module):
         y, in_dtype = _fft_dtype(y)
         return self._per_image(self._adjoint, y).to(in_dtype)
 
-    def _k_chunks(self, x):
+    def _cap(self, x):
+        return self.max_chunk_bytes or (CPU_CHUNK_BYTES if x.device.type == "cpu" else MAX_CHUNK_BYTES)
+
+    def _bands(self, x):
+        """(band height nb, FFT height Fh): the output rows (or the adjoint's input rows) are done
+        nb at a time, each band with its 2r rows of halo on an Fh ≥ nb + 2r grid, so that one K
+        component's (N, C, Fh, Fw) spectra stay under max_chunk_bytes. One band (nb = H, Fh the
+        whole image's) when they fit: then nothing changes. Why bands: on the CPU, temporaries
+        above glibc's mmap threshold (32 MB at most) are mapped and unmapped at every call, and
+        their page faults made the operator's time grow faster than the pixels (4096² RGB: 448 MB
+        per component); an FFT of a band also stays in cache. The convolution is exact either way:
+        each band reads the rows it needs, and the halo's share of the work is at most 1/3."""
+        row = x.shape[0] * x.shape[1] * self.fft_shape[1] * x.element_size() * 2   # bytes per FFT row, one component
+        if self.fft_shape[0] * row <= self._cap(x):
+            return self.H, self.fft_shape[0]
+        fit = max(int(self._cap(x) // row), 1)                                  # FFT rows under the cap
+        smooth = max(n for n in range(max(fit // 2, 1), fit + 1) if _fast_len(n) == n)
+        Fh = max(smooth, _fast_len(6 * self.r + 1))                             # the halo at most 1/3 of a band
+        return Fh - 2 * self.r, Fh
+
+    def _k_chunks(self, x, Fh):
         """Slices over the K components such that one chunk's (N, C, K', Fh, Fw) spectra stay under
         max_chunk_bytes (default: CPU_CHUNK_BYTES on the CPU, MAX_CHUNK_BYTES elsewhere): peak memory then grows linearly in the batch, not in batch × K. Without
         autograd (DiffPIR, adjoints) the chunks' temporaries are freed as they go; under autograd
         (DPS) each chunk keeps what its backward needs, as the unchunked product would."""
         K = self.basis_kernels.shape[-3]
-        per_k = x.shape[0] * x.shape[1] * self.fft_shape[0] * self.fft_shape[1] * x.element_size() * 2
-        cap = self.max_chunk_bytes or (CPU_CHUNK_BYTES if x.device.type == "cpu" else MAX_CHUNK_BYTES)
-        step = max(1, min(K, int(cap // max(per_k, 1))))
+        per_k = x.shape[0] * x.shape[1] * Fh * self.fft_shape[1] * x.element_size() * 2
+        step = max(1, min(K, int(self._cap(x) // max(per_k, 1))))
         return [slice(k, min(k + step, K)) for k in range(0, K, step)]
 
     def _forward(self, x):
-        pad, (spec, _), C, C_pad = self._setup(x)
+        pad, C, C_pad, _ = self._setup(x)
         xp = pad.forward(x)[:, :, None]                                     # (N, C, 1, Hp, Wp)
-        if self.form == "gather":
-            # 1. one FFT of the padded image (N, C, 1, Fh, Fw'); 2. K inverse FFTs; 3. weight and sum.
-            X = torch.fft.rfft2(xp, s=self.fft_shape)
-            return sum((self._irfft_crop(X * spec[..., ks, :, :], self.r) * C[..., ks, :, :]).sum(2)
-                       for ks in self._k_chunks(x))
-        # scatter: 1. K FFTs of Pad(Cₖ) ⊙ Pad(x) = Pad(Cₖ ⊙ x); 2. sum spectra over K; 3. one inverse FFT.
-        # In-place products: these (N, C, K, ...) temporaries dominate the memory traffic.
-        Z = sum(torch.fft.rfft2(xp * C_pad[..., ks, :, :], s=self.fft_shape).mul_(spec[..., ks, :, :]).sum(2)
-                for ks in self._k_chunks(x))
-        return self._irfft_crop(Z, self.r)
+        (nb, Fh), r, H, W = self._bands(x), self.r, self.H, self.W
+        spec, _ = self._spectra(x, Fh)
+        s, ks_all = (Fh, self.fft_shape[1]), self._k_chunks(x, Fh)
+        out = None
+        for a in range(0, H, nb):                                           # output rows a..b read xp rows a..b+2r
+            b = min(a + nb, H)
+            xb = xp[..., a:b + 2 * r, :]
+            if self.form == "gather":
+                # 1. one FFT of the padded band (N, C, 1, Fh, Fw'); 2. K inverse FFTs; 3. weight and sum.
+                X = torch.fft.rfft2(xb, s=s)
+                yb = sum((torch.fft.irfft2(X * spec[..., ks, :, :], s=s)[..., r:r + b - a, r:r + W]
+                          * C[..., ks, a:b, :]).sum(2) for ks in ks_all)
+            else:
+                # scatter: 1. K FFTs of Pad(Cₖ) ⊙ Pad(x) = Pad(Cₖ ⊙ x); 2. sum spectra over K; 3. one inverse FFT.
+                # In-place products: these (N, C, K, ...) temporaries dominate the memory traffic.
+                Z = sum(torch.fft.rfft2(xb * C_pad[..., ks, a:b + 2 * r, :], s=s).mul_(spec[..., ks, :, :]).sum(2)
+                        for ks in ks_all)
+                yb = torch.fft.irfft2(Z, s=s)[..., r:r + b - a, r:r + W]
+            if nb >= H:
+                return yb
+            out = yb.new_empty(*yb.shape[:-2], H, W) if out is None else out
+            out[..., a:b, :] = yb
+        return out
 
     def _adjoint(self, y):
-        pad, (_, spec_t), C, C_pad = self._setup(y)
-        embed = (self.r, self.fft_shape[1] - self.W - self.r, self.r, self.fft_shape[0] - self.H - self.r)  # F.pad order
-        if self.form == "gather":
-            # Aᵀ = Padᵀ Σₖ Convₖᵀ Embed (Cₖ ⊙ ·): K FFTs, sum spectra, one inverse FFT.
-            Z = sum(torch.fft.rfft2(F.pad(y[:, :, None] * C[..., ks, :, :], embed),
-                                    s=self.fft_shape).mul_(spec_t[..., ks, :, :]).sum(2)
-                    for ks in self._k_chunks(y))
-            return pad.adjoint(torch.fft.irfft2(Z, s=self.fft_shape)[..., : self.Hp, : self.Wp])
-        # scatter: Aᵀ = Padᵀ Σₖ Pad(Cₖ) ⊙ Convₖᵀ Embed(·): one FFT, K inverse FFTs, one Padᵀ.
-        Y = torch.fft.rfft2(F.pad(y[:, :, None], embed), s=self.fft_shape)
-        return pad.adjoint(sum((torch.fft.irfft2(Y * spec_t[..., ks, :, :], s=self.fft_shape)[..., : self.Hp, : self.Wp]
-                                * C_pad[..., ks, :, :]).sum(2) for ks in self._k_chunks(y)))
-
+        pad, C, C_pad, _ = self._setup(y)
+        (nb, Fh), r, H, W = self._bands(y), self.r, self.H, self.W
+        _, spec_t = self._spectra(y, Fh)
+        s, ks_all = (Fh, self.fft_shape[1]), self._k_chunks(y, Fh)
+        res = y.new_zeros(*y.shape[:-2], self.Hp, self.Wp)
+        for a in range(0, H, nb):        # input rows a..b reach padded rows a..b+2r: the bands' halos add up
+            b = min(a + nb, H)
+            embed = (r, s[1] - W - r, r, Fh - (b - a) - r)                  # F.pad order
+            yb = y[:, :, None, a:b, :]
+            if self.form == "gather":
+                # Aᵀ = Padᵀ Σₖ Convₖᵀ Embed (Cₖ ⊙ ·): K FFTs, sum spectra, one inverse FFT.
+                Z = sum(torch.fft.rfft2(F.pad(yb * C[..., ks, a:b, :], embed), s=s).mul_(spec_t[..., ks, :, :]).sum(2)
+                        for ks in ks_all)
+                xb = torch.fft.irfft2(Z, s=s)[..., : b - a + 2 * r, : self.Wp]
+            else:
+                # scatter: Aᵀ = Padᵀ Σₖ Pad(Cₖ) ⊙ Convₖᵀ Embed(·): one FFT, K inverse FFTs, one Padᵀ.
+                Y = torch.fft.rfft2(F.pad(yb, embed), s=s)
+                xb = sum((torch.fft.irfft2(Y * spec_t[..., ks, :, :], s=s)[..., : b - a + 2 * r, : self.Wp]
+                          * C_pad[..., ks, a:b + 2 * r, :]).sum(2) for ks in ks_all)
+            res[..., a:b + 2 * r, :] += xb
+        return pad.adjoint(res)
 
 def stack_operators(ops):
     """One operator for a batch whose image b (with its S consecutive samples) is seen by ops[b].
