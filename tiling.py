@@ -194,10 +194,11 @@ def activation_bytes(unet, tile: int, dtype=torch.float32):
     return sum(outputs) * size, (sum(skips) + sum(sorted(outputs)[-3:])) * size
 
 
-# Whole-image buffers per pixel and image channel (x_t, ε, x̂₀, the gradient or the CG vectors, the
-# operator's coefficient maps and spectra at K = 10): measured by bench/bench_tiling.py on this CPU
-# as the slope of peak memory against pixels with a fixed small UNet (see the README).
-BUFFER_BYTES_PER_PIXEL = {"dps": 160, "diffpir": 225}
+# Whole-image buffers per pixel of an RGB float32 image (x_t, ε, x̂₀, the gradient or the CG vectors,
+# the operator's coefficient maps at K = 10; an upper bound for gray): measured by
+# bench/bench_tiling.py on this CPU as the slope of peak memory against pixels with a fixed small
+# UNet (see the README).
+BUFFER_BYTES_PER_PIXEL = {"dps": 231, "diffpir": 259}
 
 
 def estimate_peak_bytes(unet, plan: TilePlan | None, images: int, H: int, W: int, method: str, dtype):

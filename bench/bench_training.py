@@ -105,6 +105,8 @@ def main_():
     ap.add_argument("--frames", type=int, default=4, help="held-out frames to restore")
     ap.add_argument("--sweep_frames", type=int, default=2, help="frames of the ζ and λ sweeps")
     ap.add_argument("--model", default=None, help="a trained model folder: skip the training")
+    ap.add_argument("--zetas", default="0.25,0.5,1,2,4", help="DPS step sizes of the sweep")
+    ap.add_argument("--lambdas", default="1,3,7,16,40", help="DiffPIR lambdas of the sweep")
     ap.add_argument("--train_steps", type=int, default=None,
                     help="train this many steps (within --train_minutes), so that a shared machine changes the time only")
     args = ap.parse_args()
@@ -115,15 +117,15 @@ def main_():
                                 args.train_steps)
     print(f"\nrestoration, 64² gray, defocus varying across the field, σ = 0.02, {samples} samples, posterior mean")
     print(f"{'frame':5s} {'sampler':8s} {'blurred':>8s} {'analytic':>9s} {'trained':>8s}")
-    for i, clean in enumerate(held_out[:args.frames]):
+    for i, clean in enumerate(held_out[:args.frames]):   # --frames 0 with --model: the sweeps only
         for method, steps in (("dps", dps_steps), ("diffpir", 100 if not args.quick else 20)):
             p_a, p_y = restore("analytic", clean, method, None, steps, samples, seed=i)
             p_t, _ = restore(model, clean, method, None, steps, samples, seed=i)
             print(f"{i:5d} {method:8s} {p_y:8.2f} {p_a:9.2f} {p_t:8.2f}", flush=True)
     print(f"\nsweeps with the trained prior (the first {args.sweep_frames} frame(s), mean PSNR of the posterior mean)")
-    for method, key, values, steps in (("dps", "step_size", (0.25, 0.5, 1.0, 2.0, 4.0), dps_steps),
-                                       ("diffpir", "lambda", (1.0, 3.0, 7.0, 16.0, 40.0), 100 if not args.quick else 20)):
-        for v in values:
+    values = {m: [float(v) for v in vs.split(",") if v] for m, vs in (("dps", args.zetas), ("diffpir", args.lambdas))}
+    for method, key, steps in (("dps", "step_size", dps_steps), ("diffpir", "lambda", 100 if not args.quick else 20)):
+        for v in values[method]:
             ps = [restore(model, held_out[i], method, {key: v}, steps, samples, seed=i)[0] for i in range(args.sweep_frames)]
             print(f"{method:8s} {key}={v:<6g} {np.mean(ps):6.2f} dB", flush=True)
 
