@@ -74,6 +74,19 @@ def calibration_target(field: PSFField, snr: float, beads: bool, rng, background
     return img, np.array(rows), np.array(cols)
 
 
+def centroid_errors(cal, rows, cols):
+    """(pixel-locking slope, RMS position error in px) of a calibration's accepted spots against
+    the nearest true sources of a simulated target (rows, cols from calibration_target; its PSFs
+    centred, so a source's position is its spot's centre). The slope is that of the estimated
+    against the true sub-pixel position: 1 is unbiased, below 1 pulled towards pixel centres."""
+    est = np.array([(s["row"], s["col"]) for s in cal.spots if s["status"] == "accepted"])
+    true = np.stack([rows, cols], 1)
+    true = true[np.abs(est[:, None] - true[None]).max(-1).argmin(1)]
+    phase = true - np.round(true)
+    slope = np.polyfit(phase.ravel(), (est - np.round(true)).ravel(), 1)[0]
+    return float(slope), float(np.sqrt(((est - true) ** 2).sum(1).mean()))
+
+
 @dataclass
 class Calibration:
     """What estimate_psf_grid measured. Arrays are numpy; spots are plain dicts."""

@@ -234,17 +234,6 @@ def perfect_registration():
         calibration._registered_cutout = actual
 
 
-def centroid_errors(cal, rows, cols):
-    """(pixel-locking slope, RMS position error in px) of the accepted spots against the nearest true
-    sources (the PSFs are centred, so a source's position is its spot's centre)."""
-    est = np.array([(s["row"], s["col"]) for s in cal.spots if s["status"] == "accepted"])
-    true = np.stack([rows, cols], 1)
-    true = true[np.abs(est[:, None] - true[None]).max(-1).argmin(1)]
-    phase = true - np.round(true)
-    slope = np.polyfit(phase.ravel(), (est - np.round(true)).ravel(), 1)[0]
-    return float(slope), float(np.sqrt(((est - true) ** 2).sum(1).mean()))
-
-
 def error_vs_background():
     print("\n7. background: L2 error, centroid slope (1 = unbiased) and RMS (px); 256x256, 4x4, 15x15, 3 targets each")
     print(f"{'PSFs':11s} {'layout':7s} {'SNR':>4s}  " + "   ".join(f"{'background ' + str(b):>24s}" for b in (10, 100, 1000)))
@@ -261,7 +250,7 @@ def error_vs_background():
                         img, r, c = calibration.calibration_target(field, snr, beads, np.random.default_rng(seed),
                                                                    background=background)
                         cal = calibration.estimate_psf_grid(img, 4, 15)
-                        runs.append((rel(cal.psfs, true), *centroid_errors(cal, r, c)))
+                        runs.append((rel(cal.psfs, true), *calibration.centroid_errors(cal, r, c)))
                     e, slope, rms = np.mean(runs, 0)
                     cols.append(f"{100 * e:5.1f}%  {slope:4.2f}  {rms:.3f} px")
                 print(f"{name:11s} {'beads' if beads else 'array':7s} {snr:4d}  " + "   ".join(f"{c:>24s}" for c in cols),

@@ -420,12 +420,7 @@ def test_high_background_costs_at_most_half_again_the_low_background_error():
             img, rows, cols = calibration.calibration_target(field, 20, False, np.random.default_rng(seed),
                                                              background=background)
             cal = calibration.estimate_psf_grid(img, 4, 15)
-            est = np.array([(s["row"], s["col"]) for s in cal.spots if s["status"] == "accepted"])
-            src = np.stack([rows, cols], 1)
-            src = src[np.abs(est[:, None] - src[None]).max(-1).argmin(1)]
-            phase = src - np.round(src)
-            slope = np.polyfit(phase.ravel(), (est - np.round(src)).ravel(), 1)[0]
-            runs.append((rel_error(cal.psfs, true), slope, np.sqrt(((est - src) ** 2).sum(1).mean())))
+            runs.append((rel_error(cal.psfs, true), *calibration.centroid_errors(cal, rows, cols)))
         errors[background], slope, rms = np.mean(runs, 0)
         assert abs(slope - 1) < 0.05 and rms < 0.08, (background, slope, rms)
     assert errors[1000] <= 1.5 * errors[10], errors
