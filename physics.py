@@ -730,6 +730,10 @@ class SVBlurOperator(torch.nn.Module):
     def _cap(self, x):
         return self.max_chunk_bytes or (CPU_CHUNK_BYTES if x.device.type == "cpu" else MAX_CHUNK_BYTES)
 
+    def _row_bytes(self, x):
+        """Bytes of one FFT row of one K component's (N, C, ·, Fw) spectra (complex: 2 reals)."""
+        return x.shape[0] * x.shape[1] * self.fft_shape[1] * x.element_size() * 2
+
     def _bands(self, x):
         """(band height nb, FFT height Fh): the output rows (or the adjoint's input rows) are done
         nb at a time, each band with its 2r rows of halo on an Fh ≥ nb + 2r grid, so that one K
@@ -739,7 +743,7 @@ class SVBlurOperator(torch.nn.Module):
         their page faults made the operator's time grow faster than the pixels (4096² RGB: 448 MB
         per component); an FFT of a band also stays in cache. The convolution is exact either way:
         each band reads the rows it needs, and the halo's share of the work is at most 1/3."""
-        row = x.shape[0] * x.shape[1] * self.fft_shape[1] * x.element_size() * 2   # bytes per FFT row, one component
+        row = self._row_bytes(x)
         if self.fft_shape[0] * row <= self._cap(x):
             return self.H, self.fft_shape[0]
         fit = max(int(self._cap(x) // row), 1)                                  # FFT rows under the cap
@@ -753,7 +757,7 @@ class SVBlurOperator(torch.nn.Module):
         autograd (DiffPIR, adjoints) the chunks' temporaries are freed as they go; under autograd
         (DPS) each chunk keeps what its backward needs, as the unchunked product would."""
         K = self.basis_kernels.shape[-3]
-        per_k = x.shape[0] * x.shape[1] * Fh * self.fft_shape[1] * x.element_size() * 2
+        per_k = Fh * self._row_bytes(x)
         step = max(1, min(K, int(self._cap(x) // max(per_k, 1))))
         return [slice(k, min(k + step, K)) for k in range(0, K, step)]
 
@@ -806,6 +810,7 @@ class SVBlurOperator(torch.nn.Module):
                           * C_pad[..., ks, a:b + 2 * r, :]).sum(2) for ks in ks_all)
             res[..., a:b + 2 * r, :] += xb
         return pad.adjoint(res)
+
 
 def stack_operators(ops):
     """One operator for a batch whose image b (with its S consecutive samples) is seen by ops[b].
