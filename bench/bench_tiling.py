@@ -55,7 +55,7 @@ def resident_gb():
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 2 ** 20
 
 
-def sampler_call(unet, size, method, steps, device, plan=PLAN):
+def sampler_call(unet, size, method, steps, device, plan=PLAN, tune_late=False):
     """(s/step, peak GB, GB in use before the call) of one sampler call on a size² RGB image under an
     EigenPSF motion blur."""
     torch.manual_seed(0)
@@ -69,7 +69,7 @@ def sampler_call(unet, size, method, steps, device, plan=PLAN):
     with torch.no_grad():
         y = op(scene) + 0.05 * torch.randn(1, 3, size, size, generator=g, device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    if device.type == "cpu" and ALLOCATOR == "late":
+    if device.type == "cpu" and tune_late:   # --allocator late
         import utils
         utils.tune_cpu_allocator()   # only now: what the setup freed has gone back to the OS
     before = torch.cuda.memory_allocated(device) / 2 ** 30 if device.type == "cuda" else resident_gb()
@@ -91,16 +91,13 @@ def sampler_call(unet, size, method, steps, device, plan=PLAN):
     return (time.perf_counter() - t0) / steps, peak_memory_gb(device), before
 
 
-ALLOCATOR = "default"
-
-
 class StopTiming(Exception):
     pass
 
 
-def memory_row(size, method, device):
+def memory_row(size, method, device, allocator):
     unet = UNet2DModel(**SMALL_UNET).to(device).eval().requires_grad_(False)
-    s, peak, before = sampler_call(unet, size, method, 1, device)
+    s, peak, before = sampler_call(unet, size, method, 1, device, tune_late=allocator == "late")
     weights = sum(p.numel() * p.element_size() for p in unet.parameters())
     planned = (tiling.estimate_peak_bytes(unet, PLAN, 1, size, size, method, torch.float32) - weights) / 2 ** 30
     return {"size": size, "method": method, "s_per_step": s, "peak_gb": peak, "before_gb": before,
@@ -147,8 +144,9 @@ def time_table(args, device):
     print(f"{'sampler':8s} {'size':>6s} {'tiles':>6s} {'s/step':>8s} {'s/tile':>8s}")
     for method in args.samplers.split(","):
         for size in [int(s) for s in args.time_sizes.split(",")]:
-            sampler_call(unet, 256, method, 1, device)                        # warm-up
-            s, _, _ = sampler_call(unet, size, method, 1, device)
+            late = args.allocator == "late"
+            sampler_call(unet, 256, method, 1, device, tune_late=late)        # warm-up
+            s, _, _ = sampler_call(unet, size, method, 1, device, tune_late=late)
             n = tiles_used(size, PLAN, 1, method)
             print(f"{method:8s} {size:6d} {n:6.0f} {s:8.1f} {s / n:8.2f}", flush=True)
 
@@ -222,14 +220,12 @@ def main():
     ap.add_argument("--row", default=None, help=argparse.SUPPRESS)   # internal: one memory row
     args = ap.parse_args()
     device = torch.device(args.device)
-    global ALLOCATOR
-    ALLOCATOR = args.allocator
     if device.type == "cpu" and args.allocator == "tuned":
         import utils
         utils.tune_cpu_allocator()   # as main.py does on the CPU: large temporaries are not unmapped after each call
     if args.row:
         size, method = args.row.split(",")
-        print(json.dumps(memory_row(int(size), method, device)))
+        print(json.dumps(memory_row(int(size), method, device, args.allocator)))
         return
     args.time_sizes = args.time_sizes or ("512,1024,2048,4096" if device.type == "cuda" else "512,1024")
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}; torch {torch.__version__}")
