@@ -111,20 +111,21 @@ def main_():
                     help="train this many steps (within --train_minutes), so that a shared machine changes the time only")
     args = ap.parse_args()
     torch.manual_seed(0)
-    minutes, n, dps_steps, samples = (1, 32, 50, 2) if args.quick else (args.train_minutes, args.n_train, 1000, 8)
+    minutes, n, dps_steps, diffpir_steps, samples = ((1, 32, 50, 20, 2) if args.quick else
+                                                     (args.train_minutes, args.n_train, 1000, 100, 8))
     held_out = make_data(os.path.join(args.out, "clean"), n, 96, seed=0)
     model = args.model or train(os.path.join(args.out, "clean"), os.path.join(args.out, "run"), minutes, args.quick,
                                 args.train_steps)
     print(f"\nrestoration, 64² gray, defocus varying across the field, σ = 0.02, {samples} samples, posterior mean")
     print(f"{'frame':5s} {'sampler':8s} {'blurred':>8s} {'analytic':>9s} {'trained':>8s}")
     for i, clean in enumerate(held_out[:args.frames]):   # --frames 0 with --model: the sweeps only
-        for method, steps in (("dps", dps_steps), ("diffpir", 100 if not args.quick else 20)):
+        for method, steps in (("dps", dps_steps), ("diffpir", diffpir_steps)):
             p_a, p_y = restore("analytic", clean, method, None, steps, samples, seed=i)
             p_t, _ = restore(model, clean, method, None, steps, samples, seed=i)
             print(f"{i:5d} {method:8s} {p_y:8.2f} {p_a:9.2f} {p_t:8.2f}", flush=True)
     print(f"\nsweeps with the trained prior (the first {args.sweep_frames} frame(s), mean PSNR of the posterior mean)")
     values = {m: [float(v) for v in vs.split(",") if v] for m, vs in (("dps", args.zetas), ("diffpir", args.lambdas))}
-    for method, key, steps in (("dps", "step_size", dps_steps), ("diffpir", "lambda", 100 if not args.quick else 20)):
+    for method, key, steps in (("dps", "step_size", dps_steps), ("diffpir", "lambda", diffpir_steps)):
         for v in values[method]:
             ps = [restore(model, held_out[i], method, {key: v}, steps, samples, seed=i)[0] for i in range(args.sweep_frames)]
             print(f"{method:8s} {key}={v:<6g} {np.mean(ps):6.2f} dB", flush=True)
