@@ -4,6 +4,8 @@ held-out ones under a spatially varying blur, and compare with the analytic prio
     python bench/bench_training.py                    # about 30 min of training on a 2-core CPU, then restorations
     python bench/bench_training.py --quick            # a 2-minute smoke run of the whole protocol (numbers meaningless)
     python bench/bench_training.py --train_steps 3000 --train_minutes 60   # a fixed number of steps (a shared machine)
+    python bench/bench_training.py --model bench_out/training/run/model --samplers dps \
+        --dps_gradient_clip 1 --dps_clip_denoised false      # DPS as the README advises for dark backgrounds
 
 1. Data: gray frames of cells (textured ellipses) and beads (small Gaussian spots) on a dark
    background, drawn here; `--n_train` for training, 4 held out.
@@ -11,7 +13,8 @@ held-out ones under a spatially varying blur, and compare with the analytic prio
 3. Restoration: each held-out frame blurred by the per-pixel ground truth (defocus that varies
    across the field, physics.create_ground_truth) plus noise σ = 0.02, restored with the EigenPSF
    model by DPS (1000 steps) and DiffPIR (100 steps), 8 posterior samples each, with the trained
-   prior and with the analytic prior; PSNR of the posterior mean and of the blurred input.
+   prior and with the analytic prior; PSNR of the posterior mean and of the blurred input, and
+   the trained prior's worst and best single sample.
 4. Sweeps with the trained prior on two frames: DPS ζ and DiffPIR λ around the defaults.
 """
 
@@ -78,8 +81,8 @@ def train(folder, out, minutes, quick, steps=None):
     return os.path.join(out, "model")
 
 
-def restore(model_id, clean, method, options, steps, samples, seed):
-    """PSNR of the posterior mean and of the blurred frame, on the fixed [0, 1] range."""
+def restore(model_id, clean, method, options, steps, samples, seed, clip_denoised=None):
+    """PSNR of the posterior mean, of the blurred frame and of each sample, on the fixed [0, 1] range."""
     field, truth = physics.create_ground_truth(64, 64, PHYSICS, "cpu", seed=seed)
     op = physics.build_operators(field.node_grid(), 64, 64, PHYSICS)[0]
     r = PHYSICS["kernel_size"] // 2
@@ -90,10 +93,12 @@ def restore(model_id, clean, method, options, steps, samples, seed):
     unet, sched = priors.load_model(model_id, channels=1)
     pipe = dps.EigenPSFDPSPipeline(unet, sched, op)
     out, _ = pipe(y, num_inference_steps=steps, method=method, options=options, sigma_y=0.02, generator=g,
-                  num_samples=samples)
+                  num_samples=samples, clip_denoised=clip_denoised)
+    each = out["samples"][0] if samples > 1 else out                    # (S, 1, 64, 64)
     mean = out["mean"] if samples > 1 else out
     c = clean[..., None]
-    return utils.psnr(c, utils.to_numpy(mean)), utils.psnr(c, utils.to_numpy(y))
+    per_sample = [utils.psnr(c, utils.to_numpy(each[k:k + 1])) for k in range(each.shape[0])]
+    return utils.psnr(c, utils.to_numpy(mean)), utils.psnr(c, utils.to_numpy(y)), per_sample
 
 
 def main_():
@@ -109,6 +114,10 @@ def main_():
     ap.add_argument("--lambdas", default="1,3,7,16,40", help="DiffPIR lambdas of the sweep")
     ap.add_argument("--train_steps", type=int, default=None,
                     help="train this many steps (within --train_minutes), so that a shared machine changes the time only")
+    ap.add_argument("--samplers", default="dps,diffpir", help="the samplers of the table")
+    ap.add_argument("--dps_gradient_clip", type=float, default=0.0, help="DPS's gradient_clip (0 = off, the default)")
+    ap.add_argument("--dps_clip_denoised", choices=("auto", "true", "false"), default="auto",
+                    help="DPS's sampler.clip_denoised (auto: the scheduler's clip_sample, which clamps)")
     args = ap.parse_args()
     torch.manual_seed(0)
     minutes, n, dps_steps, diffpir_steps, samples = ((1, 32, 50, 20, 2) if args.quick else
@@ -116,20 +125,28 @@ def main_():
     held_out = make_data(os.path.join(args.out, "clean"), n, 96, seed=0)
     model = args.model or train(os.path.join(args.out, "clean"), os.path.join(args.out, "run"), minutes, args.quick,
                                 args.train_steps)
-    print(f"\nrestoration, 64² gray, defocus varying across the field, σ = 0.02, {samples} samples, posterior mean")
-    print(f"{'frame':5s} {'sampler':8s} {'blurred':>8s} {'analytic':>9s} {'trained':>8s}")
+    dps_clip = {"auto": None, "true": True, "false": False}[args.dps_clip_denoised]
+    settings = {"dps": ({"step_size": 1.0, "gradient_clip": args.dps_gradient_clip}, dps_clip),
+                "diffpir": (None, None)}
+    print(f"\nrestoration, 64² gray, defocus varying across the field, σ = 0.02, {samples} samples, posterior mean; "
+          f"DPS gradient_clip {args.dps_gradient_clip:g}, clip_denoised {args.dps_clip_denoised}")
+    print(f"{'frame':5s} {'sampler':8s} {'blurred':>8s} {'analytic':>9s} {'trained':>8s}  trained samples: worst, best")
     for i, clean in enumerate(held_out[:args.frames]):   # --frames 0 with --model: the sweeps only
         for method, steps in (("dps", dps_steps), ("diffpir", diffpir_steps)):
-            p_a, p_y = restore("analytic", clean, method, None, steps, samples, seed=i)
-            p_t, _ = restore(model, clean, method, None, steps, samples, seed=i)
-            print(f"{i:5d} {method:8s} {p_y:8.2f} {p_a:9.2f} {p_t:8.2f}", flush=True)
+            if method not in args.samplers.split(","):
+                continue
+            options, clip = settings[method]
+            p_a, p_y, _ = restore("analytic", clean, method, options, steps, samples, seed=i, clip_denoised=clip)
+            p_t, _, each = restore(model, clean, method, options, steps, samples, seed=i, clip_denoised=clip)
+            print(f"{i:5d} {method:8s} {p_y:8.2f} {p_a:9.2f} {p_t:8.2f}  {min(each):6.2f} {max(each):6.2f}", flush=True)
     print(f"\nsweeps with the trained prior (the first {args.sweep_frames} frame(s), mean PSNR of the posterior mean)")
     values = {m: [float(v) for v in vs.split(",") if v] for m, vs in (("dps", args.zetas), ("diffpir", args.lambdas))}
     for method, key, steps in (("dps", "step_size", dps_steps), ("diffpir", "lambda", diffpir_steps)):
+        options, clip = settings[method]
         for v in values[method]:
-            ps = [restore(model, held_out[i], method, {key: v}, steps, samples, seed=i)[0] for i in range(args.sweep_frames)]
+            ps = [restore(model, held_out[i], method, {**(options or {}), key: v}, steps, samples, seed=i,
+                          clip_denoised=clip)[0] for i in range(args.sweep_frames)]
             print(f"{method:8s} {key}={v:<6g} {np.mean(ps):6.2f} dB", flush=True)
-
 
 if __name__ == "__main__":
     main_()

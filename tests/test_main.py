@@ -98,6 +98,35 @@ def test_end_to_end_tiny_unet_writes_every_output(tmp_path, tiny_model, capsys, 
     assert m["richardson_lucy"]["iterations"] >= 1 and 0 < m["tikhonov"]["alpha"] <= 10
     assert "psnr_tikhonov" in (d / "metrics.txt").read_text()
     assert Image.open(d / "images/comparison.png").size[0] > 4 * Image.open(d / "images/restored.png").size[0]
+    # Each sample's data fit, as its saved PNG gives it back (8-bit rounding aside).
+    assert len(m["sample_residual_relative"]) == 2 and isinstance(m["samples_misfit"], list)
+    assert all(0 < f < 1 for f in m["sample_residual_relative"])
+
+
+def test_sample_misfits_names_the_sample_that_misses_y(caplog):
+    """Four samples near the truth and one empty field (a DPS sample in the wrong mode): only the
+    empty one is named, with fits computed independently in numpy; no sample is named when all fit."""
+    import torch
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(0)
+    box = torch.full((1, 1, 5, 5), 1 / 25)
+    op = lambda x: F.conv2d(F.pad(x, (2, 2, 2, 2), mode="reflect"), box)  # noqa: E731
+    x = torch.rand((1, 1, 24, 24), generator=gen)
+    y = op(x) + 0.01 * torch.randn((1, 1, 24, 24), generator=gen)
+    samples = torch.cat([x + 0.02 * torch.randn((4, 1, 24, 24), generator=gen), torch.full((1, 1, 24, 24), 0.02)])
+    fits, bad = main.sample_misfits(y, op, samples)
+    blur = lambda a: np.stack([np.pad(a, 2, mode="reflect")[i:i + 24, j:j + 24]  # noqa: E731
+                               for i in range(5) for j in range(5)]).mean(0)
+    y_np = y[0, 0].numpy()
+    expected = [np.linalg.norm(y_np - blur(s[0].numpy())) / np.linalg.norm(y_np) for s in samples]
+    np.testing.assert_allclose(fits, expected, rtol=1e-5)
+    assert bad == [4] and fits[4] > 5 * np.median(fits[:4])
+    assert main.sample_misfits(y, op, samples[:4])[1] == []
+    m = {}
+    with caplog.at_level("WARNING", logger="eigenpsf_dps"):
+        main.report_misfits(m, y, op, samples, "cpu")
+    assert m["samples_misfit"] == [4] and "1 of 5 samples" in caplog.text and "--gradient_clip 1" in caplog.text
 
 
 def test_no_baseline_skips_it(tmp_path, tiny_model, capsys, monkeypatch, caplog):
