@@ -902,34 +902,35 @@ def record_data_steps(m, iters, rules) -> None:
              cg_stop_rule_per_step=[dps.STOP_RULES[k] for k in rules.gather(1, worst)[:, 0].tolist()])
 
 
-# A sample that fits y this many times worse than the median sample is reported as a misfit.
+# A sample that fits y this many times worse than the median of the other samples is a misfit.
 SAMPLE_MISFIT_FACTOR = 2.0
 
 
 def sample_misfits(y, op, samples, factor=SAMPLE_MISFIT_FACTOR):
     """Each posterior sample's ‖y − A(x_s)‖/‖y‖ (samples: (S, C, H, W) in [0, 1]) and the indices of
-    those more than `factor` times the samples' median. A DPS sample caught in a wrong mode (on a dark
-    background, where the clamp of x̂₀ to [−1, 1] zeroes the data gradient of most pixels) ends far
-    off the data and drags the mean; the median is the yardstick because σ_y may be unknown."""
+    those more than `factor` times the median of the *other* samples' fits (so that two samples
+    compare too). A DPS sample caught in a wrong mode (on a dark background, where the clamp of x̂₀
+    to [−1, 1] zeroes the data gradient of most pixels) ends far off the data and drags the mean;
+    the others' median is the yardstick because σ_y may be unknown."""
     import torch
 
     with torch.no_grad():
         fits = torch.linalg.vector_norm((y - op(samples)).flatten(1), dim=1) / torch.linalg.vector_norm(y)
     fits = fits.tolist()
-    median = float(np.median(fits))
-    return fits, [s for s, f in enumerate(fits) if f > factor * median]
+    others = [float(np.median(fits[:s] + fits[s + 1:])) if len(fits) > 1 else f for s, f in enumerate(fits)]
+    return fits, [s for s, (f, o) in enumerate(zip(fits, others)) if f > factor * o]
 
 
-def report_misfits(m, y, op, samples, device) -> None:
+def report_misfits(m, y, op, samples, device, where) -> None:
     """The per-sample data fit into the metrics, and a warning naming the samples that miss y."""
     fits, bad = sample_misfits(y, op, samples.to(device))
     m.update(sample_residual_relative=fits, samples_misfit=bad)
     if bad:
-        log.warning("%d of %d samples fit y more than %g times worse than the median sample (‖y − A(x)‖/‖y‖ %s vs "
-                    "%.4f): they pull the posterior mean toward them (see images/sample_*.png). With DPS on a dark "
-                    "background try --gradient_clip 1 --set sampler.clip_denoised=false (README, Troubleshooting)",
-                    len(bad), len(fits), SAMPLE_MISFIT_FACTOR,
-                    ", ".join(f"{fits[s]:.4f}" for s in bad), float(np.median(fits)))
+        log.warning("%s: %d of %d samples fit y more than %g times worse than the other samples' median "
+                    "(‖y − A(x)‖/‖y‖ %s; median of all %.4f): they pull the posterior mean toward them (see "
+                    "images/sample_*.png). With DPS on a dark background try --gradient_clip 1 --set "
+                    "sampler.clip_denoised=false (README, Troubleshooting)", where, len(bad), len(fits),
+                    SAMPLE_MISFIT_FACTOR, ", ".join(f"{fits[s]:.4f}" for s in bad), float(np.median(fits)))
 
 
 def write_outputs(p: Problem, view: RunView, run_dir, cfg, device, out, partial) -> None:
@@ -951,7 +952,7 @@ def write_outputs(p: Problem, view: RunView, run_dir, cfg, device, out, partial)
         for s in range(sc["num_samples"]):
             utils.save_image(os.path.join(images_dir, f"sample_{s:02d}.png"), samples[:, s])
         m["mean_posterior_std"] = float(std.mean())
-        report_misfits(m, p.y, view.op, out["samples"][0], device)
+        report_misfits(m, p.y, view.op, out["samples"][0], device, os.path.basename(run_dir))
     elif out is not None:
         full = out
     if full is not None:

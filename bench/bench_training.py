@@ -114,7 +114,7 @@ def main_():
     ap.add_argument("--lambdas", default="1,3,7,16,40", help="DiffPIR lambdas of the sweep")
     ap.add_argument("--train_steps", type=int, default=None,
                     help="train this many steps (within --train_minutes), so that a shared machine changes the time only")
-    ap.add_argument("--samplers", default="dps,diffpir", help="the samplers of the table")
+    ap.add_argument("--samplers", default="dps,diffpir", help="the samplers of the table and the sweeps")
     ap.add_argument("--dps_gradient_clip", type=float, default=0.0, help="DPS's gradient_clip (0 = off, the default)")
     ap.add_argument("--dps_clip_denoised", choices=("auto", "true", "false"), default="auto",
                     help="DPS's sampler.clip_denoised (auto: the scheduler's clip_sample, which clamps)")
@@ -126,27 +126,34 @@ def main_():
     model = args.model or train(os.path.join(args.out, "clean"), os.path.join(args.out, "run"), minutes, args.quick,
                                 args.train_steps)
     dps_clip = {"auto": None, "true": True, "false": False}[args.dps_clip_denoised]
-    settings = {"dps": ({"step_size": 1.0, "gradient_clip": args.dps_gradient_clip}, dps_clip),
-                "diffpir": (None, None)}
+    settings = {"dps": ({"step_size": 1.0, "gradient_clip": args.dps_gradient_clip}, dps_clip, dps_steps),
+                "diffpir": (None, None, diffpir_steps)}
+    settings = {m: v for m, v in settings.items() if m in args.samplers.split(",")}
     print(f"\nrestoration, 64² gray, defocus varying across the field, σ = 0.02, {samples} samples, posterior mean; "
           f"DPS gradient_clip {args.dps_gradient_clip:g}, clip_denoised {args.dps_clip_denoised}")
+    table(model, held_out[:args.frames], settings, samples)   # --frames 0 with --model: the sweeps only
+    print(f"\nsweeps with the trained prior (the first {args.sweep_frames} frame(s), mean PSNR of the posterior mean)")
+    values = {"dps": ("step_size", args.zetas), "diffpir": ("lambda", args.lambdas)}
+    for method, (options, clip, steps) in settings.items():
+        key, vs = values[method]
+        for v in [float(v) for v in vs.split(",") if v]:
+            try:
+                ps = [restore(model, held_out[i], method, {**(options or {}), key: v}, steps, samples, seed=i,
+                              clip_denoised=clip)[0] for i in range(args.sweep_frames)]
+                print(f"{method:8s} {key}={v:<6g} {np.mean(ps):6.2f} dB", flush=True)
+            except dps.DivergenceError as e:
+                print(f"{method:8s} {key}={v:<6g} diverged: {e}", flush=True)
+
+
+def table(model, frames, settings, samples):
+    """Blurred, analytic and trained PSNR of each frame, with the trained prior's worst and best sample."""
     print(f"{'frame':5s} {'sampler':8s} {'blurred':>8s} {'analytic':>9s} {'trained':>8s}  trained samples: worst, best")
-    for i, clean in enumerate(held_out[:args.frames]):   # --frames 0 with --model: the sweeps only
-        for method, steps in (("dps", dps_steps), ("diffpir", diffpir_steps)):
-            if method not in args.samplers.split(","):
-                continue
-            options, clip = settings[method]
+    for i, clean in enumerate(frames):
+        for method, (options, clip, steps) in settings.items():
             p_a, p_y, _ = restore("analytic", clean, method, options, steps, samples, seed=i, clip_denoised=clip)
             p_t, _, each = restore(model, clean, method, options, steps, samples, seed=i, clip_denoised=clip)
             print(f"{i:5d} {method:8s} {p_y:8.2f} {p_a:9.2f} {p_t:8.2f}  {min(each):6.2f} {max(each):6.2f}", flush=True)
-    print(f"\nsweeps with the trained prior (the first {args.sweep_frames} frame(s), mean PSNR of the posterior mean)")
-    values = {m: [float(v) for v in vs.split(",") if v] for m, vs in (("dps", args.zetas), ("diffpir", args.lambdas))}
-    for method, key, steps in (("dps", "step_size", dps_steps), ("diffpir", "lambda", diffpir_steps)):
-        options, clip = settings[method]
-        for v in values[method]:
-            ps = [restore(model, held_out[i], method, {**(options or {}), key: v}, steps, samples, seed=i,
-                          clip_denoised=clip)[0] for i in range(args.sweep_frames)]
-            print(f"{method:8s} {key}={v:<6g} {np.mean(ps):6.2f} dB", flush=True)
+
 
 if __name__ == "__main__":
     main_()
