@@ -133,6 +133,16 @@ def test_sample_misfits_names_the_samples_that_miss_y(caplog):
     assert "--gradient_clip 1" in caplog.text
 
 
+def test_no_baseline_skips_it(tmp_path, tiny_model, capsys, monkeypatch, caplog):
+    r = cli(["--model_id", "analytic", "--img_size", "32", "--kernel_size", "7", "--num_inference_steps", "3",
+             "--no_baseline", "--no_figures", "--save_dir", str(tmp_path)], capsys, monkeypatch, caplog)
+    assert r.returncode == 0, r.stderr
+    d = tmp_path / run_dirs(tmp_path)[0]
+    m = json.loads((d / "metrics.json").read_text())
+    assert "psnr_tikhonov" not in m and not (d / "images/baseline_tikhonov.png").exists()
+    assert yaml.safe_load((d / "config.yaml").read_text())["run"]["baseline"] is False
+
+
 def readme_quickstart():
     text = open(os.path.join(ROOT, "README.md")).read()
     block = re.search(r"<!-- offline-quickstart -->\s*```bash\n(.*?)```", text, re.S).group(1)
