@@ -3,7 +3,7 @@ simulated calibration targets the estimator is tested and benchmarked on.
 
 `estimate_psf_grid(image, grid_size, kernel_size)` finds the spots, rejects the ones it cannot
 trust (noise, hot pixels, edges, saturation, overlaps), registers each accepted spot sub-pixel on
-its centroid and fits each node's PSF from the spots around it (README, "Measuring the PSF grid").
+its centroid and fits each node's PSF from the spots around it (docs/calibration.md).
 The forward models it feeds live in physics.py; this module only reads images.
 """
 
@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+import config
+import physics
+import plots
+import utils
 from physics import PSFField, grid_node_coords, validate_kernel_size
 
 log = logging.getLogger(__name__)
@@ -462,3 +467,90 @@ def _assemble_grid(cells, spots, noise, H, W, k) -> Calibration:
                                 for key in ("sigma", "near_nyquist", "outside"))
     return Calibration(psfs, np.stack(np.meshgrid(ys, xs, indexing="ij"), -1), spots, counts, snr, empty, noise, narrow,
                        aliased, outside)
+
+
+# ----------------------------------------------------------------------------
+# The --calibration run: an image of point sources in, a PSF grid file and its pictures out
+# ----------------------------------------------------------------------------
+
+def calibrate(cfg) -> int:
+    """--calibration: measures the PSF grid from an image of point sources (calibration.estimate_psf_grid),
+    writes it (--save_psf_grid, else RUN_DIR/psf_grid.npz) with pictures and calibration.json, and
+    exits. Nothing is written when the image cannot give a grid."""
+    d, pc, rc = cfg["data"], cfg["physics"], cfg["run"]
+    img = utils.read_image(d["calibration"])                       # (H, W, C) in [0, 1]
+    if img.shape[-1] == 3:
+        log.info("RGB calibration image: PSFs are measured on its luminance (Rec. 709); for one grid per "
+                 "channel, calibrate each channel's image on its own")
+        img = img @ np.array(physics.LUMINANCE_WEIGHTS)[:, None]
+    G, k = config.resolve_grid_size(pc), pc["kernel_size"]
+    saturation = saturation_level(d["calibration"], d["saturation"], img[..., 0])
+    try:  # spots with clipped pixels are rejected as saturated
+        cal = estimate_psf_grid(img[..., 0], G, k, saturation=saturation)
+    except ValueError as e:
+        raise utils.UserError(f"{d['calibration']}: {e}") from None
+    utils.check_writable(rc["save_dir"])
+    if d["save_psf_grid"]:
+        utils.check_writable(os.path.dirname(os.path.abspath(d["save_psf_grid"])))
+    run_dir = utils.make_run_dir(rc["save_dir"], prefix="calibration")
+    os.makedirs(os.path.join(run_dir, "images"))
+    coords = (cal.positions[:, 0, 0], cal.positions[0, :, 1])
+    for path in {os.path.join(run_dir, "psf_grid.npz"), d["save_psf_grid"] or os.path.join(run_dir, "psf_grid.npz")}:
+        utils.save_psf_grid(path, cal.psfs, coords)
+    report = {"image": d["calibration"], "grid_size": G, "kernel_size": k, "noise": cal.noise,
+              "spots_accepted": int(cal.counts.sum()), "spots_rejected": cal.rejected(),
+              "cells_filled_from_neighbours": [list(c) for c in cal.filled],
+              "spots_per_cell": cal.counts.tolist(), "median_peak_snr_per_cell": cal.snr.round(2).tolist(),
+              "saturation": round(saturation * utils.full_scale(d["calibration"]), 3),
+              "median_narrow_axis_sigma_px": round(cal.narrow_sigma, 3),
+              "registration_error_estimate": round(cal.registration_error, 4),
+              "flux_outside_kernel": round(cal.flux_outside, 4)}
+    utils.write_json(os.path.join(run_dir, "calibration.json"), report)
+    config.save_yaml(os.path.join(run_dir, "config.yaml"), cfg)
+    plots.plot_calibration_spots(os.path.join(run_dir, "images", "spots.png"), img[..., 0], cal.spots)
+    plots.plot_psf_grid(os.path.join(run_dir, "images", "psf_grid.png"), cal.psfs)
+    plots.plot_cell_map(os.path.join(run_dir, "images", "cells.png"), cal.counts, cal.snr)
+    log.info("%d spots accepted; rejected: %s", cal.counts.sum(),
+             ", ".join(f"{n} {r}" for r, n in cal.rejected().items() if n) or "none")
+    if cal.registration_error > REGISTRATION_WARN:
+        log.warning("the spots look undersampled: %.0f%% of their amplitude lies near the Nyquist frequency, so "
+                    "registering one spot sub-pixel errs by about as much (median sigma %.2f px along the narrow "
+                    "axis; a Gaussian needs 0.8 px, a disk's rim a blur of 0.5 px or more). More magnification "
+                    "(smaller pixels) would help; but faint spots (peak SNR 10 or less) read 5-8%% from their "
+                    "shot noise alone (docs/calibration.md)", 100 * cal.registration_error, cal.narrow_sigma)
+    if cal.flux_outside > OUTSIDE_WARN:
+        log.warning("a median %.0f%% of the spots' flux lies outside the %dx%d kernel: the grid's PSFs are cut off "
+                    "there; increase kernel_size", 100 * cal.flux_outside, k, k)
+    if cal.filled:
+        log.warning("%d cell(s) had no usable spot and were filled from their neighbours: %s", len(cal.filled),
+                    ", ".join(map(str, cal.filled)))
+    log.info("PSF grid %dx%d of %dx%d written to %s", G, G, k, k, d["save_psf_grid"] or os.path.join(run_dir, "psf_grid.npz"))
+    print(run_dir)
+    return 0
+
+
+PLATEAU_PIXELS = 4   # this many pixels exactly at the image's maximum: a clipped plateau, not a peak
+
+
+def saturation_level(path, given, img):
+    """The saturation threshold on read_image's [0, 1] scale, with an info line saying where it came
+    from: --saturation (file units); the TIFF's declared maximum sample; a plateau (PLATEAU_PIXELS
+    or more pixels exactly at the image's maximum: what a 12- or 14-bit camera clipping inside a
+    16-bit file leaves); else 0.999 of the file's range."""
+    scale, name = utils.full_scale(path), os.path.basename(path)
+    if given != "auto":
+        if not 0 < given <= scale:
+            raise utils.UserError(f"--saturation must be in (0, {scale:g}] for {name} (its full scale), got {given:g}")
+        log.info("%s: saturation at %g (--saturation, of %g full scale)", name, given, scale)
+        return given / scale
+    declared = utils.declared_max_sample(path)
+    if declared is not None:
+        log.info("%s: saturation at %g, the maximum sample value the file declares", name, declared)
+        return declared / scale
+    top = float(img.max())
+    at_top = int((img == top).sum())
+    if at_top >= PLATEAU_PIXELS and top < 0.999:
+        log.info("%s: %d pixels sit exactly at the image's maximum %g (of %g full scale): treated as the camera's "
+                 "saturation; set --saturation if that is wrong", name, at_top, round(top * scale, 3), scale)
+        return top
+    return 0.999

@@ -42,10 +42,10 @@ import torch
 from diffusers import DDPMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
+import config
 import physics
 import priors
 import tiling
-import utils
 
 log = logging.getLogger(__name__)
 
@@ -410,13 +410,11 @@ def diffpir_step(ctx, i, t, x_t):
         return x_prev, x0_data, residual_norms(ctx.y, ctx.operator, x0_data)
 
 
-# name -> (step function, default options). The defaults equal config.yaml's sampler.<name> section.
-SAMPLERS = {
-    "dps": (dps_step, {"step_size": 1.0, "gradient_clip": 0.0}),
-    "diffpir": (diffpir_step, {"lambda": 7.0, "zeta": 0.3, "cg_tol": 1e-2, "discrepancy": 1.0,
-                                  "precondition": True, "cg_max_iter": 500}),
-}
-DEFAULT_STEPS = {"dps": 1000, "diffpir": 100}
+# name -> (step function, default options). The names are config.SAMPLER_METHODS and the defaults
+# config.yaml's sampler.<name> section: one source for the CLI and the Python API.
+_STEPS = {"dps": dps_step, "diffpir": diffpir_step}
+SAMPLERS = {name: (_STEPS[name], options) for name, options in config.sampler_defaults().items()}
+DEFAULT_STEPS = config.DEFAULT_STEPS
 
 
 def keyword_options(method: str, options: dict | None, settings: dict) -> dict | None:
@@ -447,8 +445,8 @@ def sampler_options(method: str, options: dict | None) -> dict:
         raise ValueError(f"unknown {method} option(s) {', '.join(sorted(unknown))}; known: {', '.join(defaults)}")
     opt = {**defaults, **(options or {})}
     for name, value in opt.items():  # the same ranges config.yaml's sampler.<method> is checked against
-        lo, hi = utils.RANGES[f"sampler.{method}.{name}"]
-        utils.check_finite(name, value)
+        lo, hi = config.RANGES[f"sampler.{method}.{name}"]
+        config.check_finite(name, value)
         if value < lo or (hi is not None and value > hi):
             raise ValueError(f"{name} must be in [{lo}, {hi if hi is not None else '∞'}], got {value}")
     return opt

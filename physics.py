@@ -1,6 +1,6 @@
 """Spatially varying (SV) blur: PSF-grid simulation, EigenPSF decomposition and operators.
 
-Forward model (README, "Forward model"):
+Forward model (docs/forward-model.md):
 
     y = A(x) + n,     A(x) ≈ Σₖ Cₖ ⊙ (x ∗ Bₖ)              (gather form)
                       A(x) ≈ Σₖ Bₖ ∗ (Cₖ ⊙ x)              (scatter form)
@@ -37,23 +37,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import config
+from config import BLUR_MODES, BOUNDARIES, FORMS, INTERPOLATIONS, resolve_form, resolve_grid_size  # noqa: F401
+
 log = logging.getLogger(__name__)
 
-BLUR_MODES = ("motion", "defocus", "mixed", "correlated", "random_iid")
-FORMS = ("gather", "scatter")
-BOUNDARIES = ("reflect", "zeros", "circular")
-INTERPOLATIONS = ("bilinear", "nearest")
-
-# Default per-mode parameters; config.yaml mirrors these.
-MODE_DEFAULTS = {
-    "motion": {"min_length": 3.0, "max_length": 15.0, "angle_variation": 45.0},
-    "defocus": {"min_radius": 1.0, "max_radius": 5.0, "edge_sigma": 0.0},
-    "correlated": {"sigma_scale": 2.0, "mu_scale": 1.0, "correlation_length": 3.0},
-    "random_iid": {"min_length": 3.0, "max_length": 15.0, "min_radius": 1.0,
-                   "max_radius": 5.0, "sigma_scale": 2.0},
-}
-MODE_DEFAULTS["mixed"] = {**MODE_DEFAULTS["motion"], **MODE_DEFAULTS["defocus"]}
-DEFAULT_GRID_SIZE = {"random_iid": 64}  # every other mode: 8
+# Mode parameters as config.yaml sets them: the one source, here for the Python API's defaults.
+MODE_DEFAULTS = config.mode_defaults()
 
 
 # How far (px from the kernel centre) each PSF family of a mode section reaches, from that
@@ -622,7 +612,7 @@ MAX_CHUNK_BYTES = 256 * 2 ** 20
 # The EigenPSF operator's cap on the CPU. Chunks under glibc's mmap threshold (32 MB at most) are
 # reused from the heap; larger ones are mapped and unmapped at every call, and their page faults
 # dominated: at 256² RGB, K = 25, forward + adjoint took 43-67 ms with 256 MB chunks and 20-21 ms
-# with 16 MB ones (median of 20, default allocator; with main.py's tune_cpu_allocator 23-25 ms
+# with 16 MB ones (median of 20, default allocator; with device.tune_cpu_allocator, as a run sets it, 23-25 ms
 # and 20-22 ms). 4-8 MB is no faster; on a GPU large chunks are cheaper (fewer launches).
 CPU_CHUNK_BYTES = 16 * 2 ** 20
 
@@ -1075,11 +1065,6 @@ class CroppedOperator(torch.nn.Module):
 # 7. System construction and the honest approximation figure
 # ----------------------------------------------------------------------------
 
-def resolve_grid_size(physics_config: dict) -> int:
-    g = physics_config.get("grid_size", "auto")
-    return DEFAULT_GRID_SIZE.get(physics_config["blur_mode"], 8) if g in (None, "auto") else g
-
-
 def mode_params(physics_config: dict) -> dict:
     """The parameters of the chosen mode from config sub-sections (mixed reads motion+defocus)."""
     out = {}
@@ -1088,35 +1073,27 @@ def mode_params(physics_config: dict) -> dict:
     return out
 
 
-def resolve_form(physics_config: dict, measured: bool = False) -> str:
-    """physics.form, with 'auto' resolved: gather (PSF indexed by the output pixel) for simulated
-    motion blur, scatter (PSF indexed by the source point) for everything else: defocus,
-    correlated, mixed and random_iid fields, and measured PSF grids, since lens aberration and a
-    calibration target both describe how each source point spreads."""
-    form = physics_config.get("form", "auto")
-    if form == "auto":
-        return "gather" if physics_config.get("blur_mode") == "motion" and not measured else "scatter"
-    _choice("form", form, FORMS)
-    return form
-
-
 def build_operators(kernel_grid, H, W, physics_config, node_coords=None):
     """(eigenpsf_op, grid_op, decomposition) for a given PSF grid.
 
     grid_op is the grid's full-rank operator (GridSVBlurOperator): the reconstruction's model
     without the PCA truncation, not the ground truth.
     """
-    n = physics_config["n_eigen_psfs"]
-    N = kernel_grid.shape[0] * kernel_grid.shape[1]
-    if n in ("all", "full"):
-        n = N
-    interp = physics_config.get("interpolation", "bilinear")
-    form = resolve_form(physics_config)
-    boundary = physics_config.get("boundary", "reflect")
-    decomp = compute_eigen_decomposition(kernel_grid, n, H, W, interp, node_coords)
-    eigen_op = SVBlurOperator(decomp, form, boundary)
-    grid_op = GridSVBlurOperator(kernel_grid, H, W, form, boundary, interp, node_coords)
+    eigen_op, decomp = build_eigen_operator(kernel_grid, H, W, physics_config, node_coords)
+    grid_op = GridSVBlurOperator(kernel_grid, H, W, eigen_op.form, eigen_op.boundary,
+                                 physics_config.get("interpolation", "bilinear"), node_coords)
     return eigen_op, grid_op, decomp
+
+
+def build_eigen_operator(kernel_grid, H, W, physics_config, node_coords=None):
+    """(eigenpsf_op, decomposition) alone: the K-term model A(x) = sum_k C_k * (x conv B_k) of the
+    grid on an H x W domain, without the full-rank grid operator beside it."""
+    n = physics_config["n_eigen_psfs"]
+    if n in ("all", "full"):
+        n = kernel_grid.shape[0] * kernel_grid.shape[1]
+    decomp = compute_eigen_decomposition(kernel_grid, n, H, W, physics_config.get("interpolation", "bilinear"),
+                                         node_coords)
+    return SVBlurOperator(decomp, resolve_form(physics_config), physics_config.get("boundary", "reflect")), decomp
 
 
 def create_sv_blur_system(H: int, W: int, physics_config: dict, device="cpu", seed=None, generator=None,

@@ -197,7 +197,7 @@ def activation_bytes(unet, tile: int, dtype=torch.float32):
 # Whole-image buffers per pixel of an RGB float32 image (x_t, ε, x̂₀, the gradient or the CG vectors,
 # the operator's coefficient maps at K = 10; an upper bound for gray): measured by
 # bench/bench_tiling.py on this CPU as the slope of peak memory against pixels with a fixed small
-# UNet (see the README).
+# UNet (docs/large-images.md).
 BUFFER_BYTES_PER_PIXEL = {"dps": 231, "diffpir": 259}
 
 

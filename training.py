@@ -23,10 +23,16 @@ import glob
 import logging
 import math
 import os
+import sys
+import time
 
 import numpy as np
 import torch
 
+import checkpoint
+import config
+import device as device_setup
+import plots
 import utils
 
 log = logging.getLogger(__name__)
@@ -350,7 +356,7 @@ def write_curve(out_dir, history) -> None:
         w = csv.writer(f)
         w.writerow(["step", "train_loss", "validation_loss"])
         w.writerows([[int(s), f"{a:.6g}", "" if math.isnan(b) else f"{b:.6g}"] for s, a, b in history])
-    utils.plot_loss_curve(os.path.join(out_dir, "loss.png"), history)
+    plots.plot_loss_curve(os.path.join(out_dir, "loss.png"), history)
 
 
 # ----------------------------------------------------------------------------
@@ -382,3 +388,45 @@ def prepare(cfg, device, rank=0, world=1):
     facts = {"train_images": len(data), "validation_images": len(val), "channels": channels,
              "skipped": [{"file": n, "why": w} for n, w in skipped]}
     return Trainer(tc, data, val, channels, device, seed, rank, world), facts
+
+
+# ----------------------------------------------------------------------------
+# The --train_dir run
+# ----------------------------------------------------------------------------
+
+def train_prior(cfg, run_dir=None) -> int:
+    """--train_dir: train (or fine-tune) a prior into a new train_* folder, or continue run_dir from
+    its checkpoint. SIGTERM, SIGUSR1 and Ctrl-C save a checkpoint and exit 75 or 130."""
+    rank, world, device = init_distributed(cfg["run"]["device"])
+    device = device or device_setup.resolve_device(cfg["run"]["device"])
+    trainer, facts = prepare(cfg, device, rank, world)   # bad input: before any folder
+    if run_dir is None:
+        run_dir = [utils.make_run_dir(cfg["run"]["save_dir"], prefix="train") if rank == 0 else None]
+        if world > 1:
+            torch.distributed.broadcast_object_list(run_dir)
+        run_dir = run_dir[0]
+        if rank == 0:
+            config.save_yaml(os.path.join(run_dir, "config.yaml"), cfg)
+    else:
+        trainer.load_state_dict(load_checkpoint(os.path.join(run_dir, "checkpoint.pt")))
+        log.info("resuming training in %s at step %d/%d", run_dir, trainer.step, cfg["train"]["steps"])
+    checkpoint.RUN_DIR["path"] = run_dir
+    n_params = sum(p.numel() for p in trainer.unet.parameters()) / 1e6
+    log.info("training a %s UNet (%.2f M parameters, %d channel(s)) on %d images (%d held out), %d skipped; %s",
+             cfg["train"]["init"] or cfg["train"]["size"], n_params, facts["channels"], facts["train_images"],
+             facts["validation_images"], len(facts["skipped"]), run_dir)
+    t0 = time.time()
+    with checkpoint.stop_requests():
+        status = train(trainer, run_dir, lambda: checkpoint.STOP["signal"] is not None)
+    if rank == 0:
+        utils.write_json(os.path.join(run_dir, "metrics.json"), {
+            "status": "complete" if status == "complete" else checkpoint.stop_outcome()[1], "steps_completed": trainer.step,
+            "steps": cfg["train"]["steps"], "parameters_millions": n_params, "runtime_s": time.time() - t0,
+            "final_train_loss": trainer.history[-1][1] if trainer.history else None, **facts,
+            "model": os.path.join(run_dir, "model") if status == "complete" else None})
+    if status != "complete":
+        code, _, why = checkpoint.stop_outcome()
+        print(f"{why} at step {trainer.step}; checkpoint saved, continue with --resume {run_dir}", file=sys.stderr)
+        return code
+    print(os.path.join(run_dir, "model"))
+    return 0

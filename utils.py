@@ -1,7 +1,8 @@
-"""Config, image I/O, metrics and plots for EigenPSF-DPS.
+"""Files in and out for EigenPSF-DPS: images, PSF-grid files, metrics, run folders, errors and exit codes.
 
 Images cross this boundary once: files -> float tensors (1, C, H, W) in [0, 1], and back.
-Metrics use that fixed [0, 1] range (data_range=1); nothing is min-max rescaled.
+Metrics use that fixed [0, 1] range (data_range=1); nothing is min-max rescaled. The config
+lives in config.py, figures in plots.py.
 """
 
 from __future__ import annotations
@@ -9,16 +10,14 @@ from __future__ import annotations
 import io
 import json
 import math
-import numbers
 import os
 import time
 from datetime import datetime
 
 import numpy as np
-import yaml
 
 # torch is imported inside the few functions that need it: main.py parses flags (and answers
-# --help) with this module before the seconds-long torch import.
+# --help or a config error) with this module and config.py before the seconds-long torch import.
 
 MAX_URL_BYTES = 50 * 2 ** 20      # an image URL may send at most this much ...
 MAX_URL_SECONDS = 120             # ... within this many seconds in all
@@ -32,272 +31,13 @@ SAMPLE_FACE = (130, 240, 240)  # centre row, centre column and side of the face 
 class UserError(ValueError):
     """Bad input from the user: reported as one line, exit code 2."""
 
-
-# ----------------------------------------------------------------------------
-# 1. Config: load, merge, validate, save
-# ----------------------------------------------------------------------------
-
-# Keys whose config.yaml default is a keyword: the type of their other values.
-TYPES = {"physics.grid_size": int, "data.sigma_noise": float, "data.saturation": float, "sampler.clip_denoised": bool,
-         "sampler.num_inference_steps": int, "sampler.tile": int, "train.channels": int}
-# Values a key may take besides the type of its default in config.yaml.
-ALTERNATIVES = {
-    "physics.grid_size": ("auto",),
-    "physics.n_eigen_psfs": ("all",),
-    "data.sigma_noise": ("auto",),
-    "data.saturation": ("auto",),
-    "sampler.clip_denoised": ("auto", True, False),
-    "sampler.num_inference_steps": ("auto",),
-    "sampler.tile": ("off", "auto"),
-    "train.channels": ("auto", 1, 3),
-}
-# The samplers (dps.SAMPLERS holds their code; a test keeps the two in step). Here so that config
-# checks need not import diffusers.
-SAMPLER_METHODS = ("dps", "diffpir")
-def choices() -> dict:
-    """The values keyword-valued keys may take; physics.py is the one source for the physics ones.
-
-    Imported here, not at the top: physics imports torch, which --help must not wait for.
-    """
-    import physics
-    return {
-        "physics.blur_mode": physics.BLUR_MODES,
-        "physics.form": ("auto",) + physics.FORMS,
-        "physics.boundary": physics.BOUNDARIES,
-        "physics.interpolation": physics.INTERPOLATIONS,
-        "sampler.method": SAMPLER_METHODS,
-        "run.dtype": ("float32", "bfloat16", "float16"),
-        "run.compile": ("off", "default", "reduce-overhead", "max-autotune"),
-        "run.lpips": ("vgg", "alex", "off"),
-        "train.size": ("tiny", "small", "base"),
-    }
-
-
-# (low, high) inclusive; None = unbounded.
-RANGES = {
-    "data.img_size": (8, 4096), "data.sigma_noise": (0.0, 1.0), "data.saturation": (0.0, None),
-    "physics.kernel_size": (1, 255), "physics.grid_size": (1, 256), "physics.n_eigen_psfs": (1, None),
-    "model.max_retries": (1, 100),
-    "sampler.dps.step_size": (0.0, None), "sampler.dps.gradient_clip": (0.0, None),
-    "sampler.diffpir.lambda": (1e-6, None), "sampler.diffpir.zeta": (0.0, 1.0),
-    "sampler.diffpir.cg_max_iter": (1, 10000), "sampler.diffpir.cg_tol": (0.0, 1.0),
-    "sampler.diffpir.discrepancy": (0.0, None), "sampler.diffpir.precondition": (False, True),
-    "sampler.num_samples": (1, 1024), "sampler.intermediate_freq": (0, None), "sampler.log_every": (1, None),
-    "sampler.tile": (8, 8192), "sampler.tile_overlap": (0, 8192), "sampler.tile_batch": (1, 4096),
-    "train.crop": (8, 4096), "train.val_fraction": (0.0, 0.9), "train.batch_size": (1, 65536), "train.steps": (1, None),
-    "train.lr": (0.0, 1.0), "train.warmup_steps": (0, None), "train.weight_decay": (0.0, None),
-    "train.grad_clip": (0.0, None), "train.ema_decay": (0.0, 1.0), "train.eval_every": (1, None),
-    "train.sample_every": (1, None), "train.checkpoint_every": (1, None),
-    "run.seed": (0, 2 ** 63 - 1), "run.batch_size": (1, 4096),
-}
-
-
-# The first version's config keys -> today's: accepted in config files and --set, each with an info
-# line, and written out under today's name. physics.random_iid.grid_size was that version's grid size
-# for blur_mode random_iid only: it sets physics.grid_size when the mode is random_iid and is
-# otherwise unused (config.yaml's grid_size auto gives random_iid 64, as that version's file did).
-ALIASES = {
-    "data.image_source": "data.image",
-    "physics.sigma_noise": "data.sigma_noise",
-    "physics.random_iid.grid_size": "physics.grid_size",
-    "model.device": "run.device",
-    "model.dtype": "run.dtype",
-    "dps.step_size": "sampler.dps.step_size",
-    "dps.num_inference_steps": "sampler.num_inference_steps",
-    "dps.gradient_clip": "sampler.dps.gradient_clip",
-    "dps.gradient_checkpointing": "run.gradient_checkpointing",
-    "output.save_dir": "run.save_dir",
-    "output.save_intermediate": "run.save_intermediates",
-    "output.intermediate_freq": "sampler.intermediate_freq",
-}
-RANDOM_IID_GRID = "physics.random_iid.grid_size"
-
-
-def unalias_key(key: str, blur_mode: str, source: str, log=None):
-    """Today's name for `key` (itself if current), with an info line for an old name; None for
-    physics.random_iid.grid_size under another blur mode, where that version did not use it."""
-    if key not in ALIASES:
-        return key
-    new = ALIASES[key]
-    if key == RANDOM_IID_GRID:
-        used = blur_mode == "random_iid"   # that version's rule: the random_iid grid replaced grid_size
-        if log:
-            log.info("%s: %s is the grid size for blur_mode random_iid; %s", source, key,
-                     f"used as {new}" if used else f"unused with blur_mode {blur_mode}")
-        return new if used else None
-    if log:
-        log.info("%s: config key %s is now %s", source, key, new)
-    return new
-
-
-def unalias(flat: dict, source: str, blur_mode: str, log=None) -> dict:
-    """A flat config with the first version's keys renamed to today's (ALIASES), one info line per
-    alias used (blur_mode: the run's, for physics.random_iid.grid_size). An alias given beside its
-    current key with another value is a UserError."""
-    out = {k: v for k, v in flat.items() if k not in ALIASES}
-    for old, value in flat.items():
-        new = unalias_key(old, blur_mode, source, log) if old in ALIASES else None
-        if new is None:
-            continue
-        if new in flat and flat[new] != value and old != RANDOM_IID_GRID:
-            raise UserError(f"{source}: {old} (the old name of {new}) is {value!r} but {new} is {flat[new]!r}; "
-                            f"keep one")
-        out[new] = value
-    return out
-
-
-def unflatten(flat: dict) -> dict:
-    """The inverse of flatten: {'a.b': v} -> {'a': {'b': v}}."""
-    out = {}
-    for key, value in flat.items():
-        _put(out, key, value)
-    return out
-
-
-def load_config(path: str) -> dict:
-    try:
-        with open(path) as f:
-            cfg = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise UserError(f"config file not found: {path}") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise UserError(f"config file {path} is not valid YAML{where}: {getattr(e, 'problem', None) or str(e).splitlines()[0]}") from None
-    if not isinstance(cfg, dict):
-        raise UserError(f"config file {path} must be a mapping of sections")
-    return cfg
-
-
-def flatten(cfg: dict, prefix="") -> dict:
-    out = {}
-    for k, v in cfg.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def set_key(cfg: dict, dotted: str, value, schema: dict) -> None:
-    """Sets cfg[a][b]... = value after checking that the key exists in the schema config."""
-    flat = flatten(schema)
-    if dotted not in flat:
-        raise UserError(f"unknown config key {dotted!r}{_key_hint(dotted, flat)}")
-    _put(cfg, dotted, value)
-
-
-def _put(cfg: dict, dotted: str, value) -> None:
-    """cfg[a][b]... = value for dotted = 'a.b...', making the sections on the way."""
-    node = cfg
-    *parents, leaf = dotted.split(".")
-    for p in parents:
-        node = node.setdefault(p, {})
-    node[leaf] = value
-
-
-def _key_hint(dotted: str, flat: dict) -> str:
-    """'; did you mean K?' for the nearest current key, matching old names (ALIASES) too."""
-    import difflib
-    names = {**{k: k for k in flat}, **ALIASES}          # a name (current or old) -> the current key
-    near = [k for k in names if k.split(".")[-1] == dotted.split(".")[-1]] or difflib.get_close_matches(dotted, names, 1)
-    if not near:
-        return ""
-    current = names[near[0]]
-    return f"; did you mean {current}{f' (formerly {near[0]})' if near[0] != current else ''}?"
-
-
-def with_defaults(cfg: dict, schema: dict) -> dict:
-    """cfg over the schema's values: every key of the schema, cfg's where it has one. A key that
-    the schema lacks raises UserError (set_key)."""
-    out = {}
-    for key, value in {**flatten(schema), **flatten(cfg)}.items():
-        set_key(out, key, value, schema)
-    return out
-
-
-def parse_set(item: str):
-    """'section.key=value' -> (key, value); the value is parsed as YAML (numbers, booleans, lists)."""
-    if "=" not in item:
-        raise UserError(f"--set expects section.key=value, got {item!r}")
-    key, raw = item.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.strip(), value
-
-
-def _type_ok(value, typ) -> bool:
-    if typ is bool:
-        return isinstance(value, bool)
-    if typ is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if typ is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return isinstance(value, typ)
-
-
-def validate_config(cfg: dict, schema: dict) -> dict:
-    """Unknown keys, wrong types and out-of-range values raise UserError. Returns cfg."""
-    flat, ref, allowed = flatten(cfg), flatten(schema), choices()
-    for key, value in flat.items():
-        if key not in ref:
-            raise UserError(f"unknown config key {key!r}")
-        alts = ALTERNATIVES.get(key, ())
-        if any(value == a and type(value) is type(a) for a in alts):
-            continue
-        typ = TYPES.get(key, type(ref[key]))
-        if not _type_ok(value, typ):
-            allowed = typ.__name__ + "".join(f" or {a!r}" for a in alts if not isinstance(a, bool))
-            raise UserError(f"{key} must be {allowed}, got {value!r}")
-        if key in allowed and value not in allowed[key]:
-            raise UserError(f"{key} must be one of {list(allowed[key])}, got {value!r}")
-        check_finite(key, value)
-        if key in RANGES:
-            lo, hi = RANGES[key]
-            if (lo is not None and value < lo) or (hi is not None and value > hi):
-                rng = f"[{lo}, {hi if hi is not None else '∞'}]"
-                raise UserError(f"{key} must be in {rng}, got {value!r}")
-    ks = flat.get("physics.kernel_size")
-    if isinstance(ks, int) and ks % 2 == 0:
-        raise UserError(f"physics.kernel_size must be odd (the PSF centre is a pixel), got {ks}")
-    return cfg
-
-
-def check_finite(name: str, value) -> None:
-    """NaN passes every comparison and inf passes every lower bound: a number must be finite."""
-    if isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isfinite(float(value)):
-        raise UserError(f"{name} must be a finite number, got {value}")  # numpy scalars too
-
-
-def save_yaml(path: str, data: dict) -> None:
-    with open(path, "w") as f:
-        yaml.safe_dump(data, f, sort_keys=False)
-
-
-def tune_cpu_allocator() -> bool:
-    """Keep large freed blocks in glibc's heap instead of returning them to the OS.
-
-    The EigenPSF operator's batched temporaries are tens of MB; by default glibc serves each from a
-    fresh mmap and unmaps it on free, so every call pays page faults for zeroed pages (seen here as
-    1.5-2x slower, erratic CPU timings and most of the run in the kernel). Serving them from the
-    heap (no mmap) and not trimming it removes that. A no-op where glibc is absent. Returns True
-    if applied.
-    """
-    import ctypes
-    import ctypes.util
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        m_trim_threshold, m_mmap_max = -1, -4
-        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2 ** 31 - 1))
-    except (OSError, AttributeError):
-        return False
+# Exit codes of main.py (docs/cli.md): 0 done, 2 bad input, 3 sampler diverged, 4 a batch
+# finished but some images failed, 75 preempted (checkpoint saved), 130 interrupted (Ctrl-C).
+EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_BATCH_INCOMPLETE, EXIT_PREEMPTED, EXIT_INTERRUPTED = 2, 3, 4, 75, 130
 
 
 # ----------------------------------------------------------------------------
-# 2. Images
+# 1. Images
 # ----------------------------------------------------------------------------
 
 def sample_image() -> np.ndarray:
@@ -549,7 +289,7 @@ def full_scale(spec: str) -> float:
 
 
 # ----------------------------------------------------------------------------
-# 3. Metrics on the fixed [0, 1] range
+# 2. Metrics on the fixed [0, 1] range
 # ----------------------------------------------------------------------------
 
 def psnr(ref: np.ndarray, est: np.ndarray) -> float:
@@ -623,7 +363,7 @@ def download_lpips_weights(net: str) -> str:
 
 
 # ----------------------------------------------------------------------------
-# 4. Run folders and plots
+# 3. Run folders
 # ----------------------------------------------------------------------------
 
 def check_writable(save_dir: str) -> None:
@@ -680,244 +420,10 @@ def write_metrics_txt(path: str, m: dict) -> None:
         f.write("\n".join(lines) + "\n")
 
 
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def _save(fig, path, tight=False):
-    """Writes and closes fig. The per-image figures are laid out by hand in inches (_axes), so they
-    have no margins at any aspect; bbox_inches="tight" would draw every figure twice (it doubled
-    the time of the progress plot), so only the one-off figures with free-form labels use it."""
-    if tight:
-        fig.savefig(path, dpi=100, bbox_inches="tight", pad_inches=0.05)
-    else:
-        fig.savefig(path, dpi=100)
-    _plt().close(fig)
-
-
-TITLE_IN, GAP_IN = 0.3, 0.08     # inches: a title line above a panel; the gap between panels
-
-
-def _axes(fig, x, y, w, h, off=True):
-    """Axes at (x, y) of size w × h, in inches from the figure's bottom-left corner."""
-    W, H = fig.get_size_inches()
-    ax = fig.add_axes((x / W, y / H, w / W, h / H))
-    if off:
-        ax.set_axis_off()
-    return ax
-
-
-def _title(ax, text, fontsize):
-    """A title 0.06 in above ax. (Axes.set_title measures every tick label to place itself, which
-    took a third of the progress plot's time.)"""
-    from matplotlib.transforms import offset_copy
-    ax.text(0.5, 1.0, text, ha="center", va="bottom", fontsize=fontsize,
-            transform=offset_copy(ax.transAxes, ax.figure, y=0.06, units="inches"))
-
-
-def _rgb(img, cmap=None, vmin=0.0, vmax=1.0):
-    """(H, W, 3) float RGB of an (H, W, C) image in [0, 1] (gray for C = 1), or of an (H, W)
-    array through a colormap between vmin and vmax."""
-    img = np.asarray(img, dtype=np.float64)
-    if cmap is not None:
-        t = np.clip((img - vmin) / (vmax - vmin if vmax > vmin else 1.0), 0, 1)
-        return _plt().get_cmap(cmap)(t)[..., :3]
-    img = np.clip(img, 0, 1)
-    return np.repeat(img, 3, -1) if img.shape[-1] == 1 else img[..., :3]
-
-
-def _strip_width(n, panel_w):
-    """Inches taken by n panels of panel_w inches with GAP_IN between them."""
-    return n * panel_w + (n - 1) * GAP_IN
-
-
-def _panel_strip(fig, x, y, panel_w, images, titles, fontsize):
-    """A titled row of equal-sized (h, w, 3) RGB images, panel_w inches each, bottom-left at (x, y).
-
-    They are drawn as one mosaic in one Axes (each Axes costs ~30 ms to build and draw). Small
-    images are first enlarged by whole pixels, so that the white gutters come out ≈ GAP_IN."""
-    h, w = images[0].shape[:2]
-    f = math.ceil(100 / w) if w < 100 else 1                 # pixel blocks stay sharp below
-    wf = w * f
-    g = max(1, round(GAP_IN * wf / panel_w))                  # gutter, enlarged pixels
-    mosaic = np.ones((h * f, len(images) * (wf + g) - g, 3))
-    for j, img in enumerate(images):
-        mosaic[:, j * (wf + g):j * (wf + g) + wf] = np.repeat(np.repeat(img, f, 0), f, 1)
-    ax = _axes(fig, x, y, _strip_width(len(images), panel_w), panel_w * h / w)
-    ax.imshow(mosaic, aspect="auto", interpolation="nearest" if f > 1 else "antialiased")
-    for j, title in enumerate(titles):   # centred above each panel, 0.06 in clear of it, and no wider
-        size = min(fontsize, panel_w * 72 / (0.6 * max(len(title), 1)))   # (a character is ~0.6 em)
-        ax.text(j * (wf + g) + wf / 2, -0.5 - 0.06 * wf / panel_w, title, ha="center", va="bottom", fontsize=size)
-
-
-def plot_comparison(path, panels):
-    """panels: list of (title, (H, W, C) image); the figure follows the images' aspect ratio."""
-    h, w = panels[0][1].shape[:2]
-    n, pw = len(panels), 4.0
-    fig = _plt().figure(figsize=(_strip_width(n, pw), pw * h / w + TITLE_IN))
-    _panel_strip(fig, 0, 0, pw, [_rgb(img) for _, img in panels], [t for t, _ in panels], 10)
-    _save(fig, path)
-
-
-def _image_with_colorbar(path, data, title, fontsize, label, width, right, **imshow):
-    """One (H, W) array `width` inches wide, titled, with a labelled colorbar in `right` inches of
-    margin; 0.1 in below for the colorbar's end labels."""
-    height = width * data.shape[0] / data.shape[1]
-    fig = _plt().figure(figsize=(width + right, height + TITLE_IN + 0.1))
-    ax = _axes(fig, 0, 0.1, width, height)
-    im = ax.imshow(data, **imshow)
-    _title(ax, title, fontsize)
-    fig.colorbar(im, cax=_axes(fig, width + 0.15, 0.1, 0.15, height, off=False), label=label)
-    _save(fig, path)
-
-
-def plot_std(path, std):
-    """The per-pixel posterior std (H, W, C), averaged over channels, with a colorbar in the
-    units of the [0, 1] image scale (not rescaled to its own maximum)."""
-    _image_with_colorbar(path, np.asarray(std).mean(-1), "posterior std per pixel (mean over channels)", 9,
-                         "std, [0, 1] image scale", 4.0, 1.3, cmap="magma", vmin=0)
-
-
-def plot_eigenpsfs(path, basis, maps, explained, max_k=10):
-    """Top row: basis kernels Bₖ; bottom row: coefficient maps Cₖ (diverging colormap).
-
-    B₁.. and C₁.. share one colour scale each, so a component with almost no variance shows as
-    flat rather than being stretched into structure it does not have.
-    """
-    K_all = basis.shape[0]
-    K = min(K_all, max_k)
-    b, m = basis[:K].cpu().numpy(), maps[:K].cpu().numpy()
-    blim = float(np.abs(b[1:]).max()) if K > 1 else 1.0
-    mlim = float(np.abs(m[1:]).max()) if K > 1 else 1.0
-    # A unit-norm direction with ~0 variance is numerical noise: drawn blank, not stretched.
-    noise = [k > 0 and float(explained[k - 1]) < 1e-6 for k in range(K)]
-    tops = [_rgb(b[0], "magma", 0, float(b[0].max()) or 1.0)]
-    tops += [_rgb(0 * b[k] if noise[k] else b[k], "RdBu_r", -(blim or 1), blim or 1) for k in range(1, K)]
-    bottoms = [_rgb(m[0], "RdBu_r", -1, 1)] + [_rgb(m[k], "RdBu_r", -(mlim or 1), mlim or 1) for k in range(1, K)]
-    titles = ["B0 (mean PSF)"] + [f"B{k} (~0 var: not shown)" if noise[k] else
-                                  f"B{k} ({100 * float(explained[k - 1]):.2g}% var)" for k in range(1, K)]
-    pw, aspect = 2.0, m.shape[1] / m.shape[2]
-    strip = _strip_width(K, pw)
-    W = max(strip + 0.4, 7.0)               # room for the suptitle however small K is, and edge titles
-    fig = _plt().figure(figsize=(W, pw + pw * aspect + 2 * TITLE_IN + 0.35))
-    x0 = (W - strip) / 2
-    _panel_strip(fig, x0, 0, pw, bottoms, [f"C{k}" for k in range(K)], 8)
-    _panel_strip(fig, x0, pw * aspect + TITLE_IN, pw, tops, titles, 8)
-    shown = f"first {K} of K={K_all}" if K < K_all else f"all K={K_all}"
-    fig.suptitle(f"EigenPSFs Bₖ (top) and coefficient maps Cₖ (bottom): {shown}; "
-                 f"B₁.. and C₁.. share one colour scale", fontsize=9, y=1 - 0.08 / fig.get_size_inches()[1], va="top")
-    _save(fig, path)
-
-
-def plot_psf_grid(path, grid, max_side=16):
-    """The PSF field as a mosaic (each PSF scaled to its own max); large grids are subsampled."""
-    Gy, Gx, k, _ = grid.shape
-    sy, sx = max(1, math.ceil(Gy / max_side)), max(1, math.ceil(Gx / max_side))
-    g = np.asarray(grid[::sy, ::sx] if isinstance(grid, np.ndarray) else grid[::sy, ::sx].cpu())
-    g = g / np.maximum(g.max(axis=(-2, -1), keepdims=True), 1e-12)
-    ny, nx = g.shape[:2]
-    tiles = np.ones((ny, k + 1, nx, k + 1))          # each PSF with a 1-pixel white gutter
-    tiles[:, :k, :, :k] = g.transpose(0, 2, 1, 3)
-    mosaic = np.pad(tiles.reshape(ny * (k + 1), nx * (k + 1)), ((1, 0), (1, 0)), constant_values=1)
-    sub = f" (every {sy}th row / {sx}th column)" if sy > 1 or sx > 1 else ""
-    _image_with_colorbar(path, mosaic, f"PSF grid {Gy}x{Gx}, {k}x{k} kernels{sub}", 10,
-                         "PSF value / that PSF's maximum", 6.0, 1.5, cmap="gray", interpolation="nearest", vmin=0, vmax=1)
-
-
-SPOT_COLOURS = {"accepted": "lime", "noise": "gray", "hot pixel": "magenta", "edge": "orange",
-                "saturated": "red", "overlap": "cyan"}
-
-
-def plot_calibration_spots(path, img, spots):
-    """The calibration image (square-root stretch of its fixed [0, 1] range) with every detected
-    spot marked, accepted and each rejection reason in its own colour, with counts in the legend."""
-    plt = _plt()
-    h, w = img.shape
-    fig, ax = plt.subplots(figsize=(8, 8 * h / w))
-    ax.imshow(np.sqrt(np.clip(img, 0, 1)), cmap="gray", vmin=0, vmax=1)
-    for status, colour in SPOT_COLOURS.items():
-        pts = [(s["row"], s["col"]) for s in spots if s["status"] == status]
-        if pts:
-            r, c = np.array(pts).T
-            ax.scatter(c, r, s=60, facecolors="none", edgecolors=colour, linewidths=1.2, label=f"{status} ({len(pts)})")
-    ax.legend(loc="upper right", fontsize=8, framealpha=0.7)
-    ax.set_title("detected point sources", fontsize=10)
-    ax.axis("off")
-    _save(fig, path, tight=True)   # free-form legend and axis labels; written once per calibration
-
-
-def plot_cell_map(path, counts, snr):
-    """Accepted spots per grid cell and their median peak SNR, with colorbars and the counts written in."""
-    plt = _plt()
-    # wspace leaves the left colorbar's labels clear of the right panel's row label
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), gridspec_kw={"wspace": 0.5})
-    G_rows, G_cols = counts.shape
-    for ax, data, title, cmap, fmt in ((axes[0], counts, "accepted spots per cell", "viridis", "{:d}"),
-                                       (axes[1], snr, "median peak SNR per cell", "magma", "{:.0f}")):
-        im = ax.imshow(data, cmap=cmap, vmin=0)
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-        ax.set_title(title, fontsize=10)
-        ax.set_xticks(range(G_cols))          # one tick per cell, at its centre
-        ax.set_yticks(range(G_rows))
-        ax.set_xlabel("grid column")
-        ax.set_ylabel("grid row")
-        light = data.max() * 0.5 if data.size and data.max() > 0 else 1
-        for (i, j), v in np.ndenumerate(data):
-            ax.text(j, i, fmt.format(int(v) if fmt == "{:d}" else float(v)), ha="center", va="center", fontsize=8,
-                    color="black" if v > light else "white")
-    _save(fig, path, tight=True)   # free-form legend and axis labels; written once per calibration
-
-
-def plot_loss_curve(path, history):
-    """Training loss per step (and its running mean over 50 steps) and the validation loss."""
-    plt = _plt()
-    h = np.asarray(history, dtype=float).reshape(-1, 3)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if len(h):
-        ax.plot(h[:, 0], h[:, 1], lw=0.5, alpha=0.35, color="C0", label="train (per step)")
-        k = min(50, len(h))
-        ax.plot(h[k - 1:, 0], np.convolve(h[:, 1], np.ones(k) / k, mode="valid"), color="C0", label=f"train ({k}-step mean)")
-        v = ~np.isnan(h[:, 2])
-        ax.plot(h[v, 0], h[v, 2], "o-", color="C1", ms=3, label="validation (EMA weights, fixed crops)")
-        ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("ε-prediction MSE")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    _save(fig, path, tight=True)
-
-
-def plot_progress(path, steps, images, curve_steps, curve_values, max_panels=8):
-    """x̂₀ across steps (first image of the batch) and the curve of ‖y − A(x̂₀)‖/‖y‖ (its values at
-    curve_steps, every log_every steps)."""
-    if not steps:
-        return
-    idx = np.unique(np.linspace(0, len(steps) - 1, min(max_panels, len(steps))).round().astype(int))
-    first = [to_numpy(images[i][:1]) for i in idx]
-    h, w = first[0].shape[:2]
-    pw = 2.2 * min(1.0, w / h)                    # panels at most 2.2 in tall
-    ph, curve = pw * h / w, 2.6
-    strip = _strip_width(len(idx), pw)
-    fig = _plt().figure(figsize=(strip + 0.75 + curve + 0.1, max(ph, 1.6) + TITLE_IN + 0.1))
-    top = max(ph, 1.6) + 0.1 - ph                                # the strip hangs from the top
-    _panel_strip(fig, 0, top, pw, [_rgb(f) for f in first], [f"step {steps[i]}" for i in idx], 8)
-    ax = _axes(fig, strip + 0.75, 0.45, curve, max(ph, 1.6) - 0.35, off=False)   # room for tick labels
-    ax.semilogy(curve_steps, curve_values)
-    # plain "0.0201" labels, 3 significant digits (the default's mathtext costs ~70 ms, and
-    # LogFormatter labels every tick of a curve within one decade alike, "2e-02")
-    from matplotlib.ticker import FormatStrFormatter
-    ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
-    ax.yaxis.set_minor_formatter(FormatStrFormatter("%.3g"))
-    ax.set_xlabel("step", labelpad=1)
-    _title(ax, "‖y − A(x̂₀)‖ / ‖y‖", 9)
-    _save(fig, path)
 
 
 # ----------------------------------------------------------------------------
-# 5. Measured PSF grids (.npy / .npz) and noise estimation
+# 4. Measured PSF grids (.npy / .npz) and noise estimation
 # ----------------------------------------------------------------------------
 
 def load_psf_grid(path: str):

@@ -56,8 +56,8 @@ def peak_rss_grid_operator(k=61, size=256):
 def peak_rss_ground_truth(k, size=256, mode="motion"):
     """(peak RSS increase MB, seconds) of one per-pixel ground-truth blur of a size² RGB scene
     (gather and scatter each), in a fresh process so that the peak is this operator's alone."""
-    code = (f"import resource, time, torch, physics, utils\n"
-            f"utils.tune_cpu_allocator()\n"
+    code = (f"import resource, time, torch, physics, device\n"
+            f"device.tune_cpu_allocator()\n"
             f"sim = physics.SVBlurSimulator({size}, {size}, {k}, 8)\n"
             f"f = sim.simulate_field('{mode}', seed=0, max_length={k - 1}.0)\n"
             f"x = torch.rand(1, 3, {size + k - 1}, {size + k - 1})\n"
@@ -76,12 +76,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--default_allocator", action="store_true", help="skip utils.tune_cpu_allocator()")
+    ap.add_argument("--default_allocator", action="store_true", help="skip device.tune_cpu_allocator()")
     args = ap.parse_args()
     device = torch.device(args.device)
     if device.type == "cpu" and not args.default_allocator:
-        import utils
-        print(f"glibc: large blocks kept on the heap, as main.py does on CPU: {utils.tune_cpu_allocator()}")
+        import device as device_setup
+        print(f"glibc: large blocks kept on the heap, as main.py does on CPU: {device_setup.tune_cpu_allocator()}")
     try:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from _peer import import_space_varying_blur

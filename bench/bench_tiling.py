@@ -70,8 +70,8 @@ def sampler_call(unet, size, method, steps, device, plan=PLAN, tune_late=False):
         y = op(scene) + 0.05 * torch.randn(1, 3, size, size, generator=g, device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cpu" and tune_late:   # --allocator late
-        import utils
-        utils.tune_cpu_allocator()   # only now: what the setup freed has gone back to the OS
+        import device as device_setup
+        device_setup.tune_cpu_allocator()   # only now: what the setup freed has gone back to the OS
     before = torch.cuda.memory_allocated(device) / 2 ** 30 if device.type == "cuda" else resident_gb()
     reset_peak_memory(device)
     t0 = time.perf_counter()
@@ -215,14 +215,14 @@ def main():
     ap.add_argument("--time_sizes", default=None, help="CPU default 512,1024; CUDA 512,1024,2048,4096")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench_out"))
     ap.add_argument("--allocator", default="default", choices=("default", "tuned", "late"),
-                    help="CPU: glibc's default, main.py's utils.tune_cpu_allocator from the start (faster, more "
+                    help="CPU: glibc's default, device.tune_cpu_allocator from the start, as a run does (faster, more "
                          "resident memory), or that tuning applied only just before the sampler call")
     ap.add_argument("--row", default=None, help=argparse.SUPPRESS)   # internal: one memory row
     args = ap.parse_args()
     device = torch.device(args.device)
     if device.type == "cpu" and args.allocator == "tuned":
-        import utils
-        utils.tune_cpu_allocator()   # as main.py does on the CPU: large temporaries are not unmapped after each call
+        import device as device_setup
+        device_setup.tune_cpu_allocator()   # as main.py does on the CPU: large temporaries are not unmapped after each call
     if args.row:
         size, method = args.row.split(",")
         print(json.dumps(memory_row(int(size), method, device, args.allocator)))

@@ -28,8 +28,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import config  # noqa: E402
 import dps  # noqa: E402
-import main  # noqa: E402
 import physics  # noqa: E402
 import priors  # noqa: E402
 import training  # noqa: E402
@@ -67,8 +67,8 @@ def make_data(folder, n, size, seed):
 
 
 def train(folder, out, minutes, quick, steps=None):
-    schema = utils.load_config(main.DEFAULT_CONFIG)
-    cfg = utils.validate_config(utils.with_defaults({}, schema), schema)
+    schema = config.load_config(config.DEFAULT_CONFIG)
+    cfg = config.validate_config(config.with_defaults({}, schema), schema)
     cfg["train"].update(dir=folder, crop=64 if not quick else 32, batch_size=16, steps=steps or 10 ** 6, lr=2e-4,
                         warmup_steps=100, eval_every=200, sample_every=10 ** 9, checkpoint_every=10 ** 9, rotate90=True)
     trainer, facts = training.prepare(cfg, torch.device("cpu"))

@@ -28,7 +28,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MUTANTS = {
     "tweedie_sign": ("dps.py", "return (x_t - (1 - alpha_bar_t).sqrt() * eps)", "return (x_t + (1 - alpha_bar_t).sqrt() * eps)",
                      "tests/test_dps.py -k tweedie"),
-    "dps_sign": ("dps.py", "x_prev = out.prev_sample.detach() - zeta *", "x_prev = out.prev_sample.detach() + zeta *",
+    "dps_sign": ("dps.py", "            x_prev = out.prev_sample.detach() - zeta *",
+                 "            x_prev = out.prev_sample.detach() + zeta *",
                  "tests/test_dps.py -k 'guidance_lowers or finite_difference'"),
     "residual_range": ("dps.py", "return torch.linalg.vector_norm((y - operator((x0_hat + 1) / 2)).flatten(1), dim=1)",
                        "return torch.linalg.vector_norm((y - operator(x0_hat)).flatten(1), dim=1)",
@@ -79,9 +80,15 @@ MUTANTS = {
                                 "tests/test_physics.py -k 'bands_of_rows or component_chunks'"),
     "node_variance_unsquared": ("calibration.py", "float((L ** 2 * V[near]).sum())", "float((np.abs(L) * V[near]).sum())",
                                 "tests/test_calibration.py -k noise_variance"),
-    "seed_from_index": ("main.py", "gen = image_generator(cfg[\"run\"][\"seed\"], os.path.basename(path), device)",
+    "seed_from_index": ("batch.py", "gen = image_generator(cfg[\"run\"][\"seed\"], os.path.basename(path), device)",
                         "gen = image_generator(cfg[\"run\"][\"seed\"], str(i), device)",
                         "tests/test_batch.py -k depend_on_the_folder"),
+    "operators_cache_ignores_size": ("problem.py", "if measured is not None and built is not None and (H, W) in built:\n"
+                                     "        return built[(H, W)]",
+                                     "if measured is not None and built:\n        return next(iter(built.values()))",
+                                     "tests/test_problem.py -k built_once"),
+    "config_imports_torch": ("config.py", "import yaml\n", "import torch  # noqa: F401\nimport yaml\n",
+                             "tests/test_config.py -k without_torch"),
     "resume_off_by_one": ("dps.py", "for i in range(start_index, len(timesteps)):",
                           "for i in range(start_index + 1, len(timesteps)):", "tests/test_dps.py -k resume"),
     "adm_qkv_swap_k_v": ("priors.py", "return tuple(per_head[:, i].reshape(channels, *qkv.shape[1:]) for i in range(3))",
@@ -99,7 +106,7 @@ MUTANTS = {
                             "tests/test_tiling.py -k vjp"),
     "psnr_rescaled": ("utils.py", "return float(peak_signal_noise_ratio(ref, np.clip(est, 0, 1), data_range=1.0))",
                       "return float(peak_signal_noise_ratio(ref, np.clip(est, 0, 1), data_range=float(ref.max() - ref.min())))",
-                      "tests/test_main.py -k fixed_range"),
+                      "tests/test_utils.py -k fixed_range"),
 }
 
 

@@ -26,7 +26,7 @@
 #
 # Folder runs (--image_dir/--blurred_dir in the task line) restore BATCH_SIZE measurements per
 # sampler call (default: the task line's or config's); a stopped folder run resumes from its
-# batch_*/checkpoint.pt like a single run. Sensible values per GPU are in the README.
+# batch_*/checkpoint.pt like a single run. Sensible values per GPU are in docs/hpc.md.
 #
 # Environment: MODEL_CACHE (shared hub cache), BATCH_SIZE, PYTHON (interpreter, default python),
 # EIGENPSF_DIR (repository, default the submit directory), HF_HUB_OFFLINE (default 1).

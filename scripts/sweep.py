@@ -14,7 +14,7 @@ A spec is a small YAML file:
     seeds: [0, 1]                     # optional
     images: [sample, data/face2.png]  # optional
     image_dir: data/faces             # optional: every task restores this folder (instead of images) ...
-    batch_size: 8                     # ... this many measurements per sampler call (see README, per GPU)
+    batch_size: 8                     # ... this many measurements per sampler call (see docs/hpc.md, per GPU)
 
 Task i runs `python main.py <args> --set key=value ... --seed s --image img --save_dir SWEEP_DIR/task_000i`
 (with image_dir: `--image_dir DIR --batch_size N`, and the task's results are a batch_* folder).
@@ -33,6 +33,8 @@ import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import config  # noqa: E402
+import plots  # noqa: E402
 import utils  # noqa: E402
 
 SPEC_KEYS = {"sweep_dir", "args", "grid", "seeds", "images", "image_dir", "batch_size"}
@@ -50,7 +52,7 @@ def expand(spec: dict):
     unknown = set(spec) - SPEC_KEYS
     if unknown:
         fail(f"unknown sweep spec key(s) {sorted(unknown)}; allowed: {sorted(SPEC_KEYS)}")
-    schema = utils.flatten(utils.load_config(os.path.join(ROOT, "config.yaml")))
+    schema = config.flatten(config.load_config(os.path.join(ROOT, "config.yaml")))
     grid = spec.get("grid") or {}
     for key, values in grid.items():
         if key not in schema:
@@ -161,7 +163,7 @@ def plot_against(sweep_dir, key, rows):
     values = sorted({r[key] for r in rows}, key=_sort_key)
     if len(values) < 2:
         return
-    plt = utils._plt()
+    plt = plots._plt()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     for ax, metric in zip(axes, ("psnr_restored", "ssim_restored")):
         means = []
@@ -174,7 +176,7 @@ def plot_against(sweep_dir, key, rows):
         ax.set_ylabel(metric.replace("_", " "))
         ax.grid(alpha=0.3)
     fig.suptitle(f"mean over {len(rows)} complete runs", fontsize=9)
-    utils._save(fig, os.path.join(sweep_dir, f"plot_{key.replace('.', '_')}.png"), tight=True)
+    plots._save(fig, os.path.join(sweep_dir, f"plot_{key.replace('.', '_')}.png"), tight=True)
 
 
 def _sort_key(v):

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 import baselines
-from test_data_step import defocus_system
-from test_dps import dense_matrix
+from helpers import defocus_system, dense_matrix
 
 
 def gradient_matrix(H, W):

@@ -11,10 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
+import batch
+import checkpoint
 import dps
-import main
-from helpers import save_tiny_model
-from test_main import FAST, run_in_process
+import utils
+from helpers import FAST, run_in_process, save_tiny_model, stop_at, write_images
 
 # Columns of summary.csv that describe how the run was scheduled, not what it computed.
 SCHEDULING = {"folder", "runtime_s", "batch_size"}
@@ -23,16 +24,6 @@ SCHEDULING = {"folder", "runtime_s", "batch_size"}
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
-
-
-def write_images(folder, shapes, seed=0):
-    """PNG files im0.png … of the given (H, W) or (H, W, 1) shapes; gray ones are saved as L."""
-    os.makedirs(folder, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i, shape in enumerate(shapes):
-        a = (rng.random(shape) * 255).astype(np.uint8)
-        Image.fromarray(a[..., 0] if a.ndim == 3 and a.shape[-1] == 1 else a).save(os.path.join(folder, f"im{i}.png"))
-    return str(folder)
 
 
 def folder_run(args, save_dir, capsys, monkeypatch):
@@ -107,23 +98,6 @@ def test_batched_real_folder_groups_mixed_shapes(tmp_path, capsys, monkeypatch, 
         [f"im{i}.png" for i in range(5)]
 
 
-def stop_at(monkeypatch, batch_number, step):
-    """Asks for a stop (as SIGTERM does) after `step` of the `batch_number`-th sampler call."""
-    calls = {"n": 0}
-    original = main.progress_callback
-
-    def patched(views, cfg, device, bar, name, y_norms):
-        calls["n"] += 1
-        inner, n = original(views, cfg, device, bar, name, y_norms), calls["n"]
-
-        def callback(i, t, x_t, x0_hat, res):
-            if n == batch_number and i == step:
-                main.STOP["signal"] = signal.SIGTERM
-            return inner(i, t, x_t, x0_hat, res)
-        return callback
-    monkeypatch.setattr(main, "progress_callback", patched)
-
-
 @pytest.mark.parametrize("sampler", sorted(dps.SAMPLERS))
 def test_resume_in_the_middle_of_a_batched_folder_run_is_bit_identical(tmp_path, capsys, monkeypatch, sampler):
     src = write_images(tmp_path / "imgs", [(40, 40, 3)] * 5, seed=2)
@@ -132,7 +106,7 @@ def test_resume_in_the_middle_of_a_batched_folder_run_is_bit_identical(tmp_path,
     assert full[0] == 0, full[1][-2000:]
     stop_at(monkeypatch, batch_number=2, step=2)
     code, err, batch = folder_run(args, tmp_path / "cut", capsys, monkeypatch)
-    assert code == main.EXIT_PREEMPTED and f"continue with --resume {batch}" in err, err[-2000:]
+    assert code == utils.EXIT_PREEMPTED and f"continue with --resume {batch}" in err, err[-2000:]
     rows = list(csv.DictReader(open(os.path.join(batch, "summary.csv"))))
     assert [r["status"] for r in rows] == ["complete", "complete", "preempted", "preempted"]
     assert os.path.isfile(os.path.join(batch, "checkpoint.pt"))
@@ -176,7 +150,7 @@ def test_a_batch_too_large_for_memory_is_a_one_line_error(tmp_path, capsys, monk
     code, err, batch = folder_run([*SIM, "--image_dir", src, "--batch_size", "4"], tmp_path / "out", capsys,
                                   monkeypatch)
     lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
-    assert code == main.EXIT_BAD_INPUT and len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    assert code == utils.EXIT_BAD_INPUT and len(lines) == 1 and "Traceback" not in err, err[-2000:]
     assert "out of CPU memory" in lines[0] and "try --batch_size 2" in lines[0]
     rows = list(csv.DictReader(open(os.path.join(batch, "summary.csv"))))
     assert [r["status"] for r in rows] == ["error"] * 4
@@ -184,11 +158,11 @@ def test_a_batch_too_large_for_memory_is_a_one_line_error(tmp_path, capsys, monk
 
 def test_batched_checkpoint_damage_is_named(tmp_path):
     """A folder checkpoint is validated entry by entry, like a single run's."""
-    ckpt = {"format": main.CHECKPOINT_FORMAT, "version": main.CHECKPOINT_VERSION, "kind": "folder",
+    ckpt = {"format": checkpoint.CHECKPOINT_FORMAT, "version": checkpoint.CHECKPOINT_VERSION, "kind": "folder",
             "x_t": torch.zeros(1), "next_index": 3, "inputs": ["a.png"], "rows": {}, "images": [{"index": 0}]}
     torch.save(ckpt, tmp_path / "checkpoint.pt")
-    with pytest.raises(main.utils.UserError, match=r"damaged: images\[0\]\.generator_state should be a tensor"):
-        main.load_checkpoint(str(tmp_path / "checkpoint.pt"))
+    with pytest.raises(utils.UserError, match=r"damaged: images\[0\]\.generator_state should be a tensor"):
+        checkpoint.load_checkpoint(str(tmp_path / "checkpoint.pt"))
 
 
 def test_a_stop_between_batches_checkpoints_the_images_done(tmp_path, capsys, monkeypatch):
@@ -198,19 +172,19 @@ def test_a_stop_between_batches_checkpoints_the_images_done(tmp_path, capsys, mo
     src = write_images(tmp_path / "imgs", [(40, 40, 3)] * 3, seed=5)
     args = [*SIM, "--image_dir", src, "--batch_size", "2"]
     full = folder_run(args, tmp_path / "full", capsys, monkeypatch)
-    original = main.restore_group
+    original = batch.restore_group
 
     def then_stop(*a, **kw):  # the signal lands after the first batch, outside the sampler
         code = original(*a, **kw)
-        main.STOP["signal"] = signal.SIGTERM
+        checkpoint.STOP["signal"] = signal.SIGTERM
         return code
-    monkeypatch.setattr(main, "restore_group", then_stop)
-    code, err, batch = folder_run(args, tmp_path / "cut", capsys, monkeypatch)
-    assert code == main.EXIT_PREEMPTED and "between batches, 2/3 images done" in err, err[-2000:]
+    monkeypatch.setattr(batch, "restore_group", then_stop)
+    code, err, cut = folder_run(args, tmp_path / "cut", capsys, monkeypatch)
+    assert code == utils.EXIT_PREEMPTED and "between batches, 2/3 images done" in err, err[-2000:]
     monkeypatch.undo()
-    code, err = run_in_process(["--resume", batch], capsys, monkeypatch)
+    code, err = run_in_process(["--resume", cut], capsys, monkeypatch)
     assert code == 0, err[-2000:]
-    a, b = results(full[2]), results(batch)
+    a, b = results(full[2]), results(cut)
     assert list(a) == list(b) == ["im0.png", "im1.png", "im2.png"]
     for f in a:
         np.testing.assert_array_equal(a[f][1], b[f][1], err_msg=f)

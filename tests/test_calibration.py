@@ -10,7 +10,7 @@ import torch
 
 import calibration
 import physics
-from test_main import cli
+from helpers import cli
 
 FIELD = dict(sigma_scale=1.2, mu_scale=0.0)  # correlated Gaussians centred on their source
 # (a PSF's offset from its source cannot be measured without knowing where the sources are: the
@@ -42,12 +42,12 @@ def rel_error(est, true):
 # - defocus disks of radius 1-4.4 px whose rim is blurred by the Airy core (edge_sigma 0.84 px).
 #   The disk field has no random draw: the seed moves the sources and the noise.
 # Narrower Gaussians (sigma < 0.8 px) and disks with a 1-px rim are undersampled, and one spot
-# cannot be registered sub-pixel to 5% (README, "Calibration").
+# cannot be registered sub-pixel to 5% (docs/calibration.md).
 NYQUIST = {"gaussians": dict(mode="correlated", field=dict(sigma_scale=2.0, mu_scale=0.0), H=384, k=21),
            "disks": dict(mode="defocus", field=dict(max_radius=4.4, edge_sigma=0.84), H=256, k=15)}
 # Field 4 curves within its cells faster than 3-8 beads per cell can follow (7.2% at SNR 100); a
-# known limit, kept visible: the test fails if it starts to pass, so the README can be updated.
-CURVES = pytest.mark.xfail(strict=True, reason="beads on field 4: the PSF curves within cells (README)")
+# known limit, kept visible: the test fails if it starts to pass, so the docs can be updated.
+CURVES = pytest.mark.xfail(strict=True, reason="beads on field 4: the PSF curves within cells (docs/calibration.md)")
 CASES = [pytest.param(psfs, seed, beads, snr, bound, id=f"{psfs}-{'beads' if beads else 'array'}-{seed}-snr{snr}",
                       marks=[CURVES] if (psfs, seed, beads, snr) == ("gaussians", 4, True, 100) else [])
          for psfs, seeds in (("gaussians", range(6)), ("disks", range(3)))

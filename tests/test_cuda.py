@@ -4,9 +4,11 @@
 import pytest
 import torch
 
+import device as device_setup
+import checkpoint
 import dps
-import main
 import physics
+import problem
 from helpers import full_and_resumed, tiny_scheduler, tiny_unet
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -47,12 +49,12 @@ def test_checkpoint_round_trip_with_a_cuda_generator(tmp_path):
     eig, grid, decomp = small_system(CUDA)
     gen = torch.Generator(CUDA).manual_seed(7)
     torch.randn(3, generator=gen, device=CUDA)
-    p = main.Problem("x", torch.rand(1, 3, 32, 32, device=CUDA), None, grid.kernel_grid, (torch.arange(3.), torch.arange(3.)),
+    p = problem.Problem("x", torch.rand(1, 3, 32, 32, device=CUDA), None, grid.kernel_grid, (torch.arange(3.), torch.arange(3.)),
                      eig, grid, decomp, {})
     state = {"steps_done": 4, "runtime": 1.0, "steps": [0], "x0_hat": [torch.rand(1, 3, 32, 32)], "residual": [torch.rand(1)]}
     path = str(tmp_path / "checkpoint.pt")
-    main.save_checkpoint(path, p, torch.randn(1, 3, 32, 32, device=CUDA), 4, gen, state)
-    ckpt = main.load_checkpoint(path)
+    checkpoint.save_checkpoint(path, p, torch.randn(1, 3, 32, 32, device=CUDA), 4, gen, state)
+    ckpt = checkpoint.load_checkpoint(path)
     gen2 = torch.Generator(CUDA)
     gen2.set_state(ckpt["generator_state"])
     assert torch.equal(torch.randn(5, generator=gen, device=CUDA), torch.randn(5, generator=gen2, device=CUDA))
@@ -79,10 +81,10 @@ def test_bf16_autocast_on_cuda_keeps_x0_close_and_the_output_float32():
 
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
 def test_compiled_unet_matches_eager(mode):
-    """main.setup_accelerators' torch.compile path, against the eager model on the same steps."""
+    """device.setup_accelerators' torch.compile path, against the eager model on the same steps."""
     cfg = {"run": {"compile": mode, "channels_last": False}}
     eager = tiny_unet().to(CUDA)
-    compiled = main.setup_accelerators(cfg, CUDA, tiny_unet().to(CUDA))
+    compiled = device_setup.setup_accelerators(cfg, CUDA, tiny_unet().to(CUDA))
     eig, _, _ = small_system(CUDA)
     y = torch.rand(1, 3, 32, 32, device=CUDA)
     runs = [dps.EigenPSFDPSPipeline(u, tiny_scheduler(), eig)(y, num_inference_steps=4,

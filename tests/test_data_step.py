@@ -8,14 +8,7 @@ import torch
 import dps
 import priors
 import physics
-from test_dps import dense_matrix
-
-
-def defocus_system(size=8, n=4):
-    pc = dict(blur_mode="defocus", kernel_size=5, grid_size=2, n_eigen_psfs=n, form="scatter", boundary="reflect",
-              defocus=dict(min_radius=0.5, max_radius=2.0))
-    eig, _, _ = physics.create_sv_blur_system(size, size, pc, seed=0, dtype=torch.float64)
-    return eig.double()
+from helpers import defocus_system, dense_matrix
 
 
 def problem(size=8, sigma=0.02, seed=0):

@@ -11,11 +11,12 @@ import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler
 
+import config
 import dps
-import priors
 import physics
+import priors
 from fakehub import FakeHub, files_from_dir
-from helpers import full_and_resumed, save_tiny_model, tiny_scheduler, tiny_unet
+from helpers import dense_matrix, full_and_resumed, save_tiny_model, tiny_scheduler, tiny_unet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -433,19 +434,11 @@ def test_hf_home_is_honoured(tmp_path, tiny_files, monkeypatch):
 
 def test_registry_defaults_are_config_yaml():
     """config.yaml is the one source of defaults: the library's must equal it, sampler by sampler."""
-    import utils
-    cfg = utils.load_config(os.path.join(ROOT, "config.yaml"))["sampler"]
-    assert set(dps.SAMPLERS) == set(utils.SAMPLER_METHODS) == set(dps.DEFAULT_STEPS)
+    cfg = config.load_config(os.path.join(ROOT, "config.yaml"))["sampler"]
+    assert set(dps.SAMPLERS) == set(config.SAMPLER_METHODS) == set(dps.DEFAULT_STEPS)
     for name, (step, defaults) in dps.SAMPLERS.items():
         assert cfg[name] == defaults, name
         assert callable(step)
-
-
-def dense_matrix(op, shape):
-    """The operator as a dense matrix, column by column (independent of its adjoint)."""
-    n = int(np.prod(shape))
-    eye = torch.eye(n, dtype=torch.float64).reshape(n, *shape)
-    return torch.stack([op(e[None])[0].reshape(-1) for e in eye], 1)
 
 
 def test_conjugate_gradient_per_image_matches_dense_solve_and_ignores_neighbours():

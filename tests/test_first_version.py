@@ -9,9 +9,10 @@ import pytest
 import torch
 import yaml
 
+import config
 import physics
 import utils
-from test_main import cli, run_dirs
+from helpers import cli, run_dirs
 
 # The first version's config.yaml, verbatim, comments included.
 OLD_CONFIG = """\
@@ -85,7 +86,7 @@ def test_an_old_key_beside_its_new_one_with_another_value_is_an_error(tmp_path, 
             capsys, monkeypatch, caplog)
     assert r.returncode == 2 and "output.intermediate_freq (the old name of sampler.intermediate_freq)" in r.stderr
     # The same value under both names is no conflict.
-    assert utils.unalias({"dps.step_size": 1.0, "sampler.dps.step_size": 1.0}, "x", "motion") == \
+    assert config.unalias({"dps.step_size": 1.0, "sampler.dps.step_size": 1.0}, "x", "motion") == \
         {"sampler.dps.step_size": 1.0}
 
 
@@ -109,13 +110,13 @@ def test_unknown_key_hint_knows_the_old_names(tmp_path, capsys, monkeypatch, cap
 @pytest.mark.parametrize("mode, expected", [("random_iid", 16), ("motion", "auto")])
 def test_old_random_iid_grid_size_applies_to_random_iid_only(mode, expected):
     flat = {"physics.blur_mode": mode, "physics.random_iid.grid_size": 16}
-    out = utils.unalias(flat, "old.yaml", mode)
+    out = config.unalias(flat, "old.yaml", mode)
     assert out.get("physics.grid_size", "auto") == expected and "physics.random_iid.grid_size" not in out
 
 
 def test_every_alias_names_a_current_key():
-    schema = utils.flatten(utils.load_config(os.path.join(os.path.dirname(os.path.dirname(__file__)), "config.yaml")))
-    assert all(new in schema and old not in schema for old, new in utils.ALIASES.items())
+    schema = config.flatten(config.load_config(os.path.join(os.path.dirname(os.path.dirname(__file__)), "config.yaml")))
+    assert all(new in schema and old not in schema for old, new in config.ALIASES.items())
 
 
 def test_load_sample_image_as_the_first_version_documented(tmp_path):

@@ -13,7 +13,7 @@ import torch
 import physics
 import utils
 from physics import FORMS, GroundTruthBlur, SVBlurSimulator, build_operators, compute_eigen_decomposition
-from test_main import FAST, cli, run_dirs
+from helpers import cli, FAST, run_dirs
 
 SMALL = {"motion": dict(max_length=4), "correlated": dict(sigma_scale=0.35, mu_scale=0.3),
          "mixed": dict(max_length=4, max_radius=2), "random_iid": dict(max_length=4, max_radius=2, sigma_scale=0.4)}

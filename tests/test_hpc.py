@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import yaml
 
-import main
-from helpers import save_tiny_model
-from test_main import ROOT, cli, run_cli, run_dirs
+import checkpoint
+import utils
+from helpers import (cli, ROOT, run_cli, run_dirs, run_in_process, save_tiny_model, sigterm_then_resume,
+                     stop_at, wait_for, wait_for_first_step, write_images)
 
 SWEEP_ARGS = ("--model_id analytic --img_size 32 --kernel_size 7 --grid_size 4 --n_eigen_psfs 4 "
               "--num_inference_steps 5 --set physics.motion.max_length=6 --no_intermediates")
@@ -25,46 +26,6 @@ SWEEP_ARGS = ("--model_id analytic --img_size 32 --kernel_size 7 --grid_size 4 -
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("m") / "tiny")
-
-
-def wait_for(cond, timeout, what, detail=lambda: ""):
-    """Polls cond() until it is true; on timeout, fails naming `what`, with detail() (logs, queue)."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if cond():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}\n{detail()}")
-
-
-def wait_for_first_step(save_dir):
-    """intermediates/step_0000.png is written after step 0 has completed: a signal sent then
-    always finds a finished step, however loaded the machine (a fixed sleep does not)."""
-    wait_for(lambda: list(save_dir.glob("run_*/intermediates/step_0000.png")), 300, "the first completed step")
-
-
-def sigterm_then_resume(args, steps, tmp_path, capsys, monkeypatch, caplog, before_resume=lambda run: None):
-    """main.py `args` in a real process, stopped by SIGTERM after its first step (exit 75, a
-    checkpoint, 0 < steps_completed < steps); then --resume and an uninterrupted reference, both in
-    this process (same code, same thread count). Returns (resumed run folder, reference folder)."""
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), *args, "--save_dir", str(tmp_path / "a")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for_first_step(tmp_path / "a")
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 75, err[-2000:]
-    run = tmp_path / "a" / run_dirs(tmp_path / "a")[0]
-    assert (run / "checkpoint.pt").is_file() and "--resume" in err
-    m = json.loads((run / "metrics.json").read_text())
-    assert m["status"] == "preempted" and 0 < m["steps_completed"] < steps
-    before_resume(run)
-    r = cli(["--resume", str(run)], capsys, monkeypatch, caplog)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert not (run / "checkpoint.pt").exists()
-    assert json.loads((run / "metrics.json").read_text())["status"] == "complete"
-    ref = cli(args + ["--save_dir", str(tmp_path / "b")], capsys, monkeypatch, caplog)
-    assert ref.returncode == 0
-    return run, tmp_path / "b" / run_dirs(tmp_path / "b")[0]
 
 
 @pytest.mark.slow
@@ -94,7 +55,7 @@ def test_ctrl_c_checkpoints_like_sigterm_and_exits_130(tmp_path, tiny_model):
     run = tmp_path / run_dirs(tmp_path)[0]
     m = json.loads((run / "metrics.json").read_text())
     assert m["status"] == "interrupted" and 0 < m["steps_completed"] < 50
-    assert "--resume" in err and main.load_checkpoint(str(run / "checkpoint.pt"))["next_index"] == m["steps_completed"]
+    assert "--resume" in err and checkpoint.load_checkpoint(str(run / "checkpoint.pt"))["next_index"] == m["steps_completed"]
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path, capsys, monkeypatch, caplog):
@@ -140,8 +101,6 @@ def test_sweep_folder_tasks_pass_the_batch_size_and_resume_a_stopped_batch(tmp_p
     """A sweep over folder runs: the batch size reaches main.py, a task stopped in the middle of
     a batch is resumed by the job script from its batch_*/checkpoint.pt, and collect reads the
     folder's summary."""
-    from test_batch import stop_at, write_images
-    from test_main import run_in_process
     src = write_images(tmp_path / "imgs", [(40, 40, 3)] * 3)
     make_sweep(tmp_path, grid="sampler.dps.step_size: [1.0]", extra=f"image_dir: {src}\nbatch_size: 2\n")
     line = (tmp_path / "sweep" / "tasks.txt").read_text().splitlines()[0]
@@ -150,7 +109,7 @@ def test_sweep_folder_tasks_pass_the_batch_size_and_resume_a_stopped_batch(tmp_p
     stop_at(monkeypatch, batch_number=1, step=2)
     code, err = run_in_process([*line.split(), "--save_dir", str(tmp_path / "sweep" / "task_0000")], capsys,
                                monkeypatch)
-    assert code == main.EXIT_PREEMPTED, err[-2000:]
+    assert code == utils.EXIT_PREEMPTED, err[-2000:]
     monkeypatch.undo()
     env = {**os.environ, "SLURM_ARRAY_TASK_ID": "0", "EIGENPSF_DIR": ROOT, "PYTHON": sys.executable}
     r = subprocess.run(["bash", os.path.join(ROOT, "scripts", "slurm_array.sh"), str(tmp_path / "sweep")],

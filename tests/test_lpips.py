@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import utils
-from test_main import cli, run_dirs
+from helpers import cli, run_dirs
 
 VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
 TAPS = (3, 8, 15, 22, 29)          # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 in torchvision's vgg16.features

@@ -14,55 +14,8 @@ import pytest
 import yaml
 from PIL import Image
 
-import main
-import utils
-from helpers import save_tiny_model
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAST = ["--img_size", "32", "--kernel_size", "7", "--set", "physics.motion.max_length=6", "--set",
-        "physics.defocus.max_radius=3", "--grid_size", "4", "--n_eigen_psfs", "4", "--num_inference_steps", "5"]
-
-
-def run_cli(args, cwd=ROOT, timeout=600, env=None):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=timeout, env={**os.environ, **(env or {})})
-
-
-def call_main(args, capsys, monkeypatch, env=None):
-    """main.main(args) in this process: the code `python main.py` runs, without the 6-10 s of
-    interpreter and torch start-up. Returns (exit code, captured stdout/stderr). An uncaught
-    exception (what the CLI would show as a traceback) propagates and fails the test."""
-    for key, value in (env or {}).items():
-        monkeypatch.setenv(key, value)
-    capsys.readouterr()
-    try:
-        code = main.main(args)
-    except SystemExit as e:  # argparse exits on a bad flag or --help, as the CLI does
-        code = e.code
-    return code, capsys.readouterr()
-
-
-def run_in_process(args, capsys, monkeypatch, env=None):
-    """(exit code, stderr) of call_main."""
-    code, captured = call_main(args, capsys, monkeypatch, env)
-    return code, captured.err
-
-
-def cli(args, capsys, monkeypatch, caplog, env=None):
-    """call_main with what run_cli returns: .returncode, .stdout, and .stderr holding both the
-    stderr text and the log lines (INFO and up), as the CLI's console shows them."""
-    import logging
-    from types import SimpleNamespace
-    caplog.set_level(logging.INFO)
-    caplog.clear()
-    code, out = call_main(args, capsys, monkeypatch, env)
-    logs = "".join(f"{r.levelname} {r.getMessage()}\n" for r in caplog.records)
-    return SimpleNamespace(returncode=code, stdout=out.out, stderr=logs + out.err)
-
-
-def run_dirs(save_dir, prefix="run"):
-    return sorted(d for d in os.listdir(save_dir) if d.startswith(prefix + "_")) if os.path.isdir(save_dir) else []
-
+import config
+from helpers import cli, FAST, ROOT, run_cli, run_dirs, run_in_process, save_tiny_model
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
@@ -101,36 +54,6 @@ def test_end_to_end_tiny_unet_writes_every_output(tmp_path, tiny_model, capsys, 
     # Each sample's data fit, and the list of misfits (none expected of two samples of a 5-step run).
     assert len(m["sample_residual_relative"]) == 2 and isinstance(m["samples_misfit"], list)
     assert all(0 < f < 1 for f in m["sample_residual_relative"])
-
-
-def test_sample_misfits_names_the_samples_that_miss_y(caplog):
-    """Three samples near the truth, one at half brightness and one empty field (a DPS sample in the
-    wrong mode): the last two are named, with fits computed independently in numpy. The empty one
-    inflates any mean, so only a median yardstick names the half-bright one; two samples compare."""
-    import torch
-    import torch.nn.functional as F
-
-    gen = torch.Generator().manual_seed(0)
-    box = torch.full((1, 1, 5, 5), 1 / 25)
-    op = lambda x: F.conv2d(F.pad(x, (2, 2, 2, 2), mode="reflect"), box)  # noqa: E731
-    x = torch.rand((1, 1, 24, 24), generator=gen)
-    y = op(x) + 0.01 * torch.randn((1, 1, 24, 24), generator=gen)
-    good = x + 0.02 * torch.randn((3, 1, 24, 24), generator=gen)
-    samples = torch.cat([good, 0.5 * x, torch.full((1, 1, 24, 24), 0.02)])
-    fits, bad = main.sample_misfits(y, op, samples)
-    blur = lambda a: np.stack([np.pad(a, 2, mode="reflect")[i:i + 24, j:j + 24]  # noqa: E731
-                               for i in range(5) for j in range(5)]).mean(0)
-    y_np = y[0, 0].numpy()
-    expected = [np.linalg.norm(y_np - blur(s[0].numpy())) / np.linalg.norm(y_np) for s in samples]
-    np.testing.assert_allclose(fits, expected, rtol=1e-5)
-    assert bad == [3, 4] and fits[3] < 2 * np.mean(fits[:3] + fits[4:])   # a mean of the others would miss it
-    assert main.sample_misfits(y, op, good)[1] == []
-    assert main.sample_misfits(y, op, samples[[0, 4]])[1] == [1]      # two samples: the empty one
-    m = {}
-    with caplog.at_level("WARNING", logger="eigenpsf_dps"):
-        main.report_misfits(m, y, op, samples, "cpu", "run_x")
-    assert m["samples_misfit"] == [3, 4] and "run_x: 2 of 5 samples fit y more than 2 times worse" in caplog.text
-    assert "--gradient_clip 1" in caplog.text
 
 
 def test_no_baseline_skips_it(tmp_path, tiny_model, capsys, monkeypatch, caplog):
@@ -294,65 +217,15 @@ def test_concurrent_runs_get_distinct_folders(tmp_path):
     assert len(run_dirs(tmp_path)) == 2
 
 
-def test_make_run_dir_is_unique_under_contention(tmp_path):
-    made = []
-    threads = [threading.Thread(target=lambda: made.append(utils.make_run_dir(str(tmp_path)))) for _ in range(16)]
-    [t.start() for t in threads]
-    [t.join() for t in threads]
-    assert len(set(made)) == 16 and len(run_dirs(tmp_path)) == 16
-
-
 def test_help_lists_every_flag(capsys, monkeypatch, caplog):
     r = cli(["--help"], capsys, monkeypatch, caplog)
     assert r.returncode == 0
-    for flag in ["--config", "--set", "--no_intermediates", "--no_figures", "--download_only", *[f"--{n}" for n in main.FLAGS]]:
+    for flag in ["--config", "--set", "--no_intermediates", "--no_figures", "--download_only", *[f"--{n}" for n in config.FLAGS]]:
         assert flag in r.stdout, flag
     assert "default: 'google/ddpm-celebahq-256'" in r.stdout and "default: 'auto', sampler.num_inference_steps" in r.stdout
 
 
-def test_flags_override_set_override_config(tmp_path):
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text("sampler:\n  dps:\n    step_size: 3.0\n  num_samples: 2\n")
-    args = main.build_parser(utils.load_config(main.DEFAULT_CONFIG)).parse_args(
-        ["--config", str(cfg), "--set", "sampler.dps.step_size=4.0", "--set", "sampler.num_samples=3", "--num_samples", "5"])
-    schema = utils.load_config(main.DEFAULT_CONFIG)
-    r, explicit = main.resolve_config(args, ["num_samples"], schema)
-    assert r["sampler"]["dps"]["step_size"] == 4.0 and r["sampler"]["num_samples"] == 5
-    assert r["physics"]["blur_mode"] == "motion"  # untouched keys keep config.yaml's value
-    cfg.write_text("sampler:\n  stepsize: 3.0\n")
-    with pytest.raises(utils.UserError, match="unknown config key 'sampler.stepsize'"):
-        main.resolve_config(main.build_parser({}).parse_args(["--config", str(cfg)]), [], schema)
-
-
 # --- image loading ---------------------------------------------------------------------------
-
-def test_image_formats_gray_rgba_16bit(tmp_path):
-    rgb = (np.random.default_rng(0).random((20, 30, 3)) * 255).astype(np.uint8)
-    Image.fromarray(rgb[..., 0]).save(tmp_path / "g.png")
-    Image.fromarray(np.dstack([rgb, np.full((20, 30), 7, np.uint8)])).save(tmp_path / "a.png")
-    yy, xx = np.mgrid[0:20, 0:30]
-    smooth = np.dstack([xx * 8, yy * 12, xx * 4 + yy * 4]).astype(np.uint8)
-    Image.fromarray(smooth).save(tmp_path / "c.jpg", quality=95)
-    import tifffile
-    tifffile.imwrite(tmp_path / "d.tif", (rgb.astype(np.uint16) * 257))
-    g = utils.read_image(str(tmp_path / "g.png"))
-    assert g.shape == (20, 30, 1) and np.allclose(g[..., 0], rgb[..., 0] / 255)  # gray stays gray
-    a = utils.read_image(str(tmp_path / "a.png"))
-    assert a.shape == (20, 30, 3) and np.allclose(a, rgb / 255)
-    d = utils.read_image(str(tmp_path / "d.tif"))
-    assert np.allclose(d, rgb / 255)  # 16-bit scaled by 65535
-    c = utils.read_image(str(tmp_path / "c.jpg"))
-    assert c.shape == (20, 30, 3) and np.abs(c - smooth / 255).mean() < 0.02
-    out = utils.center_crop_resize(a, 16)
-    assert out.shape == (16, 16, 3) and out.min() >= 0 and out.max() <= 1
-
-
-def test_metrics_use_fixed_range():
-    ref = np.full((16, 16, 3), 0.5)
-    est = ref + 0.1
-    assert abs(utils.psnr(ref, est) - 20.0) < 1e-9  # MSE 0.01 on a [0, 1] range: exactly 20 dB
-    assert abs(utils.psnr(ref * 0.1, est * 0.1) - 40.0) < 1e-9  # no per-image rescaling
-
 
 @pytest.mark.slow
 def test_download_only_then_offline_run(tmp_path, tiny_model, capsys, monkeypatch, caplog):

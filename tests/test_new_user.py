@@ -1,10 +1,7 @@
 """What a new user meets first: defaults that fit their data, gray and 16-bit images, a quiet
 console, fast --help, and one source of truth for allowed values."""
 
-import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,17 +9,10 @@ import tifffile
 import torch
 from PIL import Image
 
-import main
 import physics
 import priors
 import utils
-from helpers import save_tiny_model
-from test_main import FAST, ROOT, call_main as main_call, cli, run_cli, run_dirs
-
-
-def one_run(save_dir):
-    (run,) = run_dirs(save_dir)
-    return os.path.join(save_dir, run)
+from helpers import cli, FAST, one_run, run_cli, save_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +64,6 @@ def test_luminance_operator_is_exact_adjoint_and_matches_gray_blur():
 
 
 def test_gray_analytic_prior_is_the_luminance_of_the_rgb_prior():
-    import dps
     unet, sched = priors.load_model("analytic", channels=1)
     rgb, _ = priors.load_model("analytic")
     assert unet.config.in_channels == 1
@@ -83,42 +72,6 @@ def test_gray_analytic_prior_is_the_luminance_of_the_rgb_prior():
     lum_var = (((w @ rgb.Q) ** 2)[:, None, None] * rgb.prior_variance(24, 32)).sum(0)
     assert torch.allclose(unet.prior_variance(24, 32)[0], lum_var, rtol=1e-12)
     assert torch.allclose(unet.mu, (w @ rgb.mu).view(1), rtol=1e-12)
-
-
-def test_default_k_capped_for_a_small_measured_grid_explicit_k_stays_an_error(tmp_path, capsys, monkeypatch, caplog):
-    psfs = np.zeros((3, 3, 5, 5))
-    psfs[..., 2, 2] = 1
-    psfs[..., 2, 3] = np.linspace(0.1, 0.9, 9).reshape(3, 3)
-    np.save(tmp_path / "g.npy", psfs)
-    Image.fromarray((np.random.default_rng(0).random((40, 40, 3)) * 255).astype(np.uint8)).save(tmp_path / "y.png")
-    base = ["--model_id", "analytic", "--blurred", str(tmp_path / "y.png"), "--psf_grid", str(tmp_path / "g.npy"),
-            "--num_inference_steps", "2"]
-    r = cli(base + ["--save_dir", str(tmp_path / "a")], capsys, monkeypatch, caplog)
-    assert r.returncode == 0 and "the default K=10 exceeds the 9 PSFs of the grid; using K=9" in r.stderr, r.stderr[-2000:]
-    r = cli(base + ["--n_eigen_psfs", "10", "--save_dir", str(tmp_path / "b")], capsys, monkeypatch, caplog)
-    assert r.returncode == 2 and "n_eigen_psfs must be in 1..9" in r.stderr and run_dirs(tmp_path / "b") == []
-
-
-def test_small_kernel_scales_default_sizes_but_not_explicit_ones(tmp_path, capsys, monkeypatch, caplog):
-    base = ["--model_id", "analytic", "--img_size", "32", "--grid_size", "auto", "--n_eigen_psfs", "all",
-            "--num_inference_steps", "2", "--kernel_size", "9"]
-    r = cli(base + ["--save_dir", str(tmp_path / "a")], capsys, monkeypatch, caplog)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "scaled the default motion sizes to fit: min_length=1.6, max_length=8" in r.stderr
-    saved = utils.load_config(os.path.join(one_run(tmp_path / "a"), "config.yaml"))
-    assert saved["physics"]["motion"]["max_length"] == 8 and saved["physics"]["n_eigen_psfs"] == "all"
-    r = cli(base + ["--set", "physics.motion.max_length=12", "--save_dir", str(tmp_path / "b")], capsys, monkeypatch,
-            caplog)
-    assert r.returncode == 2 and "increase kernel_size" in r.stderr
-
-
-@pytest.mark.parametrize("section", ["motion", "defocus", "correlated", "random_iid"])
-@pytest.mark.parametrize("k", [3, 5, 9, 13])
-def test_fitted_sizes_always_fit(section, k):
-    given = {"edge_sigma": 0.84} if section == "defocus" else {}
-    fitted = physics.fit_sizes_to_kernel(section, given, k)
-    p = fitted or {**physics.MODE_DEFAULTS[section], **given}
-    physics.SVBlurSimulator(32, 32, k, 2).simulate_sv_kernel_grid(section, seed=0, **p)  # raises if it does not fit
 
 
 def test_quiet_console_names_the_device_once(tmp_path):
@@ -140,101 +93,11 @@ def test_quiet_console_names_the_device_once(tmp_path):
     assert estimate.startswith("INFO CPU run: about") and " 0.0 min" not in estimate
 
 
-def test_help_does_not_import_torch():
-    code = ("import sys; sys.argv = ['main.py', '--help']\n"
-            "import main\n"
-            "try:\n    main.main()\nexcept SystemExit:\n    pass\n"
-            "print('TORCH' if 'torch' in sys.modules else 'NO TORCH')\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert out.stdout.strip().endswith("NO TORCH") and "--n_eigen_psfs" in out.stdout
-
-
-def test_config_yaml_matches_physics():
-    schema = utils.load_config(main.DEFAULT_CONFIG)
-    for mode in physics.BLUR_MODES:
-        if mode != "mixed":
-            assert schema["physics"][mode] == physics.MODE_DEFAULTS[mode], mode
-    allowed = utils.choices()
-    assert allowed["physics.blur_mode"] == physics.BLUR_MODES
-    assert set(allowed["physics.form"]) == {"auto", *physics.FORMS}
-    assert allowed["physics.boundary"] == physics.BOUNDARIES
-    assert allowed["physics.interpolation"] == physics.INTERPOLATIONS
-    for key in ("blur_mode", "form", "boundary", "interpolation"):
-        assert schema["physics"][key] in allowed[f"physics.{key}"]
-    assert physics.resolve_grid_size({"blur_mode": "random_iid"}) == 64
-
-
 def test_bit_depth_reads_headers(tmp_path, gray16):
     Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "a.png")
     Image.fromarray(np.zeros((4, 4), np.uint16)).save(tmp_path / "b.png")
     assert utils.bit_depth(gray16) == 16 and utils.bit_depth(str(tmp_path / "b.png")) == 16
     assert utils.bit_depth(str(tmp_path / "a.png")) == 8 and utils.bit_depth("sample") == 8
-
-
-class _Bar:
-    def __init__(self):
-        self.lines = []
-
-    def write(self, text, file=None):
-        self.lines.append(text)
-
-
-def test_cpu_estimate_uses_the_steady_rate_and_says_nothing_when_no_steps_are_left(monkeypatch):
-    """90 s of warm-up before the first mark, then 1 s a step: 20 steps left are 20 s, not the
-    (90 + 10) / 20 * 20 = 100 s that the time since the start gives."""
-    clock = iter([100.0, 110.0])
-    monkeypatch.setattr(main.time, "time", lambda: next(clock))
-    bar, marks = _Bar(), {}
-    cpu = torch.device("cpu")
-    main.cpu_estimate(marks, 10, 30, 10, cpu, bar, "dps")
-    main.cpu_estimate(marks, 20, 20, 10, cpu, bar, "dps")
-    assert bar.lines == ["INFO CPU run: about 20 s left for 20 more steps (dps)"]
-    bar, marks, clock = _Bar(), {}, iter([100.0, 110.0])
-    main.cpu_estimate(marks, 10, 10, 10, cpu, bar, "dps")
-    main.cpu_estimate(marks, 20, 0, 10, cpu, bar, "dps")
-    assert bar.lines == []
-
-
-def test_progress_shows_one_named_relative_residual_every_log_every_steps(tmp_path, capsys, monkeypatch, caplog):
-    r = cli(["--model_id", "analytic", *FAST, "--num_inference_steps", "50", "--set", "sampler.intermediate_freq=50",
-             "--no_baseline", "--save_dir", str(tmp_path)], capsys, monkeypatch, caplog)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "‖y−A(x̂₀)‖/‖y‖ " in r.stderr and "residual=" not in r.stderr
-    assert "data residual ‖y − A(x)‖/‖y‖ = " in r.stderr
-    m = json.loads(open(os.path.join(one_run(tmp_path), "metrics.json")).read())
-    curve = m["residual_relative_curve"]
-    assert curve["steps"] == [9, 19, 29, 39, 49] and all(0 < v < 2 for v in curve["values"])
-    # the last point is the final x̂₀'s relative residual, which the run's last line reports too
-    assert curve["values"][-1] == pytest.approx(m["data_residual_relative"], rel=0.05)
-
-
-def test_a_second_ctrl_c_names_what_is_on_disk(tmp_path, capsys, monkeypatch):
-    """A first Ctrl-C after step 3 checkpoints the run; a second one arriving while the outputs are
-    written (50 ms later, say) used to print 'no checkpoint written' over an existing checkpoint."""
-    import signal
-    original = main.progress_callback
-
-    def patched(views, cfg, device, bar, name, y_norms):
-        inner = original(views, cfg, device, bar, name, y_norms)
-
-        def callback(i, t, x_t, x0_hat, res):
-            if i == 3:
-                main.STOP["signal"] = signal.SIGINT
-            return inner(i, t, x_t, x0_hat, res)
-        return callback
-
-    def second_ctrl_c(*args):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(main, "progress_callback", patched)
-    monkeypatch.setattr(main, "write_outputs", second_ctrl_c)
-    code, out = main_call(["--model_id", "analytic", *FAST, "--num_inference_steps", "8", "--save_dir", str(tmp_path)],
-                          capsys, monkeypatch)
-    run = one_run(tmp_path)
-    assert code == 130 and os.path.isfile(os.path.join(run, "checkpoint.pt"))
-    assert out.out.strip() == run
-    assert f"the checkpoint in {run} was written before it: continue with --resume {run}" in out.err
-    assert "no checkpoint" not in out.err
 
 
 def test_numpy_nan_is_refused_in_api_options():

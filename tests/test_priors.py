@@ -13,8 +13,7 @@ from diffusers import UNet2DModel
 import priors
 from adm_reference import ADMUNet, randomize_
 from fakehub import FakeHub
-from test_hpc import sigterm_then_resume
-from test_main import cli, run_dirs
+from helpers import cli, run_dirs, sigterm_then_resume
 
 
 def architecture(arch):

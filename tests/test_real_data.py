@@ -15,8 +15,7 @@ import dps
 import priors
 import physics
 import utils
-from helpers import save_tiny_model
-from test_main import cli, run_dirs, run_in_process
+from helpers import cli, run_dirs, run_in_process, save_tiny_model
 
 SMALL = ["--kernel_size", "7", "--grid_size", "4", "--n_eigen_psfs", "6", "--set", "physics.motion.max_length=6",
          "--set", "physics.defocus.max_radius=3"]

@@ -11,8 +11,7 @@ import dps
 import physics
 import priors
 import tiling
-from helpers import full_and_resumed, save_tiny_model, tiny_scheduler, tiny_unet
-from test_main import cli, run_dirs
+from helpers import cli, full_and_resumed, run_dirs, save_tiny_model, tiny_scheduler, tiny_unet
 
 
 def system(H, W, seed=0):

@@ -12,10 +12,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import main
+import checkpoint
+import config
 import training
-import utils
-from test_main import cli, run_dirs
+from helpers import cli, run_dirs
 
 TINY = {"train.crop": 16, "train.batch_size": 8, "train.warmup_steps": 5, "train.lr": 0.002, "train.eval_every": 5,
         "train.sample_every": 1000, "train.checkpoint_every": 1000, "train.ema_decay": 0.99}
@@ -38,9 +38,9 @@ def blob_images(folder, n=8, channels=1, seed=0, size=(40, 48)):
     return str(folder)
 
 
-def config(folder, steps, **over):
-    schema = utils.load_config(main.DEFAULT_CONFIG)
-    cfg = utils.validate_config(utils.with_defaults({}, schema), schema)
+def train_config(folder, steps, **over):
+    schema = config.load_config(config.DEFAULT_CONFIG)
+    cfg = config.validate_config(config.with_defaults({}, schema), schema)
     cfg["train"].update({k.split(".", 1)[1]: v for k, v in TINY.items()}, dir=folder, steps=steps)
     cfg["train"].update(over)
     return cfg
@@ -51,13 +51,13 @@ def trainer_for(cfg, rank=0, world=1):
 
 
 def test_loss_falls(tmp_path):
-    trainer = trainer_for(config(blob_images(tmp_path / "imgs"), 80))
+    trainer = trainer_for(train_config(blob_images(tmp_path / "imgs"), 80))
     losses = [trainer.train_step() for _ in range(80)]
     assert np.mean(losses[:10]) > 2 * np.mean(losses[-10:]), (np.mean(losses[:10]), np.mean(losses[-10:]))
 
 
 def test_resume_is_bit_identical(tmp_path):
-    cfg = config(blob_images(tmp_path / "imgs"), 12)
+    cfg = train_config(blob_images(tmp_path / "imgs"), 12)
     straight = trainer_for(cfg)
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     training.train(straight, str(tmp_path / "a"), progress=False)
@@ -94,12 +94,12 @@ def test_cli_trains_stops_resumes_and_the_model_restores(tmp_path, capsys, monke
     def stop_after_six(self):
         loss = original(self)
         if self.step == 6:
-            main.STOP["signal"] = signal.SIGTERM
+            checkpoint.STOP["signal"] = signal.SIGTERM
         return loss
 
     monkeypatch.setattr(training.Trainer, "train_step", stop_after_six)
     r = cli(args + ["--save_dir", str(tmp_path / "run")], capsys, monkeypatch, caplog)
-    main.STOP["signal"] = None
+    checkpoint.STOP["signal"] = None
     monkeypatch.setattr(training.Trainer, "train_step", original)
     run = tmp_path / "run" / run_dirs(tmp_path / "run", "train")[0]
     assert r.returncode == 75 and "--resume" in r.stderr and (run / "checkpoint.pt").is_file()
@@ -142,7 +142,7 @@ def _ddp_worker(rank, folder, store, steps, out):
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
-        trainer = trainer_for(config(folder, steps), rank, 2)
+        trainer = trainer_for(train_config(folder, steps), rank, 2)
         losses = [trainer.train_step() for _ in range(steps)]
         if rank == 0:
             torch.save({"losses": losses, "unet": trainer.unet.state_dict()}, out)
@@ -156,7 +156,7 @@ def test_ddp_with_two_gloo_processes_matches_one_process(tmp_path):
     steps = 4
     mp.spawn(_ddp_worker, args=(folder, str(tmp_path / "store"), steps, str(tmp_path / "ddp.pt")), nprocs=2)
     ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
-    one = trainer_for(config(folder, steps))
+    one = trainer_for(train_config(folder, steps))
     losses = [one.train_step() for _ in range(steps)]
     assert np.allclose(ddp["losses"], losses, rtol=1e-5), (ddp["losses"], losses)
     ref = one.unet.state_dict()

@@ -1,0 +1,85 @@
+"""The configuration (config.py): precedence, the schema against config.yaml, the registries, --help without torch."""
+
+import subprocess
+import sys
+
+import pytest
+
+import config
+import physics
+import utils
+from helpers import ROOT
+
+
+def test_flags_override_set_override_config(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("sampler:\n  dps:\n    step_size: 3.0\n  num_samples: 2\n")
+    args = config.build_parser(config.load_config(config.DEFAULT_CONFIG)).parse_args(
+        ["--config", str(cfg), "--set", "sampler.dps.step_size=4.0", "--set", "sampler.num_samples=3", "--num_samples", "5"])
+    schema = config.load_config(config.DEFAULT_CONFIG)
+    r, explicit = config.resolve_config(args, ["num_samples"], schema)
+    assert r["sampler"]["dps"]["step_size"] == 4.0 and r["sampler"]["num_samples"] == 5
+    assert r["physics"]["blur_mode"] == "motion"  # untouched keys keep config.yaml's value
+    cfg.write_text("sampler:\n  stepsize: 3.0\n")
+    with pytest.raises(utils.UserError, match="unknown config key 'sampler.stepsize'"):
+        config.resolve_config(config.build_parser({}).parse_args(["--config", str(cfg)]), [], schema)
+
+
+def test_config_yaml_is_the_one_source_of_physics_and_sampler_defaults():
+    """physics.MODE_DEFAULTS and dps.SAMPLERS take their defaults from config.yaml (mixed reads
+    motion and defocus); the registries' names are config's."""
+    import dps
+    schema = config.load_config(config.DEFAULT_CONFIG)
+    for mode in physics.BLUR_MODES:
+        if mode != "mixed":
+            assert schema["physics"][mode] == physics.MODE_DEFAULTS[mode], mode
+    assert physics.MODE_DEFAULTS["mixed"] == {**schema["physics"]["motion"], **schema["physics"]["defocus"]}
+    assert set(physics.MODE_DEFAULTS) == set(config.BLUR_MODES)
+    for method in config.SAMPLER_METHODS:
+        assert dps.SAMPLERS[method][1] == schema["sampler"][method], method
+    allowed = config.choices()
+    assert allowed["physics.blur_mode"] == physics.BLUR_MODES
+    assert set(allowed["physics.form"]) == {"auto", *physics.FORMS}
+    assert allowed["physics.boundary"] == physics.BOUNDARIES
+    assert allowed["physics.interpolation"] == physics.INTERPOLATIONS
+    for key in ("blur_mode", "form", "boundary", "interpolation"):
+        assert schema["physics"][key] in allowed[f"physics.{key}"]
+    assert physics.resolve_grid_size({"blur_mode": "random_iid"}) == 64
+
+
+def test_help_does_not_import_torch():
+    code = ("import sys; sys.argv = ['main.py', '--help']\n"
+            "import main\n"
+            "try:\n    main.main()\nexcept SystemExit:\n    pass\n"
+            "print('TORCH' if 'torch' in sys.modules else 'NO TORCH')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.stdout.strip().endswith("NO TORCH") and "--n_eigen_psfs" in out.stdout
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--set", "sampler.stepsize=3"], "unknown config key 'sampler.stepsize'"),
+    (["--blur_mode", "wobble"], "physics.blur_mode must be one of"),
+    (["--sampler", "ddrm"], "sampler.method must be one of"),
+    (["--num_samples", "0"], "sampler.num_samples must be in"),
+])
+def test_config_errors_are_answered_without_torch(argv, message):
+    """config.py imports no torch: a bad key or value is one line and exit 2 before that import."""
+    code = ("import sys\nimport main\n"
+            f"rc = main.main({argv!r})\n"
+            "print('TORCH' if 'torch' in sys.modules else 'NO TORCH', rc)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == "NO TORCH 2", out.stdout + out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], out.stderr
+
+
+def test_late_resolution_of_form_and_steps():
+    """auto values resolved once, from the whole run: measured grids are scatter, motion
+    simulations gather, and the step count follows the sampler."""
+    for mode, grid, method, form, steps in [("motion", "", "dps", "gather", 1000),
+                                            ("motion", "g.npz", "diffpir", "scatter", 100),
+                                            ("defocus", "", "diffpir", "scatter", 100)]:
+        cfg = config.with_defaults({"physics": {"blur_mode": mode}, "data": {"psf_grid": grid},
+                                    "sampler": {"method": method}}, config.defaults())
+        config.resolve_late(cfg)
+        assert (cfg["physics"]["form"], cfg["sampler"]["num_inference_steps"]) == (form, steps), mode
