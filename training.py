@@ -139,6 +139,10 @@ def build_model(tc, channels: int, seed: int):
         if unet.config.in_channels != channels:
             raise utils.UserError(f"train.init {tc['init']!r} has {unet.config.in_channels} channel(s), the images "
                                   f"{channels}")
+        learned = unet.config.out_channels == 2 * channels
+        if learned and init_sched.config.variance_type != "learned_range":
+            raise utils.UserError(f"train.init {tc['init']!r} has a learned variance of type "
+                                  f"{init_sched.config.variance_type!r}; only learned_range (ADM's) can be trained")
         return unet.float().train().requires_grad_(True), DDPMScheduler.from_config(init_sched.config)
     torch.manual_seed(seed)   # the same initial weights in every process and every run
     unet = UNet2DModel(sample_size=tc["crop"], in_channels=channels, out_channels=channels, **SIZES[tc["size"]])
@@ -146,11 +150,62 @@ def build_model(tc, channels: int, seed: int):
 
 
 def diffusion_loss(unet, scheduler, x0, t, noise):
-    """Ho et al. 2020, Eq. 14: mean ‖ε − ε_θ(x_t, t)‖² over the batch's pixels. A learned-variance
-    model (2C outputs) is fitted on its ε half."""
+    """Ho et al. 2020, Eq. 14: mean ‖ε − ε_θ(x_t, t)‖² over the batch's pixels. A learned-range
+    model (2C outputs: ε and the variance interpolation v) is trained with Nichol & Dhariwal's
+    hybrid loss (2021, Eq. 16), L_simple + λ L_vlb with λ = 0.001, as guided-diffusion sums it: the
+    variational bound's term L_t (bits per dimension) of each image's t, with ε frozen, so that the
+    bound trains v alone (Sec. 3.1)."""
     x_t = scheduler.add_noise(x0, noise, t)
-    eps = unet(x_t, t).sample[:, :x0.shape[1]]
-    return torch.nn.functional.mse_loss(eps.float(), noise)
+    out = unet(x_t, t).sample.float()
+    C = x0.shape[1]
+    loss = torch.nn.functional.mse_loss(out[:, :C], noise)
+    if out.shape[1] == 2 * C:
+        loss = loss + variational_bound_term(scheduler, x0.float(), x_t.float(), t, out[:, :C].detach(), out[:, C:]).mean()
+    return loss
+
+
+def _gather(v, t):
+    return v.to(t.device)[t].view(-1, 1, 1, 1)
+
+
+def _normal_kl(mean1, logvar1, mean2, logvar2):
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def _discretized_gaussian_log_likelihood(x, means, log_scales):
+    """log p(x) of 8-bit data x in [−1, 1] under N(means, e^(2·log_scales)), integrated over each
+    pixel's bin (Ho et al. 2020, Eq. 13), with guided-diffusion's tanh approximation of Φ."""
+    def cdf(v):
+        return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v ** 3)))
+    inv = torch.exp(-log_scales)
+    cdf_plus, cdf_min = cdf(inv * (x - means + 1 / 255)), cdf(inv * (x - means - 1 / 255))
+    log_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_min = torch.log((1 - cdf_min).clamp(min=1e-12))
+    log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
+    return torch.where(x < -0.999, log_plus, torch.where(x > 0.999, log_one_minus_min, log_delta))
+
+
+def variational_bound_term(scheduler, x0, x_t, t, eps, v):
+    """L_t of the variational bound in bits per dimension, per image (B,) (Nichol & Dhariwal 2021,
+    Eqs. 4-6 and 15): KL(q(x_{t−1} | x_t, x₀) ‖ p_θ(x_{t−1} | x_t)) for t > 0, the discretized
+    decoder's −log p_θ(x₀ | x₁) at t = 0. p_θ's mean comes from ε (unclipped x̂₀), its log variance
+    is v's interpolation (v + 1)/2 · log β_t + (1 − v)/2 · log β̃_t (β̃ clipped at t = 0)."""
+    betas = scheduler.betas.to(torch.float64)
+    ab = scheduler.alphas_cumprod.to(torch.float64)
+    ab_prev = torch.cat([ab.new_ones(1), ab[:-1]])
+    post_var = betas * (1 - ab_prev) / (1 - ab)
+    log_post = torch.log(torch.cat([post_var[1:2], post_var[1:]]))
+    coef_x0, coef_xt = betas * ab_prev.sqrt() / (1 - ab), (1 - ab_prev) * (1 - betas).sqrt() / (1 - ab)
+    c0, ct, a, lp, lb = (_gather(w, t).float() for w in (coef_x0, coef_xt, ab, log_post, torch.log(betas)))
+    true_mean = c0 * x0 + ct * x_t
+    x0_hat = (1 / a).sqrt() * x_t - (1 / a - 1).sqrt() * eps
+    model_mean = c0 * x0_hat + ct * x_t
+    frac = (v + 1) / 2
+    model_log_var = frac * lb + (1 - frac) * lp
+    dims = tuple(range(1, x0.ndim))
+    kl = _normal_kl(true_mean, lp, model_mean, model_log_var).mean(dims) / math.log(2.0)
+    nll = -_discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_log_var).mean(dims) / math.log(2.0)
+    return torch.where(t.to(kl.device) == 0, nll, kl)
 
 
 def draw_batch(data, tc, generator, scheduler):
@@ -245,15 +300,21 @@ class Trainer:
         self.scheduler.save_pretrained(path)
 
     def sample_grid(self, path, n=16, steps=50, seed=2):
-        """n samples of the EMA model (DDIM, `steps` steps, a fixed seed: grids compare across steps)."""
-        from diffusers import DDIMScheduler, DDPMPipeline
+        """n samples of the EMA model at the training crop's size (DDIM with η = 0, `steps` steps, a
+        fixed seed: grids compare across steps). A learned-variance model's ε is its first C channels."""
+        from diffusers import DDIMScheduler
+        from diffusers.utils.torch_utils import randn_tensor
 
         def draw():
-            pipe = DDPMPipeline(unet=self.unet, scheduler=DDIMScheduler.from_config(self.scheduler.config))
-            pipe.set_progress_bar_config(disable=True)
+            sched = DDIMScheduler.from_config(self.scheduler.config)
+            sched.set_timesteps(steps)
             g = torch.Generator(self.device).manual_seed(seed)
+            shape = (n, self.channels, self.tc["crop"], self.tc["crop"])
+            x = randn_tensor(shape, generator=g, device=self.device, dtype=self.unet.dtype)
             with torch.no_grad():
-                return pipe(batch_size=n, generator=g, num_inference_steps=steps, output_type="np").images
+                for t in sched.timesteps:
+                    x = sched.step(self.unet(x, t).sample[:, :self.channels], t, x).prev_sample
+            return (x / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).numpy()
         self.unet.eval()
         try:
             images = self.with_ema(draw)

@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 import checkpoint
 import config
 import training
+import utils
 from helpers import cli, run_dirs
 
 TINY = {"train.crop": 16, "train.batch_size": 8, "train.warmup_steps": 5, "train.lr": 0.002, "train.eval_every": 5,
@@ -161,3 +162,93 @@ def test_ddp_with_two_gloo_processes_matches_one_process(tmp_path):
     assert np.allclose(ddp["losses"], losses, rtol=1e-5), (ddp["losses"], losses)
     ref = one.unet.state_dict()
     assert all(torch.allclose(ddp["unet"][k], ref[k], atol=1e-5) for k in ref)
+
+
+# ---------------------------------------------------------------- a learned-variance init (ADM's)
+
+
+def guided_diffusion_vb_bits(x0, x_t, t, eps, v):
+    """guided-diffusion's _vb_terms_bpd for LEARNED_RANGE (clip_denoised=False), transcribed to
+    float64 numpy from its formulas: normal_kl, discretized_gaussian_log_likelihood, q_posterior,
+    p_mean_variance."""
+    betas = np.linspace(1e-4, 0.02, 1000, dtype=np.float64)
+    ab = np.cumprod(1 - betas)
+    ab_prev = np.append(1.0, ab[:-1])
+    post_var = betas * (1 - ab_prev) / (1 - ab)
+    log_post = np.log(np.append(post_var[1], post_var[1:]))
+    out = []
+    for i, ti in enumerate(t):
+        c0, ct = betas[ti] * np.sqrt(ab_prev[ti]) / (1 - ab[ti]), (1 - ab_prev[ti]) * np.sqrt(1 - betas[ti]) / (1 - ab[ti])
+        true_mean = c0 * x0[i] + ct * x_t[i]
+        x0_hat = np.sqrt(1 / ab[ti]) * x_t[i] - np.sqrt(1 / ab[ti] - 1) * eps[i]
+        mean = c0 * x0_hat + ct * x_t[i]
+        frac = (v[i] + 1) / 2
+        log_var = frac * np.log(betas[ti]) + (1 - frac) * log_post[ti]
+        if ti > 0:
+            kl = 0.5 * (-1 + log_var - log_post[ti] + np.exp(log_post[ti] - log_var)
+                        + (true_mean - mean) ** 2 * np.exp(-log_var))
+            out.append(kl.mean() / np.log(2))
+            continue
+        def cdf(z):
+            return 0.5 * (1 + np.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z ** 3)))
+        inv = np.exp(-0.5 * log_var)
+        plus, minus = cdf(inv * (x0[i] - mean + 1 / 255)), cdf(inv * (x0[i] - mean - 1 / 255))
+        ll = np.where(x0[i] < -0.999, np.log(np.maximum(plus, 1e-12)),
+                      np.where(x0[i] > 0.999, np.log(np.maximum(1 - minus, 1e-12)),
+                               np.log(np.maximum(plus - minus, 1e-12))))
+        out.append(-ll.mean() / np.log(2))
+    return np.array(out)
+
+
+def test_variational_bound_term_matches_guided_diffusion():
+    import priors
+    g = torch.Generator().manual_seed(0)
+    x0 = (torch.randint(0, 256, (5, 3, 8, 8), generator=g) / 127.5 - 1).double()   # 8-bit data: both edge bins too
+    t = torch.tensor([0, 1, 10, 500, 999])
+    noise, eps = torch.randn(x0.shape, generator=g, dtype=torch.float64), torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    sched = priors.adm_scheduler()
+    x_t = sched.add_noise(x0, noise, t)
+    eps = noise + 0.1 * eps                                       # a model close to, not at, the truth
+    v = torch.rand(x0.shape, generator=g, dtype=torch.float64) * 2 - 1
+    got = training.variational_bound_term(sched, x0.float(), x_t.float(), t, eps.float(), v.float())
+    want = guided_diffusion_vb_bits(*(a.numpy() for a in (x0, x_t.float().double(), t, eps.float().double(),
+                                                          v.float().double())))
+    # diffusers keeps ᾱ in float32: at t = 1, 1 − ᾱ has 3 digits fewer than float64's
+    assert np.allclose(got.numpy(), want, rtol=2e-3, atol=1e-6), (got, want)
+    assert got[0] > 0 and got[1:].min() > 0
+
+
+@pytest.fixture
+def learned_variance_init(tmp_path):
+    """A tiny gray UNet with 2 output channels (ε, v) beside ADM's learned-range scheduler: the
+    layout of the ADM priors that --init fine-tunes."""
+    import priors
+    from diffusers import UNet2DModel
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=16, in_channels=1, out_channels=2, **training.SIZES["tiny"])
+    folder = tmp_path / "adm_like"
+    unet.save_pretrained(folder, safe_serialization=True)
+    priors.adm_scheduler().save_pretrained(folder)
+    return str(folder)
+
+
+def test_learned_variance_init_trains_its_variance_head_and_samples(tmp_path, learned_variance_init):
+    cfg = train_config(blob_images(tmp_path / "imgs"), 3, init=learned_variance_init)
+    trainer = trainer_for(cfg)
+    x0, t, noise = training.draw_batch(trainer.data, cfg["train"], torch.Generator().manual_seed(1), trainer.scheduler)
+    training.diffusion_loss(trainer.unet, trainer.scheduler, x0, t, noise).backward()
+    grad = trainer.unet.conv_out.weight.grad
+    assert grad[1].abs().sum() > 0 and grad[0].abs().sum() > 0    # v's row and ε's row both learn
+    trainer.unet.zero_grad(set_to_none=True)
+    trainer.sample_grid(str(tmp_path / "grid.png"), n=4, steps=3)
+    assert (tmp_path / "grid.png").is_file()
+
+
+def test_a_learned_variance_of_another_type_is_refused(tmp_path, learned_variance_init):
+    import priors
+    sched = priors.adm_scheduler()
+    sched.register_to_config(variance_type="learned")
+    sched.save_pretrained(learned_variance_init)
+    cfg = train_config(blob_images(tmp_path / "imgs"), 3, init=learned_variance_init)
+    with pytest.raises(utils.UserError, match="only learned_range"):
+        trainer_for(cfg)
