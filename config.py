@@ -402,9 +402,10 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 def build_parser(defaults: dict, description: str = "") -> argparse.ArgumentParser:
     flat = flatten(defaults)
-    p = OneLineErrorParser(description=description,
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Exit codes: 0 done, 2 bad input, 3 diverged, 4 batch with failed images, 75 preempted, "
+    # allow_abbrev=False: a misspelt flag (--num_sample) is an error, not silently another flag.
+    p = OneLineErrorParser(description=description, allow_abbrev=False,
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog="Exit codes: 0 done, 2 bad input, 3 diverged, 4 batch with failed images, 75 preempted, "
                                        "130 interrupted.")
     p.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config (default: %(default)s)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",

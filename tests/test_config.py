@@ -73,6 +73,14 @@ def test_config_errors_are_answered_without_torch(argv, message):
     assert len(errors) == 1 and message in errors[0], out.stderr
 
 
+@pytest.mark.parametrize("flag", ["--num_sample", "--step"])
+def test_a_flag_prefix_is_an_error_not_another_flag(flag):
+    """argparse's prefix matching would read --num_sample as --num_samples and --step as --step_size."""
+    out = subprocess.run([sys.executable, "main.py", flag, "4"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        f"error: unrecognized arguments: {flag} 4 (python main.py --help lists every flag)"], out.stderr
+
+
 def test_late_resolution_of_form_and_steps():
     """auto values resolved once, from the whole run: measured grids are scatter, motion
     simulations gather, and the step count follows the sampler."""
