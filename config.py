@@ -517,3 +517,17 @@ def real_data_defaults(cfg, explicit) -> None:
         log.info("real data with the analytic prior: restoring the mean of %d posterior samples (--num_samples 1 "
                  "for one)", REAL_DATA_SAMPLES)
         sc["num_samples"] = REAL_DATA_SAMPLES
+    if "data.sigma_noise" not in explicit and d["sigma_noise"] != "auto":
+        log.info("real data: noise sigma %g, config.yaml's default, not measured (--sigma_noise auto estimates it "
+                 "from the measurement; --sigma_noise VALUE sets it)", d["sigma_noise"])
+
+
+def warn_other_sampler_settings(cfg, explicit) -> None:
+    """A setting of a sampler the run does not use (--step_size with --sampler diffpir) would be
+    ignored without a word: one warning each."""
+    method = cfg["sampler"]["method"]
+    for key in sorted(explicit):
+        parts = key.split(".")
+        if len(parts) == 3 and parts[0] == "sampler" and parts[1] in SAMPLER_METHODS and parts[1] != method:
+            log.warning("%s is a %s setting; the %s sampler ignores it", FLAG_OF.get(key, f"--set {key}"), parts[1],
+                        method)

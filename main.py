@@ -57,6 +57,7 @@ def run(argv=None) -> int:
     cfg, explicit = config.resolve_config(args, given, schema)
     config.check_conflicts(cfg, explicit)
     config.real_data_defaults(cfg, explicit)
+    config.warn_other_sampler_settings(cfg, explicit)
     load_modules()
     checkpoint.STOP["signal"], checkpoint.RUN_DIR["path"] = None, None
     config.resolve_late(cfg)

@@ -91,3 +91,39 @@ def test_late_resolution_of_form_and_steps():
                                     "sampler": {"method": method}}, config.defaults())
         config.resolve_late(cfg)
         assert (cfg["physics"]["form"], cfg["sampler"]["num_inference_steps"]) == (form, steps), mode
+
+
+def resolved(argv):
+    """main.run's resolution, up to the late defaults, without running anything."""
+    schema = config.defaults()
+    args = config.build_parser(schema).parse_args(argv)
+    cfg, explicit = config.resolve_config(args, [n for n in config.FLAGS if getattr(args, n) is not None], schema)
+    config.real_data_defaults(cfg, explicit)
+    config.warn_other_sampler_settings(cfg, explicit)
+    return cfg
+
+
+@pytest.mark.parametrize("argv, warned", [
+    (["--sampler", "diffpir", "--step_size", "2"], "--step_size is a dps setting; the diffpir sampler ignores it"),
+    (["--set", "sampler.diffpir.zeta=0.5"], "--set sampler.diffpir.zeta is a diffpir setting; the dps sampler ignores it"),
+    (["--sampler", "diffpir", "--set", "sampler.diffpir.zeta=0.5"], None),
+    (["--step_size", "2"], None),
+])
+def test_a_setting_of_another_sampler_is_named(argv, warned, caplog):
+    with caplog.at_level("INFO", logger="eigenpsf_dps"):
+        resolved(argv)
+    lines = [r.getMessage() for r in caplog.records if "sampler ignores it" in r.getMessage()]
+    assert lines == ([warned] if warned else []), lines
+
+
+def test_real_data_says_where_its_noise_level_comes_from(caplog):
+    with caplog.at_level("INFO", logger="eigenpsf_dps"):
+        resolved(["--blurred", "y.png", "--psf_grid", "g.npz"])
+        said = [r.getMessage() for r in caplog.records if "noise sigma" in r.getMessage()]
+        assert said == ["real data: noise sigma 0.01, config.yaml's default, not measured (--sigma_noise auto "
+                        "estimates it from the measurement; --sigma_noise VALUE sets it)"]
+        caplog.clear()
+        for given in (["--sigma_noise", "0.02"], ["--sigma_noise", "auto"]):
+            resolved(["--blurred", "y.png", "--psf_grid", "g.npz", *given])
+        resolved(["--image", "sample"])                                       # a simulation knows its σ
+    assert not [r for r in caplog.records if "noise sigma" in r.getMessage()]
