@@ -463,6 +463,21 @@ def resolve_config(args, argv_flags, schema) -> tuple:
     return validate_config(resolved, schema), explicit
 
 
+def check_resume_alone(args, given) -> None:
+    """--resume continues a run with the config saved in it: any other setting (a flag, --set,
+    --config, a --no_ switch) would be ignored, and a job that meant to change it (train.steps, a
+    step size) would run on without it. Refused with one line instead."""
+    if not args.resume:
+        return
+    others = [f"--{g}" for g in given] + [f"--set {s}" for s in args.set]
+    others += [f"--{s}" for s in ("no_intermediates", "no_figures", "no_baseline", "download_only") if getattr(args, s)]
+    if os.path.abspath(args.config) != DEFAULT_CONFIG:
+        others.append(f"--config {args.config}")
+    if others:
+        raise UserError(f"--resume continues {args.resume} with the config saved in it and takes no other setting "
+                        f"(got {', '.join(others)}); start a new run to change settings")
+
+
 # Inputs that exclude each other: (keys, why). Each pair given together is refused with one line
 # rather than one of them being dropped without a word.
 SIMULATION_ONLY = ("data.img_size", "physics.blur_mode")

@@ -54,6 +54,7 @@ def run(argv=None) -> int:
     schema = config.defaults()
     args = config.build_parser(schema, __doc__.split("\n\n")[0]).parse_args(argv)
     given = [n for n in config.FLAGS if getattr(args, n) is not None]
+    config.check_resume_alone(args, given)
     cfg, explicit = config.resolve_config(args, given, schema)
     config.check_conflicts(cfg, explicit)
     config.real_data_defaults(cfg, explicit)
@@ -67,7 +68,7 @@ def run(argv=None) -> int:
     if cfg["train"]["dir"] and not args.resume:
         return training.train_prior(cfg)
     if args.resume:
-        return resume_run(args.resume, schema, given)
+        return resume_run(args.resume, schema)
     if cfg["data"]["calibration"]:
         return calibration.calibrate(cfg)
     return restore_images(cfg, explicit, sys.argv[1:] if argv is None else list(argv))
@@ -129,15 +130,13 @@ def report(run_dir, code, m) -> int:
     return 0
 
 
-def resume_run(run_dir, schema, given) -> int:
+def resume_run(run_dir, schema) -> int:
     """Continues RUN_DIR (a run, a folder run or a training) from its checkpoint with its own saved
     config; bit-identical on CPU."""
     ckpt_path = os.path.join(run_dir, "checkpoint.pt")
     if not os.path.isfile(ckpt_path):
         raise utils.UserError(f"no checkpoint.pt in {run_dir}: nothing to resume")
     checkpoint.RUN_DIR["path"] = run_dir
-    if given:
-        log.warning("--resume uses the run's saved config; ignoring %s", ", ".join(f"--{g}" for g in given))
     saved = config.load_config(os.path.join(run_dir, "config.yaml"))
     extra = saved.pop("resolved", {})
     # Keys added since the run was written take their defaults: what that version did.

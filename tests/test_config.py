@@ -127,3 +127,21 @@ def test_real_data_says_where_its_noise_level_comes_from(caplog):
             resolved(["--blurred", "y.png", "--psf_grid", "g.npz", *given])
         resolved(["--image", "sample"])                                       # a simulation knows its σ
     assert not [r for r in caplog.records if "noise sigma" in r.getMessage()]
+
+
+@pytest.mark.parametrize("extra, named", [
+    (["--set", "train.steps=35"], "--set train.steps=35"),
+    (["--set", "sampler.dps.step_size=2"], "--set sampler.dps.step_size=2"),
+    (["--num_samples", "4"], "--num_samples"),
+    (["--no_baseline"], "--no_baseline"),
+])
+def test_resume_takes_no_other_setting(extra, named, tmp_path):
+    """A resumed run uses the config saved in it; a setting beside --resume would be ignored (a
+    training meant to go on to 35 steps stopped at its saved count), so it is refused, before torch."""
+    code = ("import sys\nimport main\n"
+            f"rc = main.main({['--resume', str(tmp_path), *extra]!r})\n"
+            "print('TORCH' if 'torch' in sys.modules else 'NO TORCH', rc)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == "NO TORCH 2", out.stdout + out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"takes no other setting (got {named})" in errors[0], out.stderr
