@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import os
 import time
 from datetime import datetime
 
 import numpy as np
+
+log = logging.getLogger("eigenpsf_dps")
 
 # torch is imported inside the few functions that need it: main.py parses flags (and answers
 # --help or a config error) with this module and config.py before the seconds-long torch import.
@@ -144,8 +147,14 @@ def to_float_image(arr: np.ndarray, name: str) -> np.ndarray:
         x = x[..., None]
     if x.ndim != 3 or x.shape[-1] not in (1, 2, 3, 4):
         raise UserError(f"{name}: unsupported image shape {arr.shape}")
-    if x.shape[-1] in (2, 4):  # drop alpha
-        x = x[..., :-1]
+    if x.shape[-1] in (2, 4):  # drop alpha: the blur acts on the colour; say so, and when it hid pixels
+        alpha, x = x[..., -1], x[..., :-1]
+        transparent = float((alpha < 1).mean())
+        if transparent:
+            log.warning("%s: alpha channel dropped; %.1f%% of the pixels were not opaque, and their colour is "
+                        "restored as it is stored", name, 100 * transparent)
+        else:
+            log.info("%s: alpha channel dropped (fully opaque)", name)
     if not np.isfinite(x).all():
         raise UserError(f"{name}: image contains NaN or Inf")
     return x

@@ -96,3 +96,16 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path, monkeypatch):
     ok = bomb_png(tmp_path / "ok.png", 40, 30)
     monkeypatch.undo()
     assert utils.read_image(str(ok)).shape == (30, 40, 1)
+
+
+def test_an_alpha_channel_is_dropped_with_a_word(caplog):
+    rgba = np.ones((4, 5, 4))
+    with caplog.at_level("INFO", logger="eigenpsf_dps"):
+        x = utils.to_float_image(rgba, "opaque.png")
+        rgba[0, :2, 3] = 0.5
+        utils.to_float_image(rgba, "cutout.png")
+    assert x.shape == (4, 5, 3)
+    said = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert said == [("INFO", "opaque.png: alpha channel dropped (fully opaque)"),
+                    ("WARNING", "cutout.png: alpha channel dropped; 10.0% of the pixels were not opaque, and their "
+                                "colour is restored as it is stored")]
