@@ -368,8 +368,13 @@ def data_proximal_step(operator, y, x0_hat, rho, opt, noise_norm, gains=None):
     by proximal_cg with the operator's exact adjoint: to `cg_tol` relative to the correction, or
     until the discrepancy principle stops it (noise_norm; None solves to cg_tol). gains: from
     region_psf_gains, to precondition (None: plain CG). Returns (x̃₀ in [−1, 1], iterations (B,),
-    stop rule (B,))."""
-    precondition = region_preconditioner(gains, rho) if gains is not None else None
+    stop rule (B,)).
+
+    The preconditioner is applied only to solves without the discrepancy rule. Where CG solves to
+    `cg_tol` it changes only the speed: every path ends at the same argmin. Where the rule stops
+    CG early, the stopping point depends on the path, so a preconditioned solve would stop at
+    another x (measured: 150% of the correction apart at ρ = 2e-4, bench/bench_data_step.py)."""
+    precondition = region_preconditioner(gains, rho) if gains is not None and noise_norm is None else None
     x, iters, rule = proximal_cg(operator, y, (x0_hat + 1) / 2, rho, opt["cg_tol"], noise_norm, opt["cg_max_iter"],
                                  precondition)
     return 2 * x - 1, iters, rule

@@ -131,3 +131,42 @@ def test_diffpir_rho_follows_its_schedule(monkeypatch):
         abar = sched.alphas_cumprod.double()
         expected = [3.0 * used ** 2 * float(abar[t] / (1 - abar[t])) for t in dps.quadratic_timesteps(12, 1000)]
         np.testing.assert_allclose(rhos, expected, rtol=1e-5)
+
+
+def test_the_discrepancy_rule_stops_where_plain_cg_stops_whatever_the_preconditioner():
+    """Where the rule can stop CG, its stopping point depends on the path, so a preconditioned solve
+    would stop elsewhere (bench/bench_data_step.py: 150-450% of the correction apart). The data
+    step applies the preconditioner only to solves without the rule: the same answer, bit for bit."""
+    eig, _, y, z, noise_norm = problem(sigma=0.05)
+    gains = dps.region_psf_gains(eig, z.shape, z.device, z.dtype)
+    opt = {"cg_tol": 1e-3, "cg_max_iter": 5000}
+    x0_hat = 2 * z - 1
+    for rho in (2e-4, 3e-3):
+        plain = dps.data_proximal_step(eig, y, x0_hat, rho, opt, 1.02 * noise_norm)
+        pre = dps.data_proximal_step(eig, y, x0_hat, rho, opt, 1.02 * noise_norm, gains)
+        assert dps.STOP_RULES[int(plain[2])] == "discrepancy" and int(plain[1]) >= 1
+        assert torch.equal(plain[0], pre[0]) and torch.equal(plain[1], pre[1])
+        # Without the rule the preconditioner is used, and pays.
+        solved_plain, solved_pre = (dps.data_proximal_step(eig, y, x0_hat, rho, opt, None, g) for g in (None, gains))
+        assert int(solved_pre[1]) < int(solved_plain[1])
+
+
+def test_the_default_tau_lets_the_truth_pass_the_bound():
+    """τ > 1 (Engl, Hanke & Neubauer 1996): ‖n‖/(σ√m) ≈ 1 ± 1/√(2m), so at τ = 1 half of the noise
+    draws put the truth itself outside the bound (0.505 of 200 in review), and CG then fits that
+    noise. The default, IR Tools' 1.01, lets it through in nearly every draw at 64² RGB
+    (m = 12,288: 94% expected, 50% at τ = 1) and in every draw at camera sizes, with the data step
+    then doing nothing to it."""
+    import config
+    tau = config.sampler_defaults()["diffpir"]["discrepancy"]
+    assert tau > 1
+    eig = defocus_system(64)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 3, 64, 64, generator=g, dtype=torch.float64)
+    sigma, m = 0.05, x.numel()
+    passed = 0
+    for _ in range(200):
+        y = eig(x) + sigma * torch.randn(x.shape, generator=g, dtype=torch.float64)
+        _, iters, _ = dps.proximal_cg(eig, y, x, 1e-4, 1e-2, tau * sigma * m ** 0.5, 100)
+        passed += int(iters) == 0
+    assert passed >= 180, passed
