@@ -31,8 +31,8 @@ log = logging.getLogger("eigenpsf_dps")
 # 1. Name registries: physics.py and dps.py hold the code, these the names a config may give
 # ----------------------------------------------------------------------------
 
-SAMPLER_METHODS = ("dps", "diffpir")               # dps.SAMPLERS maps each to its step function
-DEFAULT_STEPS = {"dps": 1000, "diffpir": 100}      # sampler.num_inference_steps: auto
+SAMPLER_METHODS = ("dps", "diffpir", "daps")             # dps.SAMPLERS maps each to its step function
+DEFAULT_STEPS = {"dps": 1000, "diffpir": 100, "daps": 200}      # sampler.num_inference_steps: auto
 BLUR_MODES = ("motion", "defocus", "mixed", "correlated", "random_iid")
 FORMS = ("gather", "scatter")
 BOUNDARIES = ("reflect", "zeros", "circular")
@@ -116,6 +116,7 @@ def choices() -> dict:
         "physics.boundary": BOUNDARIES,
         "physics.interpolation": INTERPOLATIONS,
         "sampler.method": SAMPLER_METHODS,
+        "sampler.daps.conditional": ("cg", "langevin"),
         "run.dtype": ("float32", "bfloat16", "float16"),
         "run.compile": ("off", "default", "reduce-overhead", "max-autotune"),
         "run.lpips": ("vgg", "alex", "off"),
@@ -132,6 +133,9 @@ RANGES = {
     "sampler.diffpir.lambda": (1e-6, None), "sampler.diffpir.zeta": (0.0, 1.0),
     "sampler.diffpir.cg_max_iter": (1, 10000), "sampler.diffpir.cg_tol": (0.0, 1.0),
     "sampler.diffpir.discrepancy": (0.0, None), "sampler.diffpir.precondition": (False, True),
+    "sampler.daps.ode_steps": (1, 100), "sampler.daps.cg_tol": (0.0, 1.0), "sampler.daps.cg_max_iter": (1, 10000),
+    "sampler.daps.langevin_steps": (1, 10000), "sampler.daps.langevin_step": (0.0, 2.0),
+    "sampler.daps.lr_min_ratio": (0.0, 1.0),
     "sampler.num_samples": (1, 1024), "sampler.intermediate_freq": (0, None), "sampler.log_every": (1, None),
     "sampler.tile": (8, 8192), "sampler.tile_overlap": (0, 8192), "sampler.tile_batch": (1, 4096),
     "train.crop": (8, 4096), "train.val_fraction": (0.0, 0.9), "train.batch_size": (1, 65536), "train.steps": (1, None),
@@ -375,7 +379,7 @@ FLAGS = {
     "max_retries": ("model.max_retries", int, "download attempts"),
     "sampler": ("sampler.method", str, " | ".join(SAMPLER_METHODS)),
     "num_inference_steps": ("sampler.num_inference_steps", int_or("auto"),
-                            "sampler steps, or auto (1000 for dps, 100 for diffpir)"),
+                            "steps, or auto (dps 1000, diffpir 100, daps 200)"),
     "train_dir": ("train.dir", str, "train a prior on this folder of clean images instead of restoring "
                   "(docs/training.md)"),
     "init": ("train.init", str, "training: fine-tune this --model_id instead of starting from scratch"),

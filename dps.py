@@ -140,10 +140,46 @@ def quadratic_timesteps(n: int, n_train: int):
     return [int(v) for v in t]
 
 
+# DAPS's annealing: σ from DAPS_SIGMA_MAX to DAPS_SIGMA_MIN on Karras et al.'s ρ = 7 spacing, its
+# official configs (configs/sampler/edm_daps.yaml); its x̂₀ ODE runs down to DAPS_ODE_SIGMA_MIN.
+DAPS_SIGMA_MAX, DAPS_SIGMA_MIN, DAPS_ODE_SIGMA_MIN, DAPS_RHO = 100.0, 0.1, 0.01, 7
+
+
+def karras_sigmas(sigma_max: float, sigma_min: float, n: int, rho: float = DAPS_RHO):
+    """n levels from sigma_max to sigma_min, (σ_max^(1/ρ) + r (σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ, r in [0, 1]
+    (Karras et al. 2022, Eq. 5)."""
+    r = np.linspace(0, 1, n)
+    return (sigma_max ** (1 / rho) + r * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+
+
+def nearest_timesteps(sched, sigmas):
+    """The DDPM timestep whose σ_t = √((1−ᾱ_t)/ᾱ_t) is nearest each σ (in log σ): the VP model's
+    noise level for a VE level σ (x_vp = √ᾱ_t x_ve)."""
+    ab = sched.alphas_cumprod.double()
+    log_sigma_t = 0.5 * torch.log((1 - ab) / ab)
+    target = torch.log(torch.as_tensor(np.asarray(sigmas, dtype=np.float64)))
+    return [int(v) for v in (log_sigma_t[None, :] - target[:, None]).abs().argmin(1)]
+
+
+def daps_timesteps(n: int, sched):
+    """DAPS's annealing levels as the distinct DDPM timesteps nearest them; a ValueError names the
+    limit where the levels would repeat timesteps."""
+    t = nearest_timesteps(sched, karras_sigmas(DAPS_SIGMA_MAX, DAPS_SIGMA_MIN, n))
+    if len(set(t)) != n:
+        most = max(m for m in range(1, n) if len(set(nearest_timesteps(sched, karras_sigmas(
+            DAPS_SIGMA_MAX, DAPS_SIGMA_MIN, m)))) == m)
+        raise ValueError(f"num_inference_steps must be in 1..{most} for daps (its annealing levels repeat "
+                         f"timesteps beyond that), got {n}")
+    return t
+
+
 def set_timesteps(sched, method: str, n: int) -> None:
-    """DPS: diffusers' own spacing for n steps. DiffPIR: the quadratic spacing of its official code."""
+    """DPS: diffusers' own spacing for n steps. DiffPIR: the quadratic spacing of its official code.
+    DAPS: its annealing levels."""
     if method == "diffpir":
         sched.set_timesteps(timesteps=quadratic_timesteps(n, sched.config.num_train_timesteps))
+    elif method == "daps":
+        sched.set_timesteps(timesteps=daps_timesteps(n, sched))
     else:
         sched.set_timesteps(n)
 
@@ -155,6 +191,8 @@ def check_num_inference_steps(n, scheduler, method: str = "dps") -> None:
         raise ValueError(f"num_inference_steps must be in 1..{n_train}, got {n!r}")
     if method == "diffpir":
         quadratic_timesteps(n, n_train)
+    if method == "daps":
+        daps_timesteps(n, scheduler)
 
 
 # ‖x_t‖ above RUNAWAY_FACTOR·√n (n values per image) at RUNAWAY_CHECKS divergence checks in a row means
@@ -168,7 +206,8 @@ RUNAWAY_FACTOR, RUNAWAY_CHECKS = 3.0, 3
 
 # sampler -> (its name in messages, what to try when it diverges)
 DIVERGENCE_HINTS = {"dps": ("DPS", "try a smaller step_size or set gradient_clip (e.g. 1.0)"),
-                    "diffpir": ("DiffPIR", "try a larger lambda, a smaller zeta, or check sigma_noise")}
+                    "diffpir": ("DiffPIR", "try a larger lambda, a smaller zeta, or check sigma_noise"),
+                    "daps": ("DAPS", "check sigma_noise, or use conditional cg (no step size)")}
 
 
 class DivergenceError(RuntimeError):
@@ -370,11 +409,15 @@ def data_proximal_step(operator, y, x0_hat, rho, opt, noise_norm, gains=None):
     region_psf_gains, to precondition (None: plain CG). Returns (x̃₀ in [−1, 1], iterations (B,),
     stop rule (B,)).
 
-    The preconditioner is applied only to solves without the discrepancy rule. Where CG solves to
-    `cg_tol` it changes only the speed: every path ends at the same argmin. Where the rule stops
-    CG early, the stopping point depends on the path, so a preconditioned solve would stop at
-    another x (measured: 150% of the correction apart at ρ = 2e-4, bench/bench_data_step.py)."""
-    precondition = region_preconditioner(gains, rho) if gains is not None and noise_norm is None else None
+    Under the discrepancy rule, where CG stops depends on its path, so the path is part of the
+    method: always preconditioned there (when gains exist), whatever opt["precondition"] says.
+    Measured against the exact posterior (bench/bench_data_step.py, 8 problems at 64²), the
+    preconditioned path's 100-step mean came closer to the exact posterior mean than plain CG's in
+    6 of 8 problems at τ = 1 (by up to 0.9 dB). opt["precondition"] then changes only the speed of
+    the solves that run to cg_tol (the last step, discrepancy=0), which end at the same argmin.
+    """
+    pcg = gains is not None and (noise_norm is not None or opt["precondition"])
+    precondition = region_preconditioner(gains, rho) if pcg else None
     x, iters, rule = proximal_cg(operator, y, (x0_hat + 1) / 2, rho, opt["cg_tol"], noise_norm, opt["cg_max_iter"],
                                  precondition)
     return 2 * x - 1, iters, rule
@@ -402,7 +445,7 @@ def diffpir_step(ctx, i, t, x_t):
         # Morozov's bound τσ√m on ‖y − Ax̃₀‖; off at the last step, whose x̃₀ is the argmin itself.
         m = ctx.y[0].numel()
         noise_norm = opt["discrepancy"] * floored * m ** 0.5 if opt["discrepancy"] > 0 and t_prev >= 0 else None
-        if opt["precondition"] and "gains" not in ctx.cache:  # the PSFs do not change between steps
+        if "gains" not in ctx.cache:  # the PSFs do not change between steps
             ctx.cache["gains"] = region_psf_gains(ctx.operator, x_t.shape, x_t.device, x_t.dtype)
         x0_data, iters, rule = data_proximal_step(ctx.operator, ctx.y, x0_hat, rho, opt, noise_norm,
                                                   ctx.cache.get("gains"))
@@ -415,9 +458,99 @@ def diffpir_step(ctx, i, t, x_t):
         return x_prev, x0_data, residual_norms(ctx.y, ctx.operator, x0_data)
 
 
+def daps_x0_hat(ctx, i, t, x_t):
+    """x̂₀ from x_t by `ode_steps` Euler steps of the probability-flow ODE (DAPS, Zhang et al. 2025,
+    Sec. 3.2), on ρ = 7 levels from σ_t to DAPS_ODE_SIGMA_MIN and then to 0 (its official code's
+    first version; ode_steps = 1 is Tweedie's x̂₀). In the VP model's variables an Euler step in σ is
+    a DDIM step (η = 0): x_s = √ᾱ_s x̂₀(x_r) + √(1−ᾱ_s) ε̂(x_r)."""
+    sched, C = ctx.sched, x_t.shape[1]
+    sigma_t = float(((1 - sched.alphas_cumprod[t]) / sched.alphas_cumprod[t]).sqrt())
+    n = ctx.options["ode_steps"]
+    levels = karras_sigmas(sigma_t, DAPS_ODE_SIGMA_MIN, n) if n > 1 else [sigma_t]
+    ts = [int(t)] + [u for u in nearest_timesteps(sched, levels[1:]) if u < int(t)]
+    ts = sorted(set(ts), reverse=True)
+    x = x_t
+    for k, r in enumerate(ts):
+        a_r = sched.alphas_cumprod[r].item()
+        x0_hat = tweedie_estimate(x, ctx.eps(x, i, r if k else None)[:, :C], a_r)
+        if sched.config.clip_sample:
+            x0_hat = x0_hat.clamp(-1, 1)
+        if k + 1 < len(ts):
+            a_s = sched.alphas_cumprod[ts[k + 1]].item()
+            x = a_s ** 0.5 * x0_hat + (1 - a_s) ** 0.5 * (x - a_r ** 0.5 * x0_hat) / (1 - a_r) ** 0.5
+    return x0_hat
+
+
+def daps_conditional_cg(ctx, u_hat, r, sigma):
+    """An exact draw of u ~ p(u | û, y) ∝ N(u; û, r²I) N(y; Au, σ²I) (u = (x₀ + 1)/2, the [0, 1]
+    image): perturb-and-MAP (Papandreou & Yuille 2010), u = argmin ‖y + σε₁ − Au‖² + ρ‖u − (û + rε₂)‖²
+    with ρ = σ²/r², solved by proximal_cg to cg_tol (preconditioned: no stopping rule here)."""
+    opt = ctx.options
+    e1 = randn_tensor(ctx.y.shape, generator=ctx.generator, device=u_hat.device, dtype=u_hat.dtype)
+    e2 = randn_tensor(u_hat.shape, generator=ctx.generator, device=u_hat.device, dtype=u_hat.dtype)
+    rho = (sigma / r) ** 2
+    rho = rho.to(u_hat.dtype) if torch.is_tensor(rho) else rho
+    gains = ctx.cache.get("gains")
+    precondition = region_preconditioner(gains, rho) if gains is not None else None
+    u, iters, rule = proximal_cg(ctx.operator, ctx.y + sigma * e1, u_hat + r * e2, rho, opt["cg_tol"], None,
+                                 opt["cg_max_iter"], precondition)
+    ctx.stats["cg_iterations"].append(iters)
+    ctx.stats["cg_stop_rule"].append(rule)
+    return u
+
+
+def daps_conditional_langevin(ctx, u_hat, r, sigma, progress):
+    """u ~ p(u | û, y) by `langevin_steps` steps of unadjusted Langevin dynamics from û, as DAPS's
+    official code (cores/mcmc.py): u ← u + η ∇log p(u) + √(2η) ξ, with the step falling linearly
+    over the annealing to lr_min_ratio of its start. The official lr (1e-4 for Gaussian deblur)
+    is tied to its tuned data weight 1/τ² (τ = 0.01, not the noise level): lr · 2/τ² = 2 (1 on its
+    first branch). Here the data weight is the true 1/σ², so the step is set in the same
+    dimensionless terms, η = langevin_step / L, with L = 1/r² + 1/σ² bounding the Hessian of
+    −log p (‖A‖ ≤ 1 for PSFs that sum to 1); η·L < 2 is the stability limit."""
+    opt = ctx.options
+    inv_s2 = 1 / sigma ** 2
+    inv_s2 = inv_s2.to(u_hat.dtype) if torch.is_tensor(inv_s2) else inv_s2
+    eta = opt["langevin_step"] * (1 + progress * (opt["lr_min_ratio"] - 1)) / (1 / r ** 2 + inv_s2)
+    u = u_hat.clone()
+    for _ in range(opt["langevin_steps"]):
+        grad = (u_hat - u) / r ** 2 + ctx.operator.adjoint(ctx.y - ctx.operator(u)) * inv_s2
+        xi = randn_tensor(u.shape, generator=ctx.generator, device=u.device, dtype=u.dtype)
+        u = u + eta * grad + (2 * eta) ** 0.5 * xi
+    return u
+
+
+def daps_step(ctx, i, t, x_t):
+    """One DAPS step (Zhang et al., CVPR 2025, Alg. 1), in the VP model's variables: x̂₀ from x_t
+    (daps_x0_hat), x₀ ~ p(x₀ | x̂₀, y) with the Gaussian N(x̂₀, σ_t²I) around x̂₀ (r_t = σ_t, its
+    official code), then x₀ re-noised independently to the next level, x_{t−1} = √ᾱ_{t−1} x₀ +
+    √(1−ᾱ_{t−1}) ε. σ_t = √((1−ᾱ_t)/ᾱ_t). The last step returns the sample x₀ itself."""
+    opt, sched = ctx.options, ctx.sched
+    t_prev = int(sched.previous_timestep(t))
+    a_t = sched.alphas_cumprod[t].item()
+    a_prev = sched.alphas_cumprod[t_prev].item() if t_prev >= 0 else 1.0
+    with torch.no_grad():
+        x0_hat = daps_x0_hat(ctx, i, t, x_t)
+        sig = ctx.sigma_y
+        sigma = sig.clamp_min(SIGMA_Y_FLOOR) if torch.is_tensor(sig) else max(sig, SIGMA_Y_FLOOR)
+        r = ((1 - a_t) / a_t) ** 0.5 / 2                                  # σ_t on the [0, 1] scale
+        u_hat = (x0_hat + 1) / 2
+        if opt["conditional"] == "cg":
+            if "gains" not in ctx.cache:  # the PSFs do not change between steps
+                ctx.cache["gains"] = region_psf_gains(ctx.operator, x_t.shape, x_t.device, x_t.dtype)
+            u = daps_conditional_cg(ctx, u_hat, r, sigma)
+        else:
+            u = daps_conditional_langevin(ctx, u_hat, r, sigma, i / len(sched.timesteps))
+        x0 = 2 * u - 1
+        if t_prev < 0:
+            return x0, x0, residual_norms(ctx.y, ctx.operator, x0)
+        noise = randn_tensor(x_t.shape, generator=ctx.generator, device=x_t.device, dtype=x_t.dtype)
+        x_prev = a_prev ** 0.5 * x0 + (1 - a_prev) ** 0.5 * noise
+        return x_prev, x0, residual_norms(ctx.y, ctx.operator, x0)
+
+
 # name -> (step function, default options). The names are config.SAMPLER_METHODS and the defaults
 # config.yaml's sampler.<name> section: one source for the CLI and the Python API.
-_STEPS = {"dps": dps_step, "diffpir": diffpir_step}
+_STEPS = {"dps": dps_step, "diffpir": diffpir_step, "daps": daps_step}
 SAMPLERS = {name: (_STEPS[name], options) for name, options in config.sampler_defaults().items()}
 DEFAULT_STEPS = config.DEFAULT_STEPS
 
@@ -450,6 +583,11 @@ def sampler_options(method: str, options: dict | None) -> dict:
         raise ValueError(f"unknown {method} option(s) {', '.join(sorted(unknown))}; known: {', '.join(defaults)}")
     opt = {**defaults, **(options or {})}
     for name, value in opt.items():  # the same ranges config.yaml's sampler.<method> is checked against
+        allowed = config.choices().get(f"sampler.{method}.{name}")
+        if allowed is not None:
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+            continue
         lo, hi = config.RANGES[f"sampler.{method}.{name}"]
         config.check_finite(name, value)
         if value < lo or (hi is not None and value > hi):
@@ -527,14 +665,17 @@ class EigenPSFDPSPipeline:
         timesteps = sched.timesteps                                         # CPU, for the scheduler
         t_device = timesteps.to(y.device)  # the UNet's copy: CUDA graphs skip graphs fed CPU tensors
 
-        def unet_at(i):
+        def unet_at(i, t=None):
+            t_in = t_device[i] if t is None else torch.tensor(t, device=y.device)
+
             def call(x):
                 with autocast:
-                    return self.unet(x, t_device[i]).sample.float()
+                    return self.unet(x, t_in).sample.float()
             return call
 
-        def eps(x_t, i):
-            return unet_at(i)(x_t) if tiles is None else tiling.tiled_eps(unet_at(i), x_t, tiles, i)
+        def eps(x_t, i, t=None):
+            """ε̂ at step i's timestep, or at timestep t (DAPS's inner ODE) with step i's tiles."""
+            return unet_at(i, t)(x_t) if tiles is None else tiling.tiled_eps(unet_at(i, t), x_t, tiles, i)
 
         def eps_vjp(x_t, i, v):
             return tiling.tiled_eps_vjp(unet_at(i), x_t, tiles, i, v)

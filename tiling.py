@@ -198,7 +198,8 @@ def activation_bytes(unet, tile: int, dtype=torch.float32):
 # the operator's coefficient maps at K = 10; an upper bound for gray): measured by
 # bench/bench_tiling.py on this CPU as the slope of peak memory against pixels with a fixed small
 # UNet (docs/large-images.md).
-BUFFER_BYTES_PER_PIXEL = {"dps": 231, "diffpir": 259}
+BUFFER_BYTES_PER_PIXEL = {"dps": 231, "diffpir": 259,
+                          "daps": 259}   # DAPS: DiffPIR's figure (the same CG vectors), not measured on its own
 
 
 def estimate_peak_bytes(unet, plan: TilePlan | None, images: int, H: int, W: int, method: str, dtype):

@@ -1,6 +1,6 @@
 """DiffPIR's data step: the discrepancy rule's τ and the preconditioner, measured.
 
-    python bench/bench_data_step.py                 # both parts: about 12 min on 2 idle CPU cores
+    python bench/bench_data_step.py                 # both parts: about 30 min on 2 idle CPU cores
     python bench/bench_data_step.py --part one      # one data step only (seconds)
 
 Part one, one data step x = argmin ‖y − Ax‖² + ρ‖x − z‖² from z = y (a 32² photo, defocus up to
@@ -11,8 +11,9 @@ to the same argmin; with it, where CG stops depends on its path.
 
 Part two, whole DiffPIR runs (analytic prior, 100 steps, 8 samples, 64², two photos' held-out
 crops, two blurs, σ = 0.01 and 0.05), against the exact Gaussian posterior (bench_samplers'
-reference: 32 exact draws, each clamped to [0, 1]): for τ in 1, 1.01, 1.1, 1.2, the
-preconditioner as now (applied only where the rule is off) and as before (also under the rule).
+reference: 32 exact draws, each clamped to [0, 1]): for τ in --taus, the data step as it is
+(preconditioned under the rule) and, at --alt_taus, with plain CG under the rule (the
+alternative that was measured and not chosen).
 """
 
 import argparse
@@ -29,12 +30,9 @@ import dps  # noqa: E402
 import priors  # noqa: E402
 from bench_samplers import N_EXACT, problem, psnr, run_sampler  # noqa: E402
 
-TAUS = (1.0, 1.01, 1.1, 1.2)
-
-
-def preconditioned_under_the_rule(operator, y, x0_hat, rho, opt, noise_norm, gains=None):
-    """The data step as it was before: preconditioned whether or not the rule can stop it."""
-    precondition = dps.region_preconditioner(gains, rho) if gains is not None else None
+def plain_under_the_rule(operator, y, x0_hat, rho, opt, noise_norm, gains=None):
+    """The alternative: plain CG wherever the rule can stop it, preconditioned only to cg_tol."""
+    precondition = dps.region_preconditioner(gains, rho) if gains is not None and noise_norm is None else None
     x, iters, rule = dps.proximal_cg(operator, y, (x0_hat + 1) / 2, rho, opt["cg_tol"], noise_norm,
                                      opt["cg_max_iter"], precondition)
     return 2 * x - 1, iters, rule
@@ -62,7 +60,7 @@ def part_one():
                   f"{norm(xa - x):.2f} | {norm(xb - x):.2f} |", flush=True)
 
 
-def part_two():
+def part_two(taus, alt_taus):
     torch.set_num_threads(os.cpu_count() or 1)
     prior, sched = priors.load_model("analytic")
     print("| photo | blur | σ | τ | preconditioner | PSNR vs truth | PSNR vs exact mean | std ratio | wall s "
@@ -79,10 +77,10 @@ def part_two():
                 ref_mean, ref_std = draws.mean(1).float(), draws.std(1)
                 print(f"| {photo} | {mode} | {sigma} | exact | – | {psnr(ref_mean, x):.2f} | – | – | – | – | – |")
                 pipe = dps.EigenPSFDPSPipeline(prior, sched, eig)
-                for tau in TAUS:
-                    for label, step in (("only where the rule is off", current),
-                                        ("also under the rule (before)", preconditioned_under_the_rule)):
-                        if label.endswith("(before)") and tau not in (1.0, 1.1):
+                for tau in sorted(set(taus) | set(alt_taus)):
+                    for label, step in (("preconditioned under the rule", current),
+                                        ("plain under the rule", plain_under_the_rule)):
+                        if (step is current and tau not in taus) or (step is not current and tau not in alt_taus):
                             continue
                         dps.data_proximal_step = step
                         try:
@@ -98,12 +96,15 @@ def part_two():
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--part", choices=("one", "two", "both"), default="both")
+    ap.add_argument("--taus", default="1,1.01,1.1,1.2", help="τ values for the data step as it is")
+    ap.add_argument("--alt_taus", default="1,1.01,1.1,1.2", help="τ values for plain CG under the rule ('' for none)")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {os.cpu_count()} CPU threads; {time.strftime('%Y-%m-%d')}")
     if args.part in ("one", "both"):
         part_one()
     if args.part in ("two", "both"):
-        part_two()
+        floats = lambda v: [float(u) for u in v.split(",") if u]  # noqa: E731
+        part_two(floats(args.taus), floats(args.alt_taus))
 
 
 if __name__ == "__main__":

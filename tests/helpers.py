@@ -251,3 +251,27 @@ def npy_header_only(path, shape):
     with open(path, "wb") as f:
         np.lib.format.write_array_header_1_0(f, {"descr": "<f8", "fortran_order": False, "shape": shape})
     return path
+
+
+# Small PSF grids for CLI runs on real data (7×7 PSFs, 4×4 nodes, K = 6).
+SMALL = ["--kernel_size", "7", "--grid_size", "4", "--n_eigen_psfs", "6", "--set", "physics.motion.max_length=6",
+         "--set", "physics.defocus.max_radius=3"]
+
+
+def only_run(folder):
+    (d,) = run_dirs(folder)
+    return folder / d
+
+
+def face_under_defocus(size, kernel_size, max_radius):
+    """(x, EigenPSF operator, its full-rank grid operator) in float64 for the exact-posterior checks:
+    the astronaut's face at size², and a defocus grid of 3×3 PSFs kept whole (K = 9), circular boundary."""
+    from skimage import data
+    from skimage.transform import resize
+    img = resize(data.astronaut()[10:250, 120:360] / 255.0, (size, size), anti_aliasing=True)
+    x = torch.tensor(img, dtype=torch.float64).permute(2, 0, 1)[None]
+    pc = dict(blur_mode="defocus", kernel_size=kernel_size, grid_size=3, n_eigen_psfs=9, form="gather",
+              boundary="circular", defocus=dict(min_radius=1, max_radius=max_radius))
+    field, _ = physics.create_ground_truth(size, size, pc, seed=0, dtype=torch.float64)
+    eig, grid_op, _ = physics.build_operators(field.node_grid(), size, size, pc)
+    return x, eig, grid_op

@@ -16,7 +16,7 @@ import dps
 import physics
 import priors
 from fakehub import FakeHub, files_from_dir
-from helpers import dense_matrix, full_and_resumed, save_tiny_model, tiny_scheduler, tiny_unet
+from helpers import dense_matrix, face_under_defocus, full_and_resumed, save_tiny_model, tiny_scheduler, tiny_unet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -69,20 +69,6 @@ def conjugate_gradient(apply, b, iters=400, tol=1e-7):
             break
         p, rs = r + rn / rs * p, rn
     return x
-
-
-def face_under_defocus(size, kernel_size, max_radius):
-    """(x, EigenPSF operator, its full-rank grid operator) in float64 for the exact-posterior checks:
-    the astronaut's face at size², and a defocus grid of 3×3 PSFs kept whole (K = 9), circular boundary."""
-    from skimage import data
-    from skimage.transform import resize
-    img = resize(data.astronaut()[10:250, 120:360] / 255.0, (size, size), anti_aliasing=True)
-    x = torch.tensor(img, dtype=torch.float64).permute(2, 0, 1)[None]
-    pc = dict(blur_mode="defocus", kernel_size=kernel_size, grid_size=3, n_eigen_psfs=9, form="gather",
-              boundary="circular", defocus=dict(min_radius=1, max_radius=max_radius))
-    field, _ = physics.create_ground_truth(size, size, pc, seed=0, dtype=torch.float64)
-    eig, grid_op, _ = physics.build_operators(field.node_grid(), size, size, pc)
-    return x, eig, grid_op
 
 
 @pytest.mark.slow
@@ -291,7 +277,7 @@ def test_analytic_prior_ignores_half_precision_autocast():
     assert torch.equal(*runs)
 
 
-@pytest.mark.parametrize("method", ["dps", "diffpir"])
+@pytest.mark.parametrize("method", ["dps", "diffpir", "daps"])
 def test_resume_from_saved_state_is_bit_identical(method):
     unet, sched = tiny_unet(), tiny_scheduler()
     eig, _, _ = small_system()

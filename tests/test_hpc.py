@@ -29,7 +29,7 @@ def tiny_model(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sampler", ["dps", "diffpir"])
+@pytest.mark.parametrize("sampler", ["dps", "diffpir", "daps"])
 def test_sigterm_then_resume_is_bit_identical(tmp_path, tiny_model, sampler, capsys, monkeypatch, caplog):
     """The stop is a real signal to a real process; the resume and the uninterrupted reference
     run in this process (same code, same thread count)."""

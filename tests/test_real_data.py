@@ -15,16 +15,7 @@ import dps
 import priors
 import physics
 import utils
-from helpers import cli, run_dirs, run_in_process, save_tiny_model
-
-SMALL = ["--kernel_size", "7", "--grid_size", "4", "--n_eigen_psfs", "6", "--set", "physics.motion.max_length=6",
-         "--set", "physics.defocus.max_radius=3"]
-
-
-def only_run(folder):
-    (d,) = run_dirs(folder)
-    return folder / d
-
+from helpers import SMALL, cli, only_run, run_dirs, run_in_process, save_tiny_model
 
 def png_psnr(a, b):
     a = np.asarray(Image.open(a), dtype=np.float64) / 255

@@ -105,7 +105,7 @@ def test_tiled_dps_step_equals_autograd_through_the_tiled_eps():
     assert not torch.allclose(dps.dps_step(plain, 5, torch.tensor(400), x_t)[0], outs[1][0], atol=1e-3)
 
 
-@pytest.mark.parametrize("method", ["dps", "diffpir"])
+@pytest.mark.parametrize("method", ["dps", "diffpir", "daps"])
 def test_resume_with_tiles_is_bit_identical(method):
     op = system(48, 40)
     pipe = dps.EigenPSFDPSPipeline(tiny_unet(), tiny_scheduler(), op)
