@@ -205,6 +205,7 @@ class PSFField:
         self.sim, self.mode, self.params, self.draws = sim, mode, params, draws
         self.H, self.W, self.k, self.G = sim.H, sim.W, sim.k, sim.G
         self.device, self.dtype = sim.device, sim.dtype
+        self.channels = 0   # one PSF for every colour channel (lens: one per wavelength)
         r = self.k // 2
         u = torch.arange(-r, r + 1, device=self.device, dtype=self.dtype)
         self.v, self.u = torch.meshgrid(u, u, indexing="ij")  # (k, k): row offset v, column offset u
@@ -376,7 +377,8 @@ class BlendedGridField:
     """
 
     def __init__(self, node_psfs, ys, xs, img_height, img_width):
-        self.node_psfs = node_psfs / node_psfs.sum((-2, -1), keepdim=True)   # (Gy, Gx, k, k)
+        self.node_psfs = node_psfs / node_psfs.sum((-2, -1), keepdim=True)   # (Gy, Gx, [C,] k, k)
+        self.channels = grid_channels(node_psfs)
         self.device, self.dtype = node_psfs.device, node_psfs.dtype
         self.ys = torch.as_tensor(ys, device=self.device, dtype=self.dtype)
         self.xs = torch.as_tensor(xs, device=self.device, dtype=self.dtype)
@@ -399,7 +401,7 @@ class BlendedGridField:
         rows = torch.as_tensor(rows, device=self.device, dtype=self.dtype)
         cols = torch.as_tensor(cols, device=self.device, dtype=self.dtype)
         wy, wx = self._weights(rows, self.ys, self.H), self._weights(cols, self.xs, self.W)
-        return torch.einsum("ri,ijuv,cj->rcuv", wy, self.node_psfs, wx)
+        return torch.einsum("ri,ij...,cj->rc...", wy, self.node_psfs, wx)
 
 
 def _nonneg_range(lo_name, lo, hi_name, hi):
@@ -407,11 +409,16 @@ def _nonneg_range(lo_name, lo, hi_name, hi):
         raise ValueError(f"need 0 <= {lo_name} <= {hi_name}, got {lo_name}={lo}, {hi_name}={hi}")
 
 
+GRID_SHAPES = "(Gy, Gx, k, k) or, one PSF per colour channel, (Gy, Gx, C, k, k)"
+
+
 def validate_kernel_grid(kernel_grid: torch.Tensor) -> None:
-    """Raises ValueError unless kernel_grid is (Gy, Gx, k, k), finite, non-negative, no all-zero PSF."""
-    if not torch.is_tensor(kernel_grid) or kernel_grid.ndim != 4 or kernel_grid.shape[-1] != kernel_grid.shape[-2]:
+    """Raises ValueError unless kernel_grid is (Gy, Gx, k, k) or (Gy, Gx, C, k, k) (channel axis 2),
+    finite, non-negative, with no all-zero PSF."""
+    ok = torch.is_tensor(kernel_grid) and kernel_grid.ndim in (4, 5) and kernel_grid.shape[-1] == kernel_grid.shape[-2]
+    if not ok:
         shape = tuple(kernel_grid.shape) if hasattr(kernel_grid, "shape") else type(kernel_grid).__name__
-        raise ValueError(f"kernel grid must have shape (G, G, k, k), got {shape}")
+        raise ValueError(f"kernel grid must have shape {GRID_SHAPES}, got {shape}")
     validate_kernel_size(int(kernel_grid.shape[-1]))
     if not torch.isfinite(kernel_grid).all():
         raise ValueError("kernel grid contains NaN or Inf")
@@ -419,6 +426,27 @@ def validate_kernel_grid(kernel_grid: torch.Tensor) -> None:
         raise ValueError(f"kernel grid has negative entries (min {kernel_grid.min().item():.3g}); PSFs must be >= 0")
     if (kernel_grid.sum((-2, -1)) <= 0).any():
         raise ValueError("kernel grid has an all-zero PSF; every PSF needs positive mass")
+
+
+def grid_channels(kernel_grid) -> int:
+    """Colour channels of a PSF grid: 0 for a (Gy, Gx, k, k) grid (one PSF for every channel)."""
+    return int(kernel_grid.shape[2]) if kernel_grid.ndim == 5 else 0
+
+
+def mono_if_equal(kernel_grid):
+    """A colour grid whose channels are all the same PSFs (or C = 1) is that mono grid: the same
+    operator, at a third of the cost. Anything else is returned as it is."""
+    if kernel_grid.ndim == 5 and (kernel_grid.shape[2] == 1 or (kernel_grid == kernel_grid[:, :, :1]).all()):
+        return kernel_grid[:, :, 0].contiguous()
+    return kernel_grid
+
+
+def luminance_grid(kernel_grid):
+    """The PSF a gray sensor sees through a colour (Gy, Gx, 3, k, k) grid for a white scene: the
+    Rec. 709 luminance-weighted mix of the channels' unit-sum PSFs (still unit sum)."""
+    g = kernel_grid / kernel_grid.sum((-2, -1), keepdim=True)
+    w = torch.tensor(LUMINANCE_WEIGHTS, dtype=g.dtype, device=g.device).view(3, 1, 1)
+    return (g * w).sum(2)
 
 
 # ----------------------------------------------------------------------------
@@ -465,24 +493,55 @@ def interpolation_matrix(node_coords: torch.Tensor, n_pixels: int, mode: str) ->
 
 @dataclass
 class EigenPSFDecomposition:
-    basis_kernels: torch.Tensor        # (K, k, k); basis_kernels[0] is the mean PSF
-    coefficient_maps: torch.Tensor     # (K, H, W); coefficient_maps[0] == 1
-    singular_values: torch.Tensor      # (min(N, k²),) of the centred PSF matrix
-    explained_variance_ratio: torch.Tensor  # (K-1,) cumulative-free, per kept component
-    grid_coefficients: torch.Tensor    # (K, Gy, Gx) coefficients at the grid nodes
+    """K EigenPSFs and their coefficient maps; a colour grid's have a leading channel axis C
+    (one decomposition per channel: see compute_eigen_decomposition)."""
+    basis_kernels: torch.Tensor        # ([C,] K, k, k); basis_kernels[..., 0, :, :] is the mean PSF
+    coefficient_maps: torch.Tensor     # ([C,] K, H, W); coefficient_maps[..., 0, :, :] == 1
+    singular_values: torch.Tensor      # ([C,] min(N, k²)) of the centred PSF matrix
+    explained_variance_ratio: torch.Tensor  # ([C,] K-1) per kept component
+    grid_coefficients: torch.Tensor    # ([C,] K, Gy, Gx) coefficients at the grid nodes
     interpolation: str = "bilinear"
+    colour: bool = False               # True: one basis per colour channel (leading axis C)
 
     @property
     def n_components(self) -> int:
-        return self.basis_kernels.shape[0]
+        return self.basis_kernels.shape[-3]
+
+    @property
+    def explained_variance_per_channel(self) -> list:
+        """Fraction of each channel's PSF variance (around its mean PSF) captured by the K−1
+        components: 0 at K = 1, 1 for a grid of identical PSFs. One entry for a mono grid."""
+        S = self.singular_values.double().reshape(-1, self.singular_values.shape[-1])
+        evr = self.explained_variance_ratio.double().reshape(S.shape[0], -1)
+        return [1.0 if float((s ** 2).sum()) == 0 else float(e.sum()) for s, e in zip(S, evr)]
 
     @property
     def total_explained_variance(self) -> float:
-        """Fraction of the PSF grid's variance (around the mean PSF) captured by the K−1 components:
-        0 at K = 1 (the mean alone explains none of it), 1 for a grid of identical PSFs."""
-        if float((self.singular_values.double() ** 2).sum()) == 0:
-            return 1.0
-        return float(self.explained_variance_ratio.sum())
+        """The worst channel's explained variance (explained_variance_per_channel)."""
+        return min(self.explained_variance_per_channel)
+
+
+def _pca(P: torch.Tensor, n_eigen_psfs: int):
+    """(basis (K, k²), node coefficients (K, N), S, explained ratios (K−1,), K) of N unit-sum PSFs
+    P (N, k²), in float64: B₀ the mean, B₁.. the top principal directions of the centred PSFs."""
+    N = P.shape[0]
+    mean = P.mean(0)
+    D = P - mean
+    # 1. SVD of the centred PSF matrix (N, k²): rows of Vh are the EigenPSFs.
+    U, S, Vh = torch.linalg.svd(D, full_matrices=False)
+    if (S ** 2).sum() <= 1e-20 * (P ** 2).sum():  # identical PSFs up to rounding: no variance to explain
+        S = torch.zeros_like(S)
+    # The SVD has min(N, k²) components: K beyond that + 1 (the mean) has nothing left to add.
+    if n_eigen_psfs - 1 > S.numel():
+        log.info("n_eigen_psfs=%d exceeds the rank of a grid of %d PSFs of %d pixels (at most %d components + "
+                 "the mean); using K=%d", n_eigen_psfs, N, P.shape[1], S.numel(), S.numel() + 1)
+        n_eigen_psfs = S.numel() + 1
+    n_comp = n_eigen_psfs - 1
+    total = (S ** 2).sum()
+    evr = (S[:n_comp] ** 2) / total if total > 0 else torch.zeros(n_comp, dtype=torch.float64)
+    basis = torch.cat([mean[None], Vh[:n_comp]], 0)
+    coeff = torch.cat([torch.ones(1, N, dtype=torch.float64), (U[:, :n_comp] * S[:n_comp]).T], 0)
+    return basis, coeff, S, evr, n_eigen_psfs
 
 
 def compute_eigen_decomposition(kernel_grid: torch.Tensor, n_eigen_psfs: int, img_height: int, img_width: int,
@@ -494,46 +553,44 @@ def compute_eigen_decomposition(kernel_grid: torch.Tensor, n_eigen_psfs: int, im
     whatever K is. With K = G² (or the rank + 1) the reconstruction of the node PSFs is exact;
     a larger K is capped there with an info line.
 
+    A colour grid (Gy, Gx, C, k, k) gets one decomposition per channel, K terms each (chosen over
+    one basis shared by the channels with per-channel maps: at the same K and the same FFT count
+    its model error is lower; bench/bench_physics.py --colour measures both). A colour grid whose
+    channels are equal is the mono grid (mono_if_equal).
+
     node_coords: optional (ys, xs) pixel coordinates of grid rows/columns (default: cell centres).
     """
     validate_kernel_grid(kernel_grid)
-    Gy, Gx, k, _ = kernel_grid.shape
+    kernel_grid = mono_if_equal(kernel_grid)
+    Gy, Gx = kernel_grid.shape[:2]
+    k = kernel_grid.shape[-1]
     N = Gy * Gx
     if not isinstance(n_eigen_psfs, int) or not 1 <= n_eigen_psfs <= N:
         raise ValueError(f"n_eigen_psfs must be in 1..{N} (the number of PSFs in the grid), got {n_eigen_psfs!r}")
     if img_height < k or img_width < k:
         raise ValueError(f"image ({img_height}x{img_width}) is smaller than the kernel ({k}x{k})")
     _choice("interpolation", interpolation, INTERPOLATIONS)
-    dtype = kernel_grid.dtype
-    P = kernel_grid.reshape(N, k * k).to(torch.float64)
-    P = P / P.sum(1, keepdim=True)
-    mean = P.mean(0)
-    D = P - mean
-    # 1. SVD of the centred PSF matrix (N, k²): rows of Vh are the EigenPSFs.
-    U, S, Vh = torch.linalg.svd(D, full_matrices=False)
-    if (S ** 2).sum() <= 1e-20 * (P ** 2).sum():  # identical PSFs up to rounding: no variance to explain
-        S = torch.zeros_like(S)
-    # The SVD has min(N, k²) components: K beyond that + 1 (the mean) has nothing left to add.
-    if n_eigen_psfs - 1 > S.numel():
-        log.info("n_eigen_psfs=%d exceeds the rank of the %dx%d grid of %dx%d PSFs (at most %d components + the mean); "
-                 "using K=%d", n_eigen_psfs, Gy, Gx, k, k, S.numel(), S.numel() + 1)
-        n_eigen_psfs = S.numel() + 1
-    n_comp = n_eigen_psfs - 1
-    total = (S ** 2).sum()
-    evr = (S[:n_comp] ** 2) / total if total > 0 else torch.zeros(n_comp, dtype=torch.float64)
-    # 2. Basis (K, k, k) and node coefficients (K, Gy, Gx).
-    basis = torch.cat([mean[None], Vh[:n_comp]], 0).reshape(n_eigen_psfs, k, k)
-    coeff = torch.cat([torch.ones(1, N, dtype=torch.float64), (U[:, :n_comp] * S[:n_comp]).T], 0)
-    coeff = coeff.reshape(n_eigen_psfs, Gy, Gx)
-    # 3. Interpolate coefficients to full resolution: C = Wy · c · Wxᵀ.
+    dtype, colour = kernel_grid.dtype, kernel_grid.ndim == 5
+    P = kernel_grid.to(torch.float64)
+    P = (P.movedim(2, 0) if colour else P[None]).reshape(-1, N, k * k)      # (C or 1, N, k²)
+    P = P / P.sum(-1, keepdim=True)
+    parts = [_pca(Pc, n_eigen_psfs) for Pc in P]
+    K = parts[0][4]
+    basis = torch.stack([p[0] for p in parts]).reshape(-1, K, k, k)
+    coeff = torch.stack([p[1] for p in parts]).reshape(-1, K, Gy, Gx)
+    S, evr = torch.stack([p[2] for p in parts]), torch.stack([p[3] for p in parts])
+    # Interpolate coefficients to full resolution: C = Wy · c · Wxᵀ.
     ys, xs = node_coords if node_coords is not None else (grid_node_coords(Gy, img_height), grid_node_coords(Gx, img_width))
     Wy = interpolation_matrix(torch.as_tensor(ys), img_height, interpolation).to(P.device)
     Wx = interpolation_matrix(torch.as_tensor(xs), img_width, interpolation).to(P.device)
-    maps = torch.einsum("hi,kij,wj->khw", Wy, coeff, Wx)
-    decomp = EigenPSFDecomposition(basis.to(dtype), maps.to(dtype), S.to(dtype), evr.to(dtype), coeff.to(dtype), interpolation)
-    if total > 0 and decomp.total_explained_variance < 0.9:
-        log.warning("EigenPSF decomposition with K=%d explains only %.1f%% of the PSF variance; "
-                    "increase n_eigen_psfs for a faithful operator", n_eigen_psfs, 100 * decomp.total_explained_variance)
+    maps = torch.einsum("hi,ckij,wj->ckhw", Wy, coeff, Wx)
+    squeeze = (lambda t: t) if colour else (lambda t: t[0])  # noqa: E731
+    decomp = EigenPSFDecomposition(*(squeeze(t).to(dtype) for t in (basis, maps, S, evr, coeff)), interpolation,
+                                   colour)
+    if decomp.total_explained_variance < 0.9:
+        log.warning("EigenPSF decomposition with K=%d explains only %.1f%% of the PSF variance%s; "
+                    "increase n_eigen_psfs for a faithful operator", K, 100 * decomp.total_explained_variance,
+                    " (worst channel)" if colour else "")
     return decomp
 
 
@@ -633,8 +690,11 @@ class SVBlurOperator(torch.nn.Module):
         _choice("form", form, FORMS)
         _choice("boundary", boundary, BOUNDARIES)
         self.form, self.boundary, self.max_chunk_bytes = form, boundary, max_chunk_bytes
-        self.register_buffer("basis_kernels", decomposition.basis_kernels.clone())      # ([B,] K, k, k)
-        self.register_buffer("coefficient_maps", decomposition.coefficient_maps.clone())  # ([B,] K, H, W)
+        # A colour operator holds one basis per channel (axis C) and blurs channel c of x with it.
+        self.colour = bool(getattr(decomposition, "colour", False))
+        self.register_buffer("basis_kernels", decomposition.basis_kernels.clone())      # ([B,] [C,] K, k, k)
+        self.register_buffer("coefficient_maps", decomposition.coefficient_maps.clone())  # ([B,] [C,] K, H, W)
+        self.channels = self.basis_kernels.shape[-4] if self.colour else 0
         self.H, self.W = self.coefficient_maps.shape[-2:]
         self.k = self.basis_kernels.shape[-1]
         self.r = self.k // 2
@@ -657,7 +717,7 @@ class SVBlurOperator(torch.nn.Module):
             # Padding is a gather, so Pad(Cₖ ⊙ x) = Pad(Cₖ) ⊙ Pad(x) and Padᵀ(Pad(Cₖ) ⊙ z) = Cₖ ⊙ Padᵀ(z):
             # the scatter form pads (and un-pads) one image instead of K weighted copies.
             C_pad = pad.forward(C) if self.form == "scatter" else None                  # (K, Hp, Wp)
-            if self.batched:  # (B, K, ...) -> (B, 1, K, ...): broadcasts over x's channels, like (K, ...)
+            if self.batched:  # (B, [C,] K, ...) -> (B, 1, [C,] K, ...): broadcasts over x's samples (and channels)
                 C = C.unsqueeze(1)
                 C_pad = C_pad.unsqueeze(1) if C_pad is not None else None
             self._cache = {key: (pad, C, C_pad, {})}
@@ -687,33 +747,45 @@ class SVBlurOperator(torch.nn.Module):
         maps (B, K, H, W), K the largest of theirs (a missing component is zero and adds nothing).
         Image b of x, or its S consecutive samples when x holds B·S images, is blurred with
         decompositions[b]. For one grid shared by a batch, use the plain operator: it is not copied."""
-        K = max(d.basis_kernels.shape[0] for d in decompositions)
-        grow = lambda t: F.pad(t, (0, 0, 0, 0, 0, K - t.shape[0]))  # noqa: E731  zero components up to K
+        colour = {bool(getattr(d, "colour", False)) for d in decompositions}
+        channels = {d.basis_kernels.shape[0] for d in decompositions if getattr(d, "colour", False)}
+        if len(colour) > 1 or len(channels) > 1:
+            raise ValueError("cannot stack mono and colour PSF grids, or colour grids of different channel counts")
+        K = max(d.basis_kernels.shape[-3] for d in decompositions)
+        grow = lambda t: F.pad(t, (0, 0, 0, 0, 0, K - t.shape[-3]))  # noqa: E731  zero components up to K
         both = SimpleNamespace(basis_kernels=torch.stack([grow(d.basis_kernels) for d in decompositions]),
-                               coefficient_maps=torch.stack([grow(d.coefficient_maps) for d in decompositions]))
+                               coefficient_maps=torch.stack([grow(d.coefficient_maps) for d in decompositions]),
+                               colour=colour.pop())
         return cls(both, form, boundary, max_chunk_bytes)
 
     @property
     def batched(self) -> bool:
-        return self.basis_kernels.ndim == 4
+        return self.basis_kernels.ndim == 4 + self.colour
 
     def _per_image(self, fn, x):
-        """Applies fn with x's images grouped by the operator's batch: (B·S, C, H, W) -> (B, S·C, H, W)."""
+        """Applies fn with x's images grouped by the operator's batch: (B·S, C, H, W) -> (B, S·C, H, W)
+        (a colour operator's: (B, S, C, H, W), so that channel c meets basis c)."""
         if not self.batched:
             return fn(x)
         B = self.basis_kernels.shape[0]
         if x.shape[0] % B:
             raise ValueError(f"this operator holds {B} images' PSFs; x has {x.shape[0]} images (not a multiple)")
-        out = fn(x.reshape(B, -1, *x.shape[-2:]))
+        out = fn(x.reshape(B, -1, *x.shape[-3 if self.colour else -2:]))
         return out.reshape(x.shape[0], -1, *out.shape[-2:])
+
+    def _check_channels(self, x):
+        if self.colour and x.shape[1] != self.channels:
+            raise ValueError(f"this operator's PSF grid has {self.channels} colour channels; the image has {x.shape[1]}")
 
     def forward(self, x):
         _check_image(x, self.H, self.W)
+        self._check_channels(x)
         x, in_dtype = _fft_dtype(x)
         return self._per_image(self._forward, x).to(in_dtype)
 
     def adjoint(self, y):
         _check_image(y, self.H, self.W)
+        self._check_channels(y)
         y, in_dtype = _fft_dtype(y)
         return self._per_image(self._adjoint, y).to(in_dtype)
 
@@ -722,7 +794,7 @@ class SVBlurOperator(torch.nn.Module):
 
     def _row_bytes(self, x):
         """Bytes of one FFT row of one K component's (N, C, ·, Fw) spectra (complex: 2 reals)."""
-        return x.shape[0] * x.shape[1] * self.fft_shape[1] * x.element_size() * 2
+        return math.prod(x.shape[:-2]) * self.fft_shape[1] * x.element_size() * 2
 
     def _bands(self, x):
         """(band height nb, FFT height Fh): the output rows (or the adjoint's input rows) are done
@@ -753,7 +825,7 @@ class SVBlurOperator(torch.nn.Module):
 
     def _forward(self, x):
         pad, C, C_pad, _ = self._setup(x)
-        xp = pad.forward(x)[:, :, None]                                     # (N, C, 1, Hp, Wp)
+        xp = pad.forward(x).unsqueeze(-3)                                   # (N, C, 1, Hp, Wp)
         (nb, Fh), r, H, W = self._bands(x), self.r, self.H, self.W
         spec, _ = self._spectra(x, Fh)
         s, ks_all = (Fh, self.fft_shape[1]), self._k_chunks(x, Fh)
@@ -765,11 +837,11 @@ class SVBlurOperator(torch.nn.Module):
                 # 1. one FFT of the padded band (N, C, 1, Fh, Fw'); 2. K inverse FFTs; 3. weight and sum.
                 X = torch.fft.rfft2(xb, s=s)
                 yb = sum((torch.fft.irfft2(X * spec[..., ks, :, :], s=s)[..., r:r + b - a, r:r + W]
-                          * C[..., ks, a:b, :]).sum(2) for ks in ks_all)
+                          * C[..., ks, a:b, :]).sum(-3) for ks in ks_all)
             else:
                 # scatter: 1. K FFTs of Pad(Cₖ) ⊙ Pad(x) = Pad(Cₖ ⊙ x); 2. sum spectra over K; 3. one inverse FFT.
                 # In-place products: these (N, C, K, ...) temporaries dominate the memory traffic.
-                Z = sum(torch.fft.rfft2(xb * C_pad[..., ks, a:b + 2 * r, :], s=s).mul_(spec[..., ks, :, :]).sum(2)
+                Z = sum(torch.fft.rfft2(xb * C_pad[..., ks, a:b + 2 * r, :], s=s).mul_(spec[..., ks, :, :]).sum(-3)
                         for ks in ks_all)
                 yb = torch.fft.irfft2(Z, s=s)[..., r:r + b - a, r:r + W]
             if nb >= H:
@@ -787,17 +859,17 @@ class SVBlurOperator(torch.nn.Module):
         for a in range(0, H, nb):        # input rows a..b reach padded rows a..b+2r: the bands' halos add up
             b = min(a + nb, H)
             embed = (r, s[1] - W - r, r, Fh - (b - a) - r)                  # F.pad order
-            yb = y[:, :, None, a:b, :]
+            yb = y[..., None, a:b, :]
             if self.form == "gather":
                 # Aᵀ = Padᵀ Σₖ Convₖᵀ Embed (Cₖ ⊙ ·): K FFTs, sum spectra, one inverse FFT.
-                Z = sum(torch.fft.rfft2(F.pad(yb * C[..., ks, a:b, :], embed), s=s).mul_(spec_t[..., ks, :, :]).sum(2)
+                Z = sum(torch.fft.rfft2(F.pad(yb * C[..., ks, a:b, :], embed), s=s).mul_(spec_t[..., ks, :, :]).sum(-3)
                         for ks in ks_all)
                 xb = torch.fft.irfft2(Z, s=s)[..., : b - a + 2 * r, : self.Wp]
             else:
                 # scatter: Aᵀ = Padᵀ Σₖ Pad(Cₖ) ⊙ Convₖᵀ Embed(·): one FFT, K inverse FFTs, one Padᵀ.
                 Y = torch.fft.rfft2(F.pad(yb, embed), s=s)
                 xb = sum((torch.fft.irfft2(Y * spec_t[..., ks, :, :], s=s)[..., : b - a + 2 * r, : self.Wp]
-                          * C_pad[..., ks, a:b + 2 * r, :]).sum(2) for ks in ks_all)
+                          * C_pad[..., ks, a:b + 2 * r, :]).sum(-3) for ks in ks_all)
             res[..., a:b + 2 * r, :] += xb
         return pad.adjoint(res)
 
@@ -831,6 +903,17 @@ def _rows_per_chunk(z, n_cols, k, max_chunk_bytes):
     return max(1, int(max_chunk_bytes // per_row))
 
 
+def _kernel_first(h):
+    """(R, W, k²) -> (k², R, W), and a colour field's (R, W, C, k²) -> (C, k², R, W): against
+    (B, C, k², R, W) patches, channel c meets its own PSFs."""
+    return h.movedim((0, 1), (-2, -1))
+
+
+def _check_field_channels(x, channels):
+    if channels and x.shape[1] != channels:
+        raise ValueError(f"this blur's PSFs have {channels} colour channels; the image has {x.shape[1]}")
+
+
 def _sv_gather(z, n_rows, n_cols, psfs, k, flip, max_chunk_bytes):
     """out[p] = Σ_{u'} h_p[u'] · z[p + u'] for p on an (n_rows, n_cols) grid; u' ∈ [0, k)².
 
@@ -844,11 +927,11 @@ def _sv_gather(z, n_rows, n_cols, psfs, k, flip, max_chunk_bytes):
         b = min(a + step, n_rows)
         patches = F.unfold(z[:, :, a:b + k - 1].reshape(B * C, 1, -1, z.shape[-1]), k)
         patches = patches.reshape(B, C, k * k, b - a, n_cols)             # (B, C, k², R, W)
-        h = psfs(a, b).to(z.dtype)                                         # (R, W, k²)
+        h = psfs(a, b).to(z.dtype)                                         # (R, W, [C,] k²)
         if flip:
             h = h.flip(-1)  # flattened (k, k) reversed == rotated by 180°
         # a broadcast multiply-and-sum beats einsum's bmm here by ~2.5x (no permuted copies)
-        out[:, :, a:b] = (patches * h.permute(2, 0, 1)).sum(2)
+        out[:, :, a:b] = (patches * _kernel_first(h)).sum(2)
     return out
 
 
@@ -862,7 +945,7 @@ def _sv_scatter(v, psfs, k, flip, max_chunk_bytes):
         h = psfs(a, b).to(v.dtype)
         if flip:
             h = h.flip(-1)
-        cols = (v[:, :, None, a:b] * h.permute(2, 0, 1)).reshape(B * C, k * k, -1)   # (BC, k², R·W)
+        cols = (v[:, :, None, a:b] * _kernel_first(h)).reshape(B * C, k * k, -1)   # (BC, k², R·W)
         folded = F.fold(cols, (b - a + k - 1, Wv + k - 1), k)
         out[:, :, a:b + k - 1] += folded.reshape(B, C, b - a + k - 1, -1)
     return out
@@ -886,14 +969,15 @@ class GridSVBlurOperator(torch.nn.Module):
         validate_kernel_grid(kernel_grid)
         _choice("form", form, FORMS)
         _choice("boundary", boundary, BOUNDARIES)
-        Gy, Gx, k, _ = kernel_grid.shape
+        kernel_grid = mono_if_equal(kernel_grid)
+        Gy, Gx, k = *kernel_grid.shape[:2], kernel_grid.shape[-1]
         if img_height < k or img_width < k:
             raise ValueError(f"image ({img_height}x{img_width}) is smaller than the kernel ({k}x{k})")
         self.form, self.boundary, self.H, self.W, self.k, self.r = form, boundary, img_height, img_width, k, k // 2
-        self.max_chunk_bytes = max_chunk_bytes
+        self.max_chunk_bytes, self.channels = max_chunk_bytes, grid_channels(kernel_grid)
         psfs = kernel_grid / kernel_grid.sum((-2, -1), keepdim=True)
-        self.register_buffer("kernel_grid", psfs)                     # (Gy, Gx, k, k)
-        self.register_buffer("psfs", psfs.reshape(Gy, Gx * k * k))
+        self.register_buffer("kernel_grid", psfs)                     # (Gy, Gx, [C,] k, k)
+        self.register_buffer("psfs", psfs.reshape(Gy, -1))
         ys, xs = node_coords if node_coords is not None else (grid_node_coords(Gy, img_height), grid_node_coords(Gx, img_width))
         dt = kernel_grid.dtype
         dev = kernel_grid.device
@@ -909,8 +993,9 @@ class GridSVBlurOperator(torch.nn.Module):
         Gx = self.Wx.shape[1]
 
         def psfs(a, b):
-            m = (self.Wy[rows[a:b]] @ self.psfs).reshape(b - a, Gx, -1)   # (R, Gx, k²)
-            return torch.einsum("wj,rjn->rwn", self.Wx[cols], m)
+            m = (self.Wy[rows[a:b]] @ self.psfs).reshape(b - a, Gx, -1)   # (R, Gx, [C·]k²)
+            h = torch.einsum("wj,rjn->rwn", self.Wx[cols], m)
+            return h.unflatten(-1, (self.channels, -1)) if self.channels else h
         return psfs
 
     def _pad(self, x):
@@ -918,6 +1003,7 @@ class GridSVBlurOperator(torch.nn.Module):
 
     def forward(self, x):
         _check_image(x, self.H, self.W)
+        _check_field_channels(x, self.channels)
         pad, k, mb = self._pad(x), self.k, self.max_chunk_bytes
         rows, cols = torch.arange(self.H, device=x.device), torch.arange(self.W, device=x.device)
         if self.form == "gather":
@@ -928,6 +1014,7 @@ class GridSVBlurOperator(torch.nn.Module):
 
     def adjoint(self, y):
         _check_image(y, self.H, self.W)
+        _check_field_channels(y, self.channels)
         pad, k, mb = self._pad(y), self.k, self.max_chunk_bytes
         rows, cols = torch.arange(self.H, device=y.device), torch.arange(self.W, device=y.device)
         if self.form == "gather":
@@ -957,6 +1044,7 @@ class GroundTruthBlur(torch.nn.Module):
         _choice("form", form, FORMS)
         self.field, self.form, self.max_chunk_bytes = field, form, max_chunk_bytes
         self.H, self.W, self.k, self.r = field.H, field.W, field.k, field.k // 2
+        self.channels = getattr(field, "channels", 0)
 
     def _psfs(self, rows, cols):
         return lambda a, b: self.field.psfs_on_grid(rows[a:b], cols).flatten(-2)
@@ -968,6 +1056,7 @@ class GroundTruthBlur(torch.nn.Module):
 
     def forward(self, x_ext):
         _check_image(x_ext, self.H + 2 * self.r, self.W + 2 * self.r)
+        _check_field_channels(x_ext, self.channels)
         k, r, mb = self.k, self.r, self.max_chunk_bytes
         if self.form == "gather":
             return _sv_gather(x_ext, self.H, self.W, self._psfs(*self._coords(0, x_ext.device)), k, True, mb)
@@ -976,6 +1065,7 @@ class GroundTruthBlur(torch.nn.Module):
 
     def adjoint(self, y):
         _check_image(y, self.H, self.W)
+        _check_field_channels(y, self.channels)
         k, r, mb = self.k, self.r, self.max_chunk_bytes
         if self.form == "gather":
             return _sv_scatter(y, self._psfs(*self._coords(0, y.device)), k, True, mb)

@@ -275,3 +275,46 @@ def face_under_defocus(size, kernel_size, max_radius):
     field, _ = physics.create_ground_truth(size, size, pc, seed=0, dtype=torch.float64)
     eig, grid_op, _ = physics.build_operators(field.node_grid(), size, size, pc)
     return x, eig, grid_op
+
+
+def brute_force_matrix(grid, H, W, form, boundary):
+    """The (H·W, H·W) matrix of the grid's SV blur, entry by entry from a direct per-pixel loop
+    (the PSF of each pixel interpolated bilinearly, in numpy): the independent reference for the
+    grid and EigenPSF operators, forward (M x) and adjoint (Mᵀ y). grid: (G, G, k, k)."""
+    G, _, k, _ = grid.shape
+    r = k // 2
+    P = grid.numpy() / grid.numpy().sum((-2, -1), keepdims=True)
+    Wy = physics.interpolation_matrix(physics.grid_node_coords(G, H), H, "bilinear").numpy()
+    Wx = physics.interpolation_matrix(physics.grid_node_coords(G, W), W, "bilinear").numpy()
+
+    def psf(py, px):
+        return np.einsum("i,j,ijab->ab", Wy[py], Wx[px], P)
+
+    def src(i, n):  # padded coordinate -> source pixel or None (zero)
+        if 0 <= i < n:
+            return i
+        if boundary == "circular":
+            return i % n
+        if boundary == "reflect":
+            i = abs(i)
+            return 2 * (n - 1) - i if i > n - 1 else i
+        return None
+
+    M = np.zeros((H * W, H * W))
+    for py in range(H):
+        for px in range(W):
+            for dy in range(-r, r + 1):
+                for dx in range(-r, r + 1):
+                    sy, sx = src(py - dy, H), src(px - dx, W)
+                    if sy is None or sx is None:
+                        continue
+                    h = psf(py, px) if form == "gather" else psf(sy, sx)
+                    M[py * W + px, sy * W + sx] += h[dy + r, dx + r]
+    return M
+
+
+def brute_force(grid, x, form, boundary):
+    """brute_force_matrix applied to every channel of x (C, H, W)."""
+    C, H, W = x.shape
+    M = brute_force_matrix(grid, H, W, form, boundary)
+    return (x.reshape(C, -1).numpy() @ M.T).reshape(C, H, W)

@@ -6,6 +6,7 @@ import scipy.ndimage
 import torch
 
 import physics
+from helpers import brute_force
 from physics import (BLUR_MODES, BOUNDARIES, FORMS, INTERPOLATIONS, SVBlurOperator, SVBlurSimulator,
                      GridSVBlurOperator, build_operators, compute_eigen_decomposition, create_sv_blur_system,
                      operator_relative_error)
@@ -59,43 +60,6 @@ def test_reconstructed_psfs_sum_to_one_for_every_k():
         dec = compute_eigen_decomposition(grid, K, 20, 26)
         psf_at_pixels = torch.einsum("khw,kij->hwij", dec.coefficient_maps, dec.basis_kernels)
         assert torch.allclose(psf_at_pixels.sum((-2, -1)), torch.ones(20, 26, dtype=torch.float64), atol=1e-12)
-
-
-# --- independent brute force ---------------------------------------------------------------
-
-def brute_force(grid, x, form, boundary):
-    """Direct per-pixel double loop; the PSF of each pixel interpolated bilinearly, in numpy."""
-    G, _, k, _ = grid.shape
-    r = k // 2
-    C, H, W = x.shape
-    P = grid.numpy() / grid.numpy().sum((-2, -1), keepdims=True)
-    Wy = physics.interpolation_matrix(physics.grid_node_coords(G, H), H, "bilinear").numpy()
-    Wx = physics.interpolation_matrix(physics.grid_node_coords(G, W), W, "bilinear").numpy()
-
-    def psf(py, px):
-        return np.einsum("i,j,ijab->ab", Wy[py], Wx[px], P)
-
-    def src(i, n):  # padded coordinate -> source pixel or None (zero)
-        if 0 <= i < n:
-            return i
-        if boundary == "circular":
-            return i % n
-        if boundary == "reflect":
-            i = abs(i)
-            return 2 * (n - 1) - i if i > n - 1 else i
-        return None
-
-    y = np.zeros((C, H, W))
-    for py in range(H):
-        for px in range(W):
-            for dy in range(-r, r + 1):
-                for dx in range(-r, r + 1):
-                    sy, sx = src(py - dy, H), src(px - dx, W)
-                    if sy is None or sx is None:
-                        continue
-                    h = psf(py, px) if form == "gather" else psf(sy, sx)
-                    y[:, py, px] += h[dy + r, dx + r] * x[:, sy, sx].numpy()
-    return y
 
 
 @pytest.mark.parametrize("form", FORMS)
