@@ -33,7 +33,7 @@ log = logging.getLogger("eigenpsf_dps")
 
 SAMPLER_METHODS = ("dps", "diffpir", "daps")             # dps.SAMPLERS maps each to its step function
 DEFAULT_STEPS = {"dps": 1000, "diffpir": 100, "daps": 200}      # sampler.num_inference_steps: auto
-BLUR_MODES = ("motion", "defocus", "mixed", "correlated", "random_iid")
+BLUR_MODES = ("motion", "defocus", "mixed", "correlated", "random_iid", "lens")
 FORMS = ("gather", "scatter")
 BOUNDARIES = ("reflect", "zeros", "circular")
 INTERPOLATIONS = ("bilinear", "nearest")
@@ -143,6 +143,9 @@ RANGES = {
     "train.grad_clip": (0.0, None), "train.ema_decay": (0.0, 1.0), "train.eval_every": (1, None),
     "train.sample_every": (1, None), "train.checkpoint_every": (1, None),
     "run.seed": (0, 2 ** 63 - 1), "run.batch_size": (1, 4096),
+    "physics.lens.f_number": (0.3, 100.0), "physics.lens.pixel_pitch_um": (0.05, 100.0),
+    "physics.lens.reference_wavelength_nm": (100.0, 20000.0), "physics.lens.pupil_samples": (16, 2048),
+    "physics.lens.oversample": (1, 16), "physics.lens.truth_grid_factor": (1, 16),
 }
 
 
@@ -311,6 +314,8 @@ def validate_config(cfg: dict, schema: dict) -> dict:
         if key in allowed and value not in allowed[key]:
             raise UserError(f"{key} must be one of {list(allowed[key])}, got {value!r}")
         check_finite(key, value)
+        if isinstance(value, list) and not all(_type_ok(v, float) and math.isfinite(v) for v in value):
+            raise UserError(f"{key} must be a list of finite numbers, got {value!r}")
         if key in RANGES:
             lo, hi = RANGES[key]
             if (lo is not None and value < lo) or (hi is not None and value > hi):

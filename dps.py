@@ -361,11 +361,18 @@ def _hat_weights(n_regions: int, n: int, dtype, device):
     return physics.interpolation_matrix(nodes, n, "bilinear").T.to(device, dtype)
 
 
+def _one_if_equal(psf):
+    """(N, C, H, W) channel responses, or (N, 1, H, W) when every channel has the same PSF (a mono
+    operator): the gains of one channel then serve all, at a third of the memory."""
+    return psf[:, :1] if bool((psf == psf[:, :1]).all()) else psf
+
+
 def region_psf_gains(operator, shape, device, dtype, n_regions=PRECONDITIONER_REGIONS):
     """The local blur at R×R nodes spanning the image from corner to corner (the peaks of the
     blending weights), probed with a point source through `operator` itself
     (any wrapper, a per-image stacked operator too): (|ĥ_r(f)|² (N, R², H, W//2+1) on the periodic
-    H×W grid, √w_r (R², H, W) for blending weights w_r that sum to 1), or None when the operator
+    H×W grid, per channel (N, R², C, H, W//2+1): a colour operator blurs each channel with its own
+    PSFs; √w_r (R², H, W) for blending weights w_r that sum to 1), or None when the operator
     changes the image's shape (a gray y from an RGB x), where this preconditioner does not apply."""
     N, C, H, W = shape
     wy, wx = _hat_weights(n_regions, H, dtype, device), _hat_weights(n_regions, W, dtype, device)
@@ -378,7 +385,7 @@ def region_psf_gains(operator, shape, device, dtype, n_regions=PRECONDITIONER_RE
         psf = operator(delta)
         if psf.shape != delta.shape:
             return None
-        psf = torch.roll(psf[:, 0], (-cy[i], -cx[j]), (-2, -1))            # centred at index 0, (N, H, W)
+        psf = _one_if_equal(torch.roll(psf, (-cy[i], -cx[j]), (-2, -1)))   # centred at index 0, (N, C or 1, H, W)
         gains.append(torch.fft.rfft2(psf).abs() ** 2)
         roots.append((wy[i][:, None] * wx[j][None, :]).sqrt())
     return torch.stack(gains, 1), torch.stack(roots)
@@ -389,8 +396,8 @@ def region_preconditioner(gains, rho):
     blended (after Nagy & O'Leary 1998's piecewise restoration of SV blur). Each term is symmetric
     positive semidefinite and Σ_r w_r = 1, so P⁻¹ is symmetric positive definite, as CG needs."""
     gain, root = gains
-    rho = rho.view(-1, 1, 1, 1) if torch.is_tensor(rho) else rho
-    inv = (1 / (gain + rho))[:, :, None]                                    # (N, R², 1, H, W//2+1)
+    rho = rho.view(-1, 1, 1, 1, 1) if torch.is_tensor(rho) else rho
+    inv = 1 / (gain + rho)                                                  # (N, R², C, H, W//2+1)
     root = root[None, :, None]                                              # (1, R², 1, H, W)
 
     def apply(v):   # one region at a time: the FFT buffers of a camera-size image stay one region's
@@ -816,7 +823,8 @@ def _posterior_preconditioner(prior, operator, sigma_y, H, W, device):
     psf = operator(delta)
     if psf.shape != delta.shape:
         return None
-    psf = torch.roll(psf[0, 0], (-(H // 2), -(W // 2)), (0, 1))             # centred at index 0
-    gain = torch.fft.rfft2(psf).abs() ** 2                                   # |ĥ(f)|², (H, W//2+1)
+    psf = _one_if_equal(torch.roll(psf, (-(H // 2), -(W // 2)), (-2, -1)))[0]   # centred at index 0, (C or 1, H, W)
+    # |ĥ(f)|², (H, W//2+1); a colour operator's channels averaged (the prior's filter mixes channels)
+    gain = (torch.fft.rfft2(psf).abs() ** 2).mean(0)
     inv = 1 / (1 + prior.prior_variance(H, W) * gain / (4 * sigma_y ** 2))   # (C, H, W//2+1)
     return lambda v: prior.filter(v, inv)

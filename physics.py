@@ -72,6 +72,8 @@ def mode_sections(mode: str) -> tuple:
 def fit_sizes_to_kernel(section: str, params: dict, kernel_size: int):
     """params with its size parameters scaled by one factor so that the PSFs fit kernel_size, or
     None when they already fit. Sizes are rounded down (to 1e-3 px), so the result always fits."""
+    if section not in REACH:   # lens: no size parameter to scale (LensField measures the light it loses)
+        return None
     p = {**MODE_DEFAULTS[section], **params}
     reach = max(extent(p) for _, extent, _ in REACH[section])
     if reach <= kernel_size // 2:
@@ -144,8 +146,10 @@ class SVBlurSimulator:
             raise ValueError(f"sigma_scale must be > 0, got {p['sigma_scale']}")
         if mode == "correlated" and (p["correlation_length"] < 0 or p["mu_scale"] < 0):
             raise ValueError("correlation_length and mu_scale must be >= 0")
+        if mode == "lens":
+            check_lens_params(p)
         for section in mode_sections(mode):
-            for what, extent, names in REACH[section]:
+            for what, extent, names in REACH.get(section, ()):
                 self._check_fit(what, extent(p), names)
 
     def _fourier_features(self, gen, correlation_length: float) -> dict:
@@ -182,6 +186,8 @@ class SVBlurSimulator:
                              f"allowed: {sorted(MODE_DEFAULTS[mode])}")
         p = {**MODE_DEFAULTS[mode], **mode_params}
         self._check_params(mode, p)
+        if mode == "lens":   # a lens is deterministic: it draws nothing
+            return LensField(self, p)
         gen = _make_generator(seed, generator, self.device)
         return PSFField(self, mode, p, self._draw(mode, p, gen))
 
@@ -340,6 +346,65 @@ class PSFField:
         f = {name: torch.tanh(self._random_field(d[name], py, px)) for name in ("sig_a", "sig_b", "theta", "mu_y", "mu_x")}
         return self._gaussian(col(s * (1 + 0.5 * f["sig_a"])), col(s * (1 + 0.5 * f["sig_b"])), col(math.pi * f["theta"]),
                               col(m * f["mu_y"]), col(m * f["mu_x"]))
+
+
+def check_lens_params(p: dict) -> None:
+    """ValueError unless the lens section is physical: positive f-number, pitch and wavelengths,
+    1 or 3 wavelengths, and one longitudinal and lateral colour entry per wavelength."""
+    C = len(p["wavelengths_nm"])
+    if C not in (1, 3):
+        raise ValueError(f"lens.wavelengths_nm needs 3 entries (R, G, B) or 1 (a mono lens), got {C}")
+    for name in ("longitudinal_colour", "lateral_colour"):
+        if len(p[name]) != C:
+            raise ValueError(f"lens.{name} needs one entry per wavelength ({C}), got {len(p[name])}")
+    if min(p["wavelengths_nm"]) <= 0 or p["reference_wavelength_nm"] <= 0:
+        raise ValueError("lens wavelengths must be > 0 nm")
+    if p["f_number"] <= 0 or p["pixel_pitch_um"] <= 0:
+        raise ValueError("lens.f_number and lens.pixel_pitch_um must be > 0")
+
+
+class LensField:
+    """The PSF field of a lens (optics.py): diffraction PSFs of a pupil with field-dependent Seidel
+    aberrations, one channel per wavelength (a single wavelength gives one PSF for every channel).
+
+    node_grid() holds the exact PSFs at the reconstruction's nodes, as a calibration would measure
+    them. The simulated truth (psfs_on_grid) is not that grid's model: exact PSFs on a grid
+    truth_grid_factor times finer, blended between its nodes by BlendedGridField's normalised
+    Gaussian weights (neither the reconstruction's bilinear rule nor its PCA). Computing the exact
+    PSF at every pixel would cost one pupil transform per pixel and channel.
+    """
+
+    def __init__(self, sim: SVBlurSimulator, params: dict):
+        import optics
+        self.optics, self.sim, self.mode, self.params = optics, sim, "lens", params
+        self.H, self.W, self.k, self.G = sim.H, sim.W, sim.k, sim.G
+        self.device, self.dtype = sim.device, sim.dtype
+        self.channels = len(params["wavelengths_nm"]) if len(params["wavelengths_nm"]) > 1 else 0
+        n_fine = self.G * params["truth_grid_factor"]
+        ys, xs = grid_node_coords(n_fine, self.H), grid_node_coords(n_fine, self.W)
+        self.truth = BlendedGridField(self.psfs_at(ys, xs), ys, xs, self.H, self.W)
+
+    def psfs_at(self, rows, cols):
+        """(R, C', [C,] k, k) exact PSFs at every pair of pixel coordinates rows × cols."""
+        hy, hx = self.optics.field_points(rows, cols, self.H, self.W)
+        psf, lost = self.optics.lens_psfs(hy.reshape(-1), hx.reshape(-1), self.params, self.k, self.dtype, self.device)
+        if lost > self.optics.MAX_LOST_LIGHT:
+            raise ValueError(f"lens PSFs lose up to {100 * lost:.0f}% of their light outside kernel_size={self.k}; "
+                             f"increase kernel_size or reduce the aberrations")
+        psf = psf.reshape(len(rows), len(cols), *psf.shape[1:])
+        return psf if self.channels else psf[:, :, 0]
+
+    def node_coords(self):
+        return grid_node_coords(self.G, self.H), grid_node_coords(self.G, self.W)
+
+    def node_grid(self):
+        return self.psfs_at(*self.node_coords())
+
+    def psfs_on_grid(self, rows, cols):
+        return self.truth.psfs_on_grid(rows, cols)
+
+    def shifted(self, dy: float, dx: float):
+        raise ValueError("lens PSFs are blended from a fine grid and cannot be redrawn sub-pixel")
 
 
 _LEGENDRE = np.polynomial.legendre.leggauss(24)  # nodes and weights on [−1, 1]
@@ -1216,10 +1281,13 @@ def create_ground_truth(H: int, W: int, physics_config: dict, device="cpu", seed
 
 
 @torch.no_grad()
-def operator_relative_error(eigen_op, true_op, x, x_ext=None) -> float:
-    """‖A_eig x − A_true x_ext‖ / ‖A_true x_ext‖ on the given image batch.
+def operator_relative_error(eigen_op, true_op, x, x_ext=None, per_channel=False):
+    """‖A_eig x − A_true x_ext‖ / ‖A_true x_ext‖ on the given image batch; per_channel: a list,
+    that ratio for each colour channel.
 
     x_ext is the scene with margin when true_op is a GroundTruthBlur (default: x itself).
     """
     ref = true_op(x if x_ext is None else x_ext)
-    return float(torch.linalg.vector_norm(eigen_op(x) - ref) / torch.linalg.vector_norm(ref).clamp_min(1e-30))
+    dims = (0, 2, 3) if per_channel else None
+    err = torch.linalg.vector_norm(eigen_op(x) - ref, dim=dims) / torch.linalg.vector_norm(ref, dim=dims).clamp_min(1e-30)
+    return [float(e) for e in err] if per_channel else float(err)

@@ -145,19 +145,45 @@ def plot_eigenpsfs(path, basis, maps, explained, max_k=10):
     _save(fig, path)
 
 
-def plot_psf_grid(path, grid, max_side=16):
-    """The PSF field as a mosaic (each PSF scaled to its own max); large grids are subsampled."""
-    Gy, Gx, k, _ = grid.shape
-    sy, sx = max(1, math.ceil(Gy / max_side)), max(1, math.ceil(Gx / max_side))
-    g = np.asarray(grid[::sy, ::sx] if isinstance(grid, np.ndarray) else grid[::sy, ::sx].cpu())
-    g = g / np.maximum(g.max(axis=(-2, -1), keepdims=True), 1e-12)
+def _psf_mosaic(g, k):
+    """(ny, nx, k, k[, 3]) PSFs -> one image with a 1-pixel white gutter around each PSF."""
     ny, nx = g.shape[:2]
-    tiles = np.ones((ny, k + 1, nx, k + 1))          # each PSF with a 1-pixel white gutter
-    tiles[:, :k, :, :k] = g.transpose(0, 2, 1, 3)
-    mosaic = np.pad(tiles.reshape(ny * (k + 1), nx * (k + 1)), ((1, 0), (1, 0)), constant_values=1)
+    tiles = np.ones((ny, k + 1, nx, k + 1) + g.shape[4:])
+    tiles[:, :k, :, :k] = g.swapaxes(1, 2)
+    flat = tiles.reshape(ny * (k + 1), nx * (k + 1), *g.shape[4:])
+    return np.pad(flat, ((1, 0), (1, 0)) + ((0, 0),) * (flat.ndim - 2), constant_values=1)
+
+
+def plot_psf_grid(path, grid, max_side=16):
+    """The PSF field as a mosaic (each PSF scaled to its own max); large grids are subsampled.
+
+    A colour grid (Gy, Gx, 3, k, k) is one RGB composite per node, the three channels scaled by
+    that node's largest value, so that a channel's wider PSF shows as a coloured fringe and lateral
+    colour as coloured edges; other channel counts are drawn as one gray mosaic per channel."""
+    Gy, Gx, k = *grid.shape[:2], grid.shape[-1]
+    sy, sx = max(1, math.ceil(Gy / max_side)), max(1, math.ceil(Gx / max_side))
+    g = np.asarray(grid[::sy, ::sx] if isinstance(grid, np.ndarray) else grid[::sy, ::sx].cpu(), dtype=np.float64)
     sub = f" (every {sy}th row / {sx}th column)" if sy > 1 or sx > 1 else ""
-    _image_with_colorbar(path, mosaic, f"PSF grid {Gy}x{Gx}, {k}x{k} kernels{sub}", 10,
-                         "PSF value / that PSF's maximum", 6.0, 1.5, cmap="gray", interpolation="nearest", vmin=0, vmax=1)
+    title = f"PSF grid {Gy}x{Gx}, {k}x{k} kernels{sub}"
+    if g.ndim == 5 and g.shape[2] == 3:
+        g = g / np.maximum(g.max(axis=(-3, -2, -1), keepdims=True), 1e-12)
+        mosaic = _psf_mosaic(np.moveaxis(g, 2, -1), k)
+        plt = _plt()
+        width = 6.0
+        fig = plt.figure(figsize=(width, width * mosaic.shape[0] / mosaic.shape[1] + TITLE_IN + 0.1))
+        ax = _axes(fig, 0, 0.1, width, width * mosaic.shape[0] / mosaic.shape[1])
+        ax.imshow(np.clip(mosaic, 0, 1), interpolation="nearest")
+        _title(ax, f"{title}: R, G, B channels, scaled by each node's max", 10)
+        _save(fig, path)
+        return
+    g = g / np.maximum(g.max(axis=(-2, -1), keepdims=True), 1e-12)
+    if g.ndim == 5:   # channels side by side
+        mosaic = np.concatenate([_psf_mosaic(g[:, :, c], k) for c in range(g.shape[2])], 1)
+        title += f", channels 0..{g.shape[2] - 1} left to right"
+    else:
+        mosaic = _psf_mosaic(g, k)
+    _image_with_colorbar(path, mosaic, title, 10, "PSF value / that PSF's maximum", 6.0, 1.5, cmap="gray",
+                         interpolation="nearest", vmin=0, vmax=1)
 
 
 SPOT_COLOURS = {"accepted": "lime", "noise": "gray", "hot pixel": "magenta", "edge": "orange",

@@ -77,9 +77,26 @@ def load_measured(cfg, explicit):
     return measured
 
 
-def psf_field(H, W, cfg, device, gen, measured):
+def fit_grid_channels(grid, channels: int, what: str):
+    """A PSF grid for an image of `channels` channels: a mono grid (or a colour grid whose channels
+    are equal) as it is; a colour grid of the image's channel count as it is; a 3-channel grid for
+    a gray image as its Rec. 709 luminance-weighted PSFs, said in an info line. Else one line."""
+    grid = physics.mono_if_equal(grid)
+    C = physics.grid_channels(grid)
+    if C in (0, channels):
+        return grid
+    if channels == 1 and C == 3:
+        log.info("%s: gray image, colour PSF grid: using its Rec. 709 luminance-weighted PSFs (what a gray "
+                 "sensor sees of a white scene)", what)
+        return physics.luminance_grid(grid)
+    raise utils.UserError(f"{what}: the PSF grid has {C} colour channels but the image has {channels}; the grid's "
+                          f"channel axis (axis 2 of (Gy, Gx, C, k, k)) must be 1 or the image's channel count")
+
+
+def psf_field(H, W, cfg, device, gen, measured, channels=3):
     """(field, node grid, node coords): the PSF field a simulation draws (or a measured grid made
-    continuous by physics.BlendedGridField) and the node grid the reconstruction is given."""
+    continuous by physics.BlendedGridField) and the node grid the reconstruction is given, for an
+    image of `channels` channels (fit_grid_channels)."""
     pc = cfg["physics"]
     if measured is None:
         sim = physics.SVBlurSimulator(H, W, pc["kernel_size"], physics.resolve_grid_size(pc), device)
@@ -88,7 +105,7 @@ def psf_field(H, W, cfg, device, gen, measured):
     psfs, coords, _ = measured
     if psfs.shape[-1] > min(H, W):
         raise utils.UserError(f"PSF size {psfs.shape[-1]} is larger than the image ({H}x{W})")
-    grid = torch.tensor(psfs, dtype=torch.float32, device=device)
+    grid = fit_grid_channels(torch.tensor(psfs, dtype=torch.float32, device=device), channels, cfg["data"]["psf_grid"])
     if coords is not None:
         check_positions_overlap(coords, H, W)
     coords = coords or tuple(physics.grid_node_coords(n, s).numpy() for n, s in zip(grid.shape[:2], (H, W)))
@@ -150,17 +167,18 @@ def simulate_measurement(f, scene, cfg, device, gen):
     return truth.crop(x_ext), x_ext, y, truth
 
 
-def operators(H, W, cfg, device, gen, measured, built=None) -> tuple:
+def operators(H, W, cfg, device, gen, measured, built=None, channels=3) -> tuple:
     """(field, node grid, node coords, EigenPSF operator, grid operator, decomposition) for an
-    H x W measurement; a measured grid's are kept in `built` (keyed by size) and reused."""
-    if measured is not None and built is not None and (H, W) in built:
-        return built[(H, W)]
-    f, grid, coords = psf_field(H, W, cfg, device, gen, measured)
+    H x W measurement of `channels` channels; a measured grid's are kept in `built` (keyed by
+    size and channels) and reused."""
+    if measured is not None and built is not None and (H, W, channels) in built:
+        return built[(H, W, channels)]
+    f, grid, coords = psf_field(H, W, cfg, device, gen, measured, channels)
     eig_op, grid_op, decomp = physics.build_operators(grid, H, W, cfg["physics"],
                                                       tuple(torch.as_tensor(c) for c in coords))
     out = f, grid, coords, eig_op.to(device), grid_op.to(device), decomp
     if measured is not None and built is not None:
-        built[(H, W)] = out
+        built[(H, W, channels)] = out
     return out
 
 
@@ -178,14 +196,15 @@ def prepare(path, cfg, device, gen, measured, built=None) -> Problem:
     info = {}
     if real:
         y_np = utils.read_image(path)                           # native size: resizing would change the blur
-        H, W = y_np.shape[:2]
+        (H, W), channels = y_np.shape[:2], y_np.shape[2]
     else:
         if d["sigma_noise"] == "auto":
             raise utils.UserError("sigma_noise=auto estimates the noise of a real measurement (--blurred); "
                                   "give a number when simulating")
         H = W = d["img_size"]
+        channels = 3                                            # simulations blur an RGB scene
     # 1. PSF field, node grid and operators (measured from a file, or simulated from the seeded generator).
-    f, grid, coords, eig_op, grid_op, decomp = operators(H, W, cfg, device, gen, measured, built)
+    f, grid, coords, eig_op, grid_op, decomp = operators(H, W, cfg, device, gen, measured, built, channels)
     if measured is not None:
         info["psf_sums_before_normalisation"] = [float(measured[2].min()), float(measured[2].max())]
     # 2. Measurement: the file (real data), or the ground truth + noise (simulation).
@@ -200,12 +219,17 @@ def prepare(path, cfg, device, gen, measured, built=None) -> Problem:
         clean = scene[r:r + H, r:r + W]
         x, x_ext, y, truth = simulate_measurement(f, scene, cfg, device, gen)
         info["operator_relative_error"] = physics.operator_relative_error(eig_op, truth, x, x_ext)
+        info["operator_relative_error_per_channel"] = physics.operator_relative_error(eig_op, truth, x, x_ext,
+                                                                                      per_channel=True)
         info["ground_truth"] = (f"per-pixel {pc['form']} blur of the continuous PSF field"
                                 f"{' (measured grid, Gaussian-blended)' if measured is not None else ''}, "
                                 f"valid convolution over {r} px of real margin")
     info["form"] = pc["form"]
     info["input_bit_depth"] = utils.bit_depth(path)
     info["explained_variance"] = decomp.total_explained_variance
+    if decomp.colour:
+        info["explained_variance_per_channel"] = decomp.explained_variance_per_channel
+    info["psf_channels"] = physics.grid_channels(grid) or "one PSF for every channel"
     log.info("%s: %dx%d, EigenPSF K=%d explains %.2f%% of the PSF variance%s", os.path.basename(path), H, W,
              decomp.n_components, 100 * decomp.total_explained_variance,
              f", operator error against the ground truth {info['operator_relative_error']:.3e}"

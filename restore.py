@@ -75,6 +75,18 @@ def finish(view: RunView, run_dir, error) -> None:
     utils.write_metrics_txt(os.path.join(run_dir, "metrics.txt"), view.metrics)
 
 
+def plot_decomposition(images_dir, d) -> None:
+    """eigenpsfs.png, or for a colour grid one figure per channel's decomposition (eigenpsfs_R.png ..)."""
+    if not d.colour:
+        plots.plot_eigenpsfs(os.path.join(images_dir, "eigenpsfs.png"), d.basis_kernels, d.coefficient_maps,
+                             d.explained_variance_ratio)
+        return
+    C = d.basis_kernels.shape[0]
+    for c, name in enumerate("RGB" if C == 3 else [f"c{c}" for c in range(C)]):
+        plots.plot_eigenpsfs(os.path.join(images_dir, f"eigenpsfs_{name}.png"), d.basis_kernels[c],
+                             d.coefficient_maps[c], d.explained_variance_ratio[c])
+
+
 def restore_inputs(p: problem.Problem, run_dir, cfg, device, pipe, multiple, extra_config, progress) -> RunView:
     """1. Inputs: the operator the sampler sees, the run folder's config, problem files and
     pictures of the input, and the metrics known before sampling. progress: a checkpoint's
@@ -102,8 +114,7 @@ def restore_inputs(p: problem.Problem, run_dir, cfg, device, pipe, multiple, ext
     utils.save_image(os.path.join(images_dir, "blurred.png"), p.y)
     if rc["save_figures"]:
         plots.plot_psf_grid(os.path.join(images_dir, "psf_grid.png"), p.grid)
-        plots.plot_eigenpsfs(os.path.join(images_dir, "eigenpsfs.png"), p.decomp.basis_kernels,
-                             p.decomp.coefficient_maps, p.decomp.explained_variance_ratio)
+        plot_decomposition(images_dir, p.decomp)
     method = sc["method"]
     metrics = {"status": "running", "image": p.name, "model_id": cfg["model"]["model_id"], "device": str(device),
                **p.info, "n_eigen_psfs": p.decomp.n_components, "sampler": method,

@@ -435,8 +435,12 @@ def write_metrics_txt(path: str, m: dict) -> None:
 # 4. Measured PSF grids (.npy / .npz) and noise estimation
 # ----------------------------------------------------------------------------
 
+GRID_LAYOUT = "(Gy, Gx, k, k), or (Gy, Gx, C, k, k) for one PSF per colour channel"
+
+
 def load_psf_grid(path: str):
-    """Reads (G, G, k, k) PSFs and optional (G, G, 2) [row, col] pixel positions.
+    """Reads (Gy, Gx, k, k) PSFs, or colour (Gy, Gx, C, k, k) ones (channel axis 2), and optional
+    (Gy, Gx, 2) [row, col] pixel positions.
 
     .npy holds the PSFs alone; .npz holds `psfs` and optionally `positions`. Returns
     (psfs float64 array normalised to sum 1, (ys, xs) node coordinates or None, original sums).
@@ -448,7 +452,7 @@ def load_psf_grid(path: str):
         if path.endswith(".npz"):
             with np.load(path, allow_pickle=False) as z:
                 if "psfs" not in z:
-                    raise UserError(f"{path}: .npz must contain an array 'psfs' (G, G, k, k); found {list(z.keys())}")
+                    raise UserError(f"{path}: .npz must contain an array 'psfs' {GRID_LAYOUT}; found {list(z.keys())}")
                 psfs = z["psfs"]
                 positions = z["positions"] if "positions" in z else None
         elif path.endswith(".npy"):
@@ -461,10 +465,9 @@ def load_psf_grid(path: str):
         detail = str(e).splitlines()[0].replace(path, "").strip(" :'\"") or type(e).__name__  # numpy repeats the path
         raise UserError(f"cannot read PSF grid {path}: {detail[:200]}") from None
     psfs = np.asarray(psfs, dtype=np.float64)
-    if psfs.ndim != 4 or psfs.shape[0] < 1 or psfs.shape[1] < 1 or psfs.shape[2] != psfs.shape[3]:
-        raise UserError(f"{path}: PSF grid must have shape (G, G, k, k), got {psfs.shape}")
-    if psfs.shape[2] % 2 == 0:
-        raise UserError(f"{path}: PSF size must be odd (the centre is a pixel), got {psfs.shape[2]}; pad each PSF "
+    check_grid_layout(path, psfs.shape)
+    if psfs.shape[-1] % 2 == 0:
+        raise UserError(f"{path}: PSF size must be odd (the centre is a pixel), got {psfs.shape[-1]}; pad each PSF "
                         f"with one row and column of zeros to make it odd (this shifts it by half a pixel)")
     if not np.isfinite(psfs).all():
         raise UserError(f"{path}: PSF grid contains NaN or Inf")
@@ -486,6 +489,17 @@ def load_psf_grid(path: str):
             raise UserError(f"{path}: positions must increase along rows and columns")
         coords = (ys, xs)
     return psfs / sums[..., None, None], coords, sums
+
+
+def check_grid_layout(path, shape) -> None:
+    """One line naming the expected shape unless `shape` is (Gy, Gx, k, k) or (Gy, Gx, C, k, k)."""
+    shape = tuple(int(n) for n in shape)
+    if len(shape) in (4, 5) and min(shape) >= 1 and shape[-1] == shape[-2]:
+        return
+    hint = ""
+    if len(shape) == 5 and shape[2] == shape[3] and shape[4] != shape[3]:
+        hint = "; channels last? put them on axis 2: np.moveaxis(psfs, -1, 2)"
+    raise UserError(f"{path}: PSF grid must have shape {GRID_LAYOUT}, got {shape}{hint}")
 
 
 def _npy_header(f, what):
@@ -524,7 +538,7 @@ def check_psf_grid_header(path: str) -> None:
         if dtype.hasobject or dtype.kind not in "biuf":
             raise UserError(f"{path}: {key} must hold numbers, not {dtype}")
     shape = headers.get("psfs", ((),))[0]
-    sides = len(shape) == 4 and (max(shape[:2]) > MAX_PSF_GRID or max(shape[2:]) > MAX_PSF_SIZE)
+    sides = len(shape) in (4, 5) and (max(shape[:2]) > MAX_PSF_GRID or max(shape[-2:]) > MAX_PSF_SIZE)
     if sides or math.prod(shape) > MAX_PSF_ELEMENTS:
         raise UserError(f"{path}: a PSF grid of shape {shape} is beyond the limits (grid side <= {MAX_PSF_GRID}, "
                         f"PSF size <= {MAX_PSF_SIZE}, {MAX_PSF_ELEMENTS:,} values in all); refusing to load it")
