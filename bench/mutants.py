@@ -118,6 +118,20 @@ MUTANTS = {
     "psnr_rescaled": ("utils.py", "return float(peak_signal_noise_ratio(ref, np.clip(est, 0, 1), data_range=1.0))",
                       "return float(peak_signal_noise_ratio(ref, np.clip(est, 0, 1), data_range=float(ref.max() - ref.min())))",
                       "tests/test_utils.py -k fixed_range"),
+    "optics_scale_doubled": ("optics.py", "scale = pitch_um / (lam * f_number)", "scale = 2 * pitch_um / (lam * f_number)",
+                             "tests/test_optics.py -k airy"),
+    "optics_phase_in_radians": ("optics.py", "torch.exp(2j * math.pi * W * (ref / lam)", "torch.exp(1j * W * (ref / lam)",
+                                "tests/test_optics.py -k marechal"),
+    "optics_path_in_waves_of_each_wavelength": ("optics.py", "W * (ref / lam).view(-1, 1, 1)", "W * (lam / lam).view(-1, 1, 1)",
+                                                "tests/test_optics.py -k tilt"),
+    "colour_channels_reversed": ("physics.py", "P = (P.movedim(2, 0) if colour else P[None])",
+                                 "P = (P.movedim(2, 0).flip(0) if colour else P[None])",
+                                 "tests/test_colour.py -k brute_force"),
+    "colour_grid_unflatten_order": ("physics.py", "return h.unflatten(-1, (self.channels, -1)) if self.channels else h",
+                                    "return h.unflatten(-1, (-1, self.channels)).transpose(-1, -2) if self.channels else h",
+                                    "tests/test_colour.py -k brute_force"),
+    "preconditioner_first_channel_only": ("dps.py", "return psf[:, :1] if bool((psf == psf[:, :1]).all()) else psf",
+                                          "return psf[:, :1]", "tests/test_colour.py -k preconditioner"),
 }
 
 
