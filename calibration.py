@@ -95,7 +95,7 @@ def centroid_errors(cal, rows, cols):
 @dataclass
 class Calibration:
     """What estimate_psf_grid measured. Arrays are numpy; spots are plain dicts."""
-    psfs: object               # (G, G, k, k) float64, each ≥ 0 and summing to 1
+    psfs: object               # (G, G, k, k), or (G, G, C, k, k) in colour; float64, each ≥ 0 and summing to 1
     positions: object          # (G, G, 2) [row, col] of the cell centres
     spots: list                # {"row", "col", "snr", "status"}: status "accepted" or one of REJECTIONS
     counts: object             # (G, G) accepted spots per cell
@@ -293,6 +293,24 @@ def _registered_cutout(img, cy, cx, k):
     return box / box.sum(), float(box.sum())
 
 
+def _cutter(chans, tile):
+    """cut(img, noise, cy, cx, k) -> (registered PSF, its pixels' noise variance): of the gray image
+    itself, or (chans given) of every colour channel at the same (cy, cx), each channel's own
+    background taken out: ((C, k, k), (C,))."""
+    if chans is None:
+        def cut(img, noise, cy, cx, k):
+            psf, flux = _registered_cutout(img, cy, cx, k)
+            return psf, (noise / flux) ** 2
+        return cut
+    planes = [_background(chans[..., c], tile) for c in range(chans.shape[-1])]
+    planes = [(chans[..., c] - bg, n) for c, (bg, n) in enumerate(planes)]
+
+    def cut(img, noise, cy, cx, k):
+        parts = [(_registered_cutout(p, cy, cx, k), n) for p, n in planes]
+        return np.stack([psf for (psf, _), _ in parts]), np.array([(n / flux) ** 2 for (_, flux), n in parts])
+    return cut
+
+
 def estimate_psf_grid(image, grid_size: int, kernel_size: int, saturation=None, threshold: float = 5.0) -> Calibration:
     """Measures a (G, G, k, k) PSF grid from an image of point sources (pinholes, beads, stars).
 
@@ -312,14 +330,23 @@ def estimate_psf_grid(image, grid_size: int, kernel_size: int, saturation=None, 
        estimate of its registration error) are measured on its raw pixels (_narrow_sigma,
        _near_nyquist), to tell the user when the spots are undersampled.
 
-    image: (H, W) float, gray, any linear scale. Raises ValueError on unusable input.
+    image: (H, W) float, gray, any linear scale; or (H, W, C) colour, which gives a colour grid
+    (G, G, C, k, k): spots are found, checked and centred on the luminance (Rec. 709 for RGB, else
+    the channel mean), then every channel is cut out at that one position, so the channels'
+    offsets from each other (lateral colour) stay in their PSFs; a spot clipped in any channel
+    is saturated. Raises ValueError on unusable input.
     """
     from scipy.ndimage import gaussian_filter
     from skimage.feature import peak_local_max
     validate_kernel_size(kernel_size)
     img0 = np.asarray(image, dtype=np.float64)
-    if img0.ndim != 2:
-        raise ValueError(f"calibration image must be 2-D (gray), got shape {img0.shape}")
+    if img0.ndim == 3 and img0.shape[-1] == 1:
+        img0 = img0[..., 0]
+    if img0.ndim not in (2, 3):
+        raise ValueError(f"calibration image must be (H, W) gray or (H, W, C) colour, got shape {img0.shape}")
+    chans = img0 if img0.ndim == 3 else None
+    if chans is not None:
+        img0 = chans @ np.array(physics.LUMINANCE_WEIGHTS) if chans.shape[-1] == 3 else chans.mean(-1)
     G, k, (H, W) = grid_size, kernel_size, img0.shape
     if min(H, W) < 2 * k or G < 1 or min(H, W) // G < k:
         raise ValueError(f"a {H}x{W} calibration image cannot hold a {G}x{G} grid of {k}x{k} PSFs "
@@ -332,7 +359,8 @@ def estimate_psf_grid(image, grid_size: int, kernel_size: int, saturation=None, 
     peaks = peak_local_max(smooth, min_distance=max(2, k // 4), threshold_abs=threshold * max(s_noise, 1e-300),
                            exclude_border=False)
     peaks = [_raw_peak(img, r, c) for r, c in peaks]
-    status = _classify(img, img0, peaks, noise, k, threshold, saturation)
+    status = _classify(img, img0 if chans is None else chans.max(-1), peaks, noise, k, threshold, saturation)
+    cut = _cutter(chans, max(2 * k, min(H, W) // 8))
     spots = [{"row": float(r), "col": float(c), "snr": float(img[r, c] / noise), "status": s}
              for (r, c), s in zip(peaks, status)]
     # 3-4. Registered cut-outs of the accepted spots, collected per cell with their positions.
@@ -347,8 +375,8 @@ def estimate_psf_grid(image, grid_size: int, kernel_size: int, saturation=None, 
         s["row"], s["col"], s["sigma"] = cy, cx, _narrow_sigma(img, cy, cx, k)
         s["near_nyquist"], s["outside"] = _near_nyquist(img, cy, cx, k, noise), _flux_outside(img, cy, cx, k)
         i, j = min(int((cy + 0.5) * G / H), G - 1), min(int((cx + 0.5) * G / W), G - 1)
-        psf, flux = _registered_cutout(img, cy, cx, k)
-        cells[i][j].append((psf, cy, cx, s["snr"], (noise / flux) ** 2))   # with its pixels' noise variance
+        psf, variance = cut(img, noise, cy, cx, k)
+        cells[i][j].append((psf, cy, cx, s["snr"], variance))   # with its pixels' noise variance
     check_point_like(spots, k)
     return _assemble_grid(cells, spots, noise, H, W, k)
 
@@ -391,7 +419,7 @@ def _node_psf(own, pos, P, V, node_y, node_x, cell_h, cell_w):
     w = np.sqrt((1 - (np.hypot(y, x) / LOCAL_FIT_RADIUS) ** 3) ** 3)        # √tricube: weighted least squares
     X = np.stack([np.ones_like(y), y, x, y * y, x * x, y * x], 1) * w[:, None]  # (n, 6)
     L = np.linalg.pinv(X)[0] * w              # the fit's first coefficient is a = L @ P[near]
-    return L @ P[near], float((L ** 2 * V[near]).sum())
+    return L @ P[near], (L ** 2) @ V[near]     # V (N,) or, colour, (N, C): one variance per channel
 
 
 NOISE_TAU = 2.0  # standard errors: a pixel whose 3×3 mean is within this of zero is mostly noise
@@ -439,25 +467,28 @@ def _assemble_grid(cells, spots, noise, H, W, k) -> Calibration:
                          f"{'...' if len(empty) > 12 else ''}); spread point sources over the whole field or lower "
                          f"grid_size (rejected: {why}){hint}")
     ys, xs = grid_node_coords(G, H).numpy(), grid_node_coords(G, W).numpy()
-    psfs = np.full((G, G, k, k), np.nan)
     every = [s for row in cells for cell in row for s in cell]
+    shape = every[0][0].shape                                       # (k, k), or (C, k, k) in colour
+    psfs = np.full((G, G) + shape, np.nan)
     pos = np.array([(s[1], s[2]) for s in every])                   # (N, 2)
     P = np.stack([s[0].ravel() for s in every])                     # (N, k²)
     V = np.array([s[4] for s in every])                             # (N,)
     for i, j in np.argwhere(counts > 0):
         psf, variance = _node_psf(cells[i][j], pos, P, V, ys[i], xs[j], H / G, W / G)
-        psfs[i, j] = _suppress_noise(psf.reshape(k, k), variance)
+        psf = psf.reshape(shape)
+        psfs[i, j] = _suppress_noise(psf, variance) if len(shape) == 2 else \
+            np.stack([_suppress_noise(p, v) for p, v in zip(psf, variance)])
     todo = list(empty)
     while todo:  # fill from filled 8-neighbours, outward
         done = []
         for i, j in todo:
-            nb = psfs[max(i - 1, 0):i + 2, max(j - 1, 0):j + 2].reshape(-1, k, k)
-            nb = nb[~np.isnan(nb[:, 0, 0])]
+            nb = psfs[max(i - 1, 0):i + 2, max(j - 1, 0):j + 2].reshape((-1,) + shape)
+            nb = nb[~np.isnan(nb.reshape(len(nb), -1)[:, 0])]
             if len(nb):
                 done.append(((i, j), nb.mean(0)))
         for (i, j), p in done:
             psfs[i, j] = p
-        todo = [c for c in todo if np.isnan(psfs[c][0, 0])]
+        todo = [c for c in todo if np.isnan(psfs[c].flat[0])]
     psfs = np.clip(psfs, 0, None)
     psfs /= psfs.sum((-2, -1), keepdims=True)
     snr = np.array([[np.median([m[3] for m in cells[i][j]]) if cells[i][j] else 0.0 for j in range(G)]
@@ -480,13 +511,12 @@ def calibrate(cfg) -> int:
     d, pc, rc = cfg["data"], cfg["physics"], cfg["run"]
     img = utils.read_image(d["calibration"])                       # (H, W, C) in [0, 1]
     if img.shape[-1] == 3:
-        log.info("RGB calibration image: PSFs are measured on its luminance (Rec. 709); for one grid per "
-                 "channel, calibrate each channel's image on its own")
-        img = img @ np.array(physics.LUMINANCE_WEIGHTS)[:, None]
+        log.info("RGB calibration image: one PSF per channel, every channel cut out at its spot's luminance "
+                 "centroid, so lateral colour (the channels' offsets) is kept")
     G, k = config.resolve_grid_size(pc), pc["kernel_size"]
-    saturation = saturation_level(d["calibration"], d["saturation"], img[..., 0])
-    try:  # spots with clipped pixels are rejected as saturated
-        cal = estimate_psf_grid(img[..., 0], G, k, saturation=saturation)
+    saturation = saturation_level(d["calibration"], d["saturation"], img.max(-1))
+    try:  # spots with clipped pixels (in any channel) are rejected as saturated
+        cal = estimate_psf_grid(img if img.shape[-1] == 3 else img[..., 0], G, k, saturation=saturation)
     except ValueError as e:
         raise utils.UserError(f"{d['calibration']}: {e}") from None
     utils.check_writable(rc["save_dir"])
@@ -507,7 +537,8 @@ def calibrate(cfg) -> int:
               "flux_outside_kernel": round(cal.flux_outside, 4)}
     utils.write_json(os.path.join(run_dir, "calibration.json"), report)
     config.save_yaml(os.path.join(run_dir, "config.yaml"), cfg)
-    plots.plot_calibration_spots(os.path.join(run_dir, "images", "spots.png"), img[..., 0], cal.spots)
+    plots.plot_calibration_spots(os.path.join(run_dir, "images", "spots.png"),
+                                 img @ np.array(physics.LUMINANCE_WEIGHTS) if img.shape[-1] == 3 else img[..., 0], cal.spots)
     plots.plot_psf_grid(os.path.join(run_dir, "images", "psf_grid.png"), cal.psfs)
     plots.plot_cell_map(os.path.join(run_dir, "images", "cells.png"), cal.counts, cal.snr)
     log.info("%d spots accepted; rejected: %s", cal.counts.sum(),
@@ -524,7 +555,8 @@ def calibrate(cfg) -> int:
     if cal.filled:
         log.warning("%d cell(s) had no usable spot and were filled from their neighbours: %s", len(cal.filled),
                     ", ".join(map(str, cal.filled)))
-    log.info("PSF grid %dx%d of %dx%d written to %s", G, G, k, k, d["save_psf_grid"] or os.path.join(run_dir, "psf_grid.npz"))
+    log.info("PSF grid %s written to %s", "x".join(map(str, cal.psfs.shape)),
+             d["save_psf_grid"] or os.path.join(run_dir, "psf_grid.npz"))
     print(run_dir)
     return 0
 

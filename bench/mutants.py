@@ -132,6 +132,9 @@ MUTANTS = {
                                     "tests/test_colour.py -k brute_force"),
     "preconditioner_first_channel_only": ("dps.py", "return psf[:, :1] if bool((psf == psf[:, :1]).all()) else psf",
                                           "return psf[:, :1]", "tests/test_colour.py -k preconditioner"),
+    "calibration_channel_own_centroid": ("calibration.py", "parts = [(_registered_cutout(p, cy, cx, k), n) for p, n in planes]",
+                                         "parts = [(_registered_cutout(p, *_centroid(p, round(cy), round(cx), k), k), n) for p, n in planes]",
+                                         "tests/test_calibration.py -k lateral_colour"),
 }
 
 

@@ -478,3 +478,56 @@ def test_noise_suppression_keeps_the_spot_and_removes_the_empty_pixels():
     np.testing.assert_allclose(out[strong], noisy[strong], rtol=0.02)
     assert np.mean(out[empty] == 0) > 0.6 and np.abs(out[empty]).mean() < 0.3 * np.abs(noisy[empty]).mean()
     assert rel_error(out, psf) < 0.6 * rel_error(noisy, psf)
+
+
+# --- colour ------------------------------------------------------------------------------------
+
+def rgb_spot_array(H=192, G=4, shift_px=(1.0, 0.0, -1.0), sigmas=(1.2, 1.4, 1.7), snr=300, seed=0):
+    """An RGB array of pixel-integrated Gaussian spots (exact erf integrals, independent of the
+    code under test), one per cell near its centre, with lateral colour: channel c's spot moved by
+    shift_px[c]·h, h the normalised field position (|h| = 1 at the corners). Poisson noise on a
+    background of 10. Returns (image (H, W, 3), the true offset of channel c at spot s (S, 3, 2))."""
+    from scipy.special import erf
+    rng = np.random.default_rng(seed)
+    c0, rmax = (H - 1) / 2, (H - 1) / 2 * np.sqrt(2)
+    edges = np.arange(H + 1) - 0.5
+    img, offsets = np.zeros((H, H, 3)), []
+    for i in range(G):
+        for j in range(G):
+            y, x = (np.array([i, j]) + 0.5) * H / G - 0.5 + rng.uniform(-0.5, 0.5, 2)
+            h = (np.array([y, x]) - c0) / rmax
+            off = np.array([s * h for s in shift_px])                    # (3, 2)
+            offsets.append(off)
+            for c, s in enumerate(sigmas):
+                cy, cx = y + off[c, 0], x + off[c, 1]
+                py = np.diff(0.5 * erf((edges - cy) / (np.sqrt(2) * s)))
+                px = np.diff(0.5 * erf((edges - cx) / (np.sqrt(2) * s)))
+                img[..., c] += snr * 10 * np.outer(py, px) * 2 * np.pi * s * s
+    img = rng.poisson(img + 10).astype(np.float64)
+    return img, np.array(offsets)
+
+
+def test_colour_calibration_keeps_lateral_colour():
+    """Every channel cut out at the luminance centroid: channel c's PSF centroid minus green's is
+    the true lateral colour at that node, within 0.1 px (registering each channel at its own
+    centroid would make it 0 everywhere)."""
+    G, k = 4, 15
+    img, offsets = rgb_spot_array(G=G)
+    cal = calibration.estimate_psf_grid(img, G, k)
+    assert cal.psfs.shape == (G, G, 3, k, k) and cal.counts.sum() == G * G
+    u = np.arange(k) - k // 2
+    cen = np.stack([(cal.psfs.sum(-1) * u).sum(-1), (cal.psfs.sum(-2) * u).sum(-1)], -1)   # (G, G, 3, 2)
+    true = offsets.reshape(G, G, 3, 2)
+    for c in (0, 2):
+        np.testing.assert_allclose(cen[:, :, c] - cen[:, :, 1], true[:, :, c] - true[:, :, 1], atol=0.1)
+    assert np.abs(true[:, :, 0] - true[:, :, 2]).max() > 1.0       # the test has lateral colour to lose
+
+
+def test_cli_calibrates_a_16_bit_rgb_tiff_into_a_colour_grid(tmp_path, capsys, monkeypatch, caplog):
+    img, _ = rgb_spot_array()
+    tifffile.imwrite(tmp_path / "spots.tif", np.round(img / img.max() * 65535).astype(np.uint16), photometric="rgb")
+    r = cli(["--calibration", str(tmp_path / "spots.tif"), "--grid_size", "4", "--kernel_size", "15",
+             "--save_dir", str(tmp_path / "out"), "--save_psf_grid", str(tmp_path / "g.npz")], capsys, monkeypatch, caplog)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "lateral colour" in r.stderr
+    assert np.load(tmp_path / "g.npz")["psfs"].shape == (4, 4, 3, 15, 15)
