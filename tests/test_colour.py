@@ -190,3 +190,50 @@ def test_cli_lens_simulation_resumes_bit_identically(tmp_path, capsys, monkeypat
     m = json.loads((run / "metrics.json").read_text())
     assert m["psf_channels"] == 3 and len(m["operator_relative_error_per_channel"]) == 3
     assert np.load(run / "psf_grid.npz")["psfs"].shape == (2, 2, 3, 21, 21)
+
+
+@pytest.mark.slow
+def test_colour_grid_restores_a_lens_simulation_better_than_the_channel_mean_grid():
+    """A photo blurred by the lens's simulated truth (fine-grid exact PSFs, not the reconstruction
+    model), σ = 0.01: both classical baselines restore it better with the colour grid than with the
+    channel-mean grid, and the colour operator is nearer the truth in every channel."""
+    from skimage import data
+
+    import baselines
+    import config
+    import utils
+    size, pcfg = 64, {**config.defaults()["physics"], "blur_mode": "lens", "form": "scatter", "grid_size": 4}
+    field, truth = physics.create_ground_truth(size, size, pcfg, dtype=torch.float64)
+    r = pcfg["kernel_size"] // 2
+    x_ext = utils.to_tensor(utils.center_crop_resize(utils.to_float_image(data.astronaut(), "a"), size, margin=r),
+                            "cpu").double()
+    x = truth.crop(x_ext)
+    y = truth(x_ext) + 0.01 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0), dtype=x.dtype)
+    grid = field.node_grid()
+    colour = physics.build_eigen_operator(grid, size, size, pcfg)[0]
+    mean = physics.build_eigen_operator(grid.mean(2), size, size, pcfg)[0]
+    err_c, err_m = (physics.operator_relative_error(op, truth, x, x_ext, per_channel=True) for op in (colour, mean))
+    assert all(c < m for c, m in zip(err_c, err_m)), (err_c, err_m)
+    psnr = lambda a: float(-10 * torch.log10(((a - x) ** 2).mean()))  # noqa: E731
+    res_c, res_m = (baselines.restore_baselines(op, y, 0.01) for op in (colour, mean))
+    for name in res_c:
+        assert psnr(res_c[name][0]) > psnr(res_m[name][0]) + 0.5, name
+
+
+@pytest.mark.slow
+def test_cli_lens_folder_in_batches_with_dps_and_tiles(tmp_path, capsys, monkeypatch, caplog):
+    """A simulated folder, two images per sampler call (their colour operators stacked), DPS with
+    tiled denoising: both images restored, each folder with its colour grid."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(2):
+        img = (np.random.default_rng(i).random((40, 40, 3)) * 255).astype(np.uint8)
+        Image.fromarray(img).save(folder / f"im{i}.png")
+    r = cli(LENS_RUN + ["--image_dir", str(folder), "--batch_size", "2", "--sampler", "dps", "--num_inference_steps",
+                        "4", "--tile", "16", "--tile_overlap", "4", "--save_dir", str(tmp_path / "out")], capsys, monkeypatch, caplog)
+    assert r.returncode == 0, r.stderr[-2000:]
+    runs = sorted((tmp_path / "out").glob("*/*/metrics.json"))
+    assert len(runs) == 2
+    for m in runs:
+        d = json.loads(m.read_text())
+        assert d["status"] == "complete" and d["psf_channels"] == 3
