@@ -14,6 +14,9 @@ from physics import (BLUR_MODES, BOUNDARIES, FORMS, INTERPOLATIONS, SVBlurOperat
 SMALL = {  # parameters that fit a 7×7 kernel
     "motion": dict(max_length=6), "defocus": dict(max_radius=3), "mixed": dict(max_length=6, max_radius=3),
     "correlated": dict(sigma_scale=0.6, mu_scale=0.3), "random_iid": dict(max_length=6, max_radius=3, sigma_scale=0.6),
+    # a mono lens (one wavelength) with small aberrations: its colour grids are tested in test_colour.py
+    "lens": dict(wavelengths_nm=[540.0], longitudinal_colour=[0.0], lateral_colour=[0.3], defocus=0.3, spherical=0.1,
+                 coma=0.3, astigmatism=0.3, field_curvature=0.3, truth_grid_factor=2),
 }
 
 
@@ -168,10 +171,10 @@ def test_psfs_nonnegative_normalised_deterministic(mode):
     a = sim.simulate_sv_kernel_grid(mode, seed=7)
     b = sim.simulate_sv_kernel_grid(mode, generator=torch.Generator().manual_seed(7))
     c = sim.simulate_sv_kernel_grid(mode, seed=8)
-    assert a.shape == (8, 8, 21, 21) and (a >= 0).all()
-    assert torch.allclose(a.sum((-2, -1)), torch.ones(8, 8), atol=1e-5)
+    assert a.shape == ((8, 8, 3, 21, 21) if mode == "lens" else (8, 8, 21, 21)) and (a >= 0).all()
+    assert torch.allclose(a.sum((-2, -1)), torch.ones(a.shape[:-2]), atol=1e-5)
     assert torch.equal(a, b)
-    if mode != "defocus":  # defocus is deterministic by design (radius follows the field position)
+    if mode not in ("defocus", "lens"):  # deterministic by design (the PSF follows the field position)
         assert not torch.equal(a, c)
 
 

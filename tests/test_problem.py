@@ -67,7 +67,7 @@ def test_a_measured_grid_is_built_once_per_image_size_and_equals_a_fresh_build(t
     built = {}
     a, b, c = (problem.prepare(str(tmp_path / f"{n}.png"), cfg, cpu, gen, measured, built) for n in "abc")
     assert a.eig_op is b.eig_op and a.grid_op is b.grid_op and c.eig_op is not a.eig_op
-    assert sorted(built) == [(24, 24), (32, 32)]
+    assert sorted(built) == [(24, 24, 3), (32, 32, 3)]   # keyed by size and channels
     fresh = problem.prepare(str(tmp_path / "b.png"), cfg, cpu, gen, measured)
     x = torch.rand(1, 3, 24, 24, generator=torch.Generator().manual_seed(0))
     assert torch.equal(b.eig_op(x), fresh.eig_op(x)) and torch.equal(b.grid_op(x), fresh.grid_op(x))

@@ -88,7 +88,7 @@ def good_psfs(G=3, k=5):
 
 
 BAD_GRIDS = {
-    "wrong shape": (lambda: good_psfs()[0], "shape \\(G, G, k, k\\)"),
+    "wrong shape": (lambda: good_psfs()[0], "shape \\(Gy, Gx, k, k\\), or \\(Gy, Gx, C, k, k\\)"),
     "nan": (lambda: np.where(np.arange(5) == 0, np.nan, good_psfs()), "NaN"),
     "all zeros": (lambda: good_psfs() * np.array([0, 1, 1])[:, None, None, None], "no mass"),
     "negative": (lambda: good_psfs() - 0.2, "negative"),
