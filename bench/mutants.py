@@ -85,13 +85,13 @@ MUTANTS = {
                         "tests/test_physics.py -k 'bands_of_rows or component_chunks'"),
     "band_adjoint_overwrites": ("physics.py", "            res[..., a:b + 2 * r, :] += xb", "            res[..., a:b + 2 * r, :] = xb",
                                 "tests/test_physics.py -k 'bands_of_rows or component_chunks'"),
-    "node_variance_unsquared": ("calibration.py", "float((L ** 2 * V[near]).sum())", "float((np.abs(L) * V[near]).sum())",
+    "node_variance_unsquared": ("calibration.py", "(L ** 2) @ V[near]", "np.abs(L) @ V[near]",
                                 "tests/test_calibration.py -k noise_variance"),
     "seed_from_index": ("batch.py", "gen = image_generator(cfg[\"run\"][\"seed\"], os.path.basename(path), device)",
                         "gen = image_generator(cfg[\"run\"][\"seed\"], str(i), device)",
                         "tests/test_batch.py -k depend_on_the_folder"),
-    "operators_cache_ignores_size": ("problem.py", "if measured is not None and built is not None and (H, W) in built:\n"
-                                     "        return built[(H, W)]",
+    "operators_cache_ignores_size": ("problem.py", "if measured is not None and built is not None and (H, W, channels) in built:\n"
+                                     "        return built[(H, W, channels)]",
                                      "if measured is not None and built:\n        return next(iter(built.values()))",
                                      "tests/test_problem.py -k built_once"),
     "config_imports_torch": ("config.py", "import yaml\n", "import torch  # noqa: F401\nimport yaml\n",
