@@ -293,6 +293,12 @@ def _registered_cutout(img, cy, cx, k):
     return box / box.sum(), float(box.sum())
 
 
+def luminance_image(img):
+    """(H, W, C) -> (H, W): the Rec. 709 luminance of an RGB image, else the channel mean (a gray
+    image's own values): what spots are found and centred on."""
+    return img @ np.array(physics.LUMINANCE_WEIGHTS) if img.shape[-1] == 3 else img.mean(-1)
+
+
 def _cutter(chans, tile):
     """cut(img, noise, cy, cx, k) -> (registered PSF, its pixels' noise variance): of the gray image
     itself, or (chans given) of every colour channel at the same (cy, cx), each channel's own
@@ -346,7 +352,7 @@ def estimate_psf_grid(image, grid_size: int, kernel_size: int, saturation=None, 
         raise ValueError(f"calibration image must be (H, W) gray or (H, W, C) colour, got shape {img0.shape}")
     chans = img0 if img0.ndim == 3 else None
     if chans is not None:
-        img0 = chans @ np.array(physics.LUMINANCE_WEIGHTS) if chans.shape[-1] == 3 else chans.mean(-1)
+        img0 = luminance_image(chans)
     G, k, (H, W) = grid_size, kernel_size, img0.shape
     if min(H, W) < 2 * k or G < 1 or min(H, W) // G < k:
         raise ValueError(f"a {H}x{W} calibration image cannot hold a {G}x{G} grid of {k}x{k} PSFs "
@@ -537,8 +543,7 @@ def calibrate(cfg) -> int:
               "flux_outside_kernel": round(cal.flux_outside, 4)}
     utils.write_json(os.path.join(run_dir, "calibration.json"), report)
     config.save_yaml(os.path.join(run_dir, "config.yaml"), cfg)
-    plots.plot_calibration_spots(os.path.join(run_dir, "images", "spots.png"),
-                                 img @ np.array(physics.LUMINANCE_WEIGHTS) if img.shape[-1] == 3 else img[..., 0], cal.spots)
+    plots.plot_calibration_spots(os.path.join(run_dir, "images", "spots.png"), luminance_image(img), cal.spots)
     plots.plot_psf_grid(os.path.join(run_dir, "images", "psf_grid.png"), cal.psfs)
     plots.plot_cell_map(os.path.join(run_dir, "images", "cells.png"), cal.counts, cal.snr)
     log.info("%d spots accepted; rejected: %s", cal.counts.sum(),

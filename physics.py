@@ -620,7 +620,7 @@ def compute_eigen_decomposition(kernel_grid: torch.Tensor, n_eigen_psfs: int, im
 
     A colour grid (Gy, Gx, C, k, k) gets one decomposition per channel, K terms each (chosen over
     one basis shared by the channels with per-channel maps: at the same K and the same FFT count
-    its model error is lower; bench/bench_physics.py --colour measures both). A colour grid whose
+    its model error is lower; bench/bench_colour.py --part basis measures both). A colour grid whose
     channels are equal is the mono grid (mono_if_equal).
 
     node_coords: optional (ys, xs) pixel coordinates of grid rows/columns (default: cell centres).
@@ -1281,13 +1281,19 @@ def create_ground_truth(H: int, W: int, physics_config: dict, device="cpu", seed
 
 
 @torch.no_grad()
-def operator_relative_error(eigen_op, true_op, x, x_ext=None, per_channel=False):
-    """‖A_eig x − A_true x_ext‖ / ‖A_true x_ext‖ on the given image batch; per_channel: a list,
-    that ratio for each colour channel.
+def operator_errors(eigen_op, true_op, x, x_ext=None):
+    """(‖A_eig x − A_true x_ext‖ / ‖A_true x_ext‖ on the given image batch, that ratio for each colour
+    channel as a list), from one application of each operator (the per-pixel truth is the slow one).
 
     x_ext is the scene with margin when true_op is a GroundTruthBlur (default: x itself).
     """
     ref = true_op(x if x_ext is None else x_ext)
-    dims = (0, 2, 3) if per_channel else None
-    err = torch.linalg.vector_norm(eigen_op(x) - ref, dim=dims) / torch.linalg.vector_norm(ref, dim=dims).clamp_min(1e-30)
-    return [float(e) for e in err] if per_channel else float(err)
+    diff = eigen_op(x) - ref
+    ratio = lambda dims: torch.linalg.vector_norm(diff, dim=dims) / torch.linalg.vector_norm(ref, dim=dims).clamp_min(1e-30)  # noqa: E731
+    return float(ratio(None)), [float(e) for e in ratio((0, 2, 3))]
+
+
+@torch.no_grad()
+def operator_relative_error(eigen_op, true_op, x, x_ext=None) -> float:
+    """‖A_eig x − A_true x_ext‖ / ‖A_true x_ext‖ on the given image batch (operator_errors' first)."""
+    return operator_errors(eigen_op, true_op, x, x_ext)[0]

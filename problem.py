@@ -218,9 +218,8 @@ def prepare(path, cfg, device, gen, measured, built=None) -> Problem:
         scene = utils.load_scene(path, H, r)                       # (H + 2r, W + 2r, 3)
         clean = scene[r:r + H, r:r + W]
         x, x_ext, y, truth = simulate_measurement(f, scene, cfg, device, gen)
-        info["operator_relative_error"] = physics.operator_relative_error(eig_op, truth, x, x_ext)
-        info["operator_relative_error_per_channel"] = physics.operator_relative_error(eig_op, truth, x, x_ext,
-                                                                                      per_channel=True)
+        info["operator_relative_error"], info["operator_relative_error_per_channel"] = \
+            physics.operator_errors(eig_op, truth, x, x_ext)
         info["ground_truth"] = (f"per-pixel {pc['form']} blur of the continuous PSF field"
                                 f"{' (measured grid, Gaussian-blended)' if measured is not None else ''}, "
                                 f"valid convolution over {r} px of real margin")

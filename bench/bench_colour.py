@@ -131,7 +131,7 @@ def part_restore(size, photos):
             with torch.no_grad():
                 y = truth(x_ext) + sigma * torch.randn(x.shape, generator=gen, dtype=x.dtype)
             for name, op in ops.items():
-                err = physics.operator_relative_error(op, truth, x, x_ext, per_channel=True)
+                err = physics.operator_errors(op, truth, x, x_ext)[1]
                 p = restorations(op, y, x, sigma, pipe_parts)
                 print(f"| {photo} | {sigma} | {name} | {'/'.join(f'{e:.3f}' for e in err)} | {psnr(y, x):.2f} | "
                       f"{p['richardson_lucy']:.2f} | {p['tikhonov']:.2f} | {p['diffpir']:.2f} |", flush=True)
