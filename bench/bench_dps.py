@@ -56,24 +56,30 @@ def build_unet(device):
 
 @contextlib.contextmanager
 def data_step_timer(sync):
-    """Times DiffPIR's data step (dps.data_proximal_step) for the duration of the block; yields a
-    one-element list holding the seconds. sync() brackets each call, so the figure is right on a
-    GPU (at the cost of a sync per step)."""
-    seconds, original = [0.0], dps.data_proximal_step
+    """Times the samplers' data steps for the duration of the block: DiffPIR's proximal step
+    (dps.data_proximal_step) and DAPS's conditional draw (dps.daps_conditional_cg / _langevin);
+    yields a one-element list holding the seconds. sync() brackets each call, so the figure is
+    right on a GPU (at the cost of a sync per step)."""
+    names = ("data_proximal_step", "daps_conditional_cg", "daps_conditional_langevin")
+    seconds, originals = [0.0], {name: getattr(dps, name) for name in names}
 
-    def timed(*args):
-        sync()
-        t = time.perf_counter()
-        out = original(*args)
-        sync()
-        seconds[0] += time.perf_counter() - t
-        return out
+    def timed(original):
+        def run(*args):
+            sync()
+            t = time.perf_counter()
+            out = original(*args)
+            sync()
+            seconds[0] += time.perf_counter() - t
+            return out
+        return run
 
-    dps.data_proximal_step = timed
+    for name, original in originals.items():
+        setattr(dps, name, timed(original))
     try:
         yield seconds
     finally:
-        dps.data_proximal_step = original
+        for name, original in originals.items():
+            setattr(dps, name, original)
 
 
 def time_config(name, unet, sched, op, batch, size, steps, device, method="dps"):

@@ -1,4 +1,4 @@
-"""DPS against DiffPIR on problems with an exact answer.
+"""DPS, DiffPIR and DAPS on problems with an exact answer.
 
     python bench/bench_samplers.py --sizes 64       # 8 problems at 64²: about 40 min on 2 idle CPU cores
     python bench/bench_samplers.py --device cuda    # the full table, 64² and 128²
@@ -47,7 +47,7 @@ PHOTOS = {"astronaut": lambda d: d.astronaut(), "immunohistochemistry": lambda d
 # images' true law and the exact posterior mean is the best estimate there is (--photos prior_draw).
 PRIOR_DRAW = "prior_draw"
 MODES = {"motion": dict(motion=dict(min_length=2.0, max_length=9.0)), "defocus": dict(defocus=dict(max_radius=3.0))}
-SETTINGS = "dps:1000,dps:250,diffpir:100,diffpir:20,diffpir-solved:20"
+SETTINGS = "dps:1000,dps:250,diffpir:100,diffpir:20,diffpir-solved:20,daps:200,daps:50"
 # diffpir-solved: every data step solved to cg_tol (the discrepancy rule off), to show what the rule changes.
 VARIANTS = {"diffpir-solved": ("diffpir", {"discrepancy": 0.0})}
 N_SAMPLES = 8
@@ -79,10 +79,11 @@ def psnr(a, b):
     return float(-10 * torch.log10(((a.double() - b.double()) ** 2).mean()))
 
 
-def run_sampler(pipe, y, setting, steps, sigma, step_size, device, diffpir_options=None):
-    """(mean, std, seconds, mean CG iterations, data-step share, stop-rule counts) of N_SAMPLES samples."""
+def run_sampler(pipe, y, setting, steps, sigma, options_by_method, device):
+    """(mean, std, seconds, mean CG iterations, data-step share, stop-rule counts) of N_SAMPLES samples.
+    options_by_method: each sampler's settings over its defaults ({"dps": {...}, "diffpir": ..., "daps": ...})."""
     method, options = VARIANTS.get(setting, (setting, {}))
-    options = {"step_size": step_size} if method == "dps" else {**(diffpir_options or {}), **options}
+    options = {**options_by_method.get(method, {}), **options}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with data_step_timer(sync) as data_time:
         t0 = time.perf_counter()
@@ -118,15 +119,19 @@ def main():
     ap.add_argument("--settings", default=SETTINGS, help="sampler:steps, comma-separated ('' for the exact posterior alone)")
     ap.add_argument("--dps_step_size", type=float, default=1.0, help="DPS ζ (config.yaml's default)")
     ap.add_argument("--diffpir_options", default="{}", help='DiffPIR settings over its defaults, as JSON, e.g. \'{"lambda": 4}\'')
+    ap.add_argument("--daps_options", default="{}", help='DAPS settings over its defaults, as JSON, e.g. \'{"conditional": "langevin"}\'')
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     settings = [(m, int(n)) for m, n in (item.split(":") for item in args.settings.split(",") if item)]
-    diffpir_options = json.loads(args.diffpir_options)
+    options_by_method = {"dps": {"step_size": args.dps_step_size}, "diffpir": json.loads(args.diffpir_options),
+                         "daps": json.loads(args.daps_options)}
     device = torch.device(args.device)
+    daps_ode_steps = dps.sampler_options("daps", options_by_method["daps"])["ode_steps"]
     prior, sched = priors.load_model("analytic", device=device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} CPU threads"
     print(f"torch {torch.__version__}, {where}; {N_SAMPLES} samples per setting; "
-          f"DPS step_size {args.dps_step_size}; DiffPIR {dps.sampler_options('diffpir', diffpir_options)}")
+          f"DPS step_size {args.dps_step_size}; DiffPIR {dps.sampler_options('diffpir', options_by_method['diffpir'])}; "
+          f"DAPS {dps.sampler_options('daps', options_by_method['daps'])}")
     print(f"Like for like: the samplers clamp each sample to [0, 1], so the exact reference is {N_EXACT} exact "
           f"posterior draws, each clamped to [0, 1]; 'exact mean' is their mean, the std ratio is over their std.")
     print("| photo | blur | size | σ | method | steps | NFE | PSNR vs truth | PSNR vs exact mean | std ratio "
@@ -152,10 +157,10 @@ def main():
                     baseline_rows(head, eig, y, sigma, x, ref_mean)
                     pipe = dps.EigenPSFDPSPipeline(prior, sched, eig)
                     for setting, steps in settings:
-                        m, s, sec, cg, share, rules = run_sampler(pipe, y, setting, steps, sigma, args.dps_step_size,
-                                                                  device, diffpir_options)
+                        m, s, sec, cg, share, rules = run_sampler(pipe, y, setting, steps, sigma, options_by_method,
+                                                                  device)
                         ratio = float(s.pow(2).mean().sqrt() / ref_std.pow(2).mean().sqrt())
-                        nfe = f"{steps} + {steps} bwd" if setting == "dps" else f"{steps}"
+                        nfe = {"dps": f"{steps} + {steps} bwd", "daps": f"{steps * daps_ode_steps}"}.get(setting, f"{steps}")
                         extra = f"{cg:.1f} | {100 * share:.0f}% | {rules}" if setting != "dps" else "– | – | –"
                         print(f"{head} {setting} | {steps} | {nfe} | {psnr(m, x):.2f} | {psnr(m, ref_mean):.2f} | "
                               f"{ratio:.2f} | {sec:.0f} | {extra} |", flush=True)
