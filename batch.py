@@ -113,8 +113,19 @@ def restore_group(items, batch_dir, cfg, device, dtype, pipes, extra, shared, sa
         restore.finish(it.view, it.folder, error)
         m = it.view.metrics
         save.rows[it.index] = {"file": os.path.basename(save.inputs[it.index]), "folder": os.path.basename(it.folder),
-                               **{k: m[k] for k in SUMMARY_KEYS if k in m}}
+                               **summary_row(m)}
     return code
+
+
+def summary_row(m) -> dict:
+    """An image's summary.csv columns: SUMMARY_KEYS, the fit check's ratio and each baseline's residual."""
+    row = {k: m[k] for k in SUMMARY_KEYS if k in m}
+    if "fit_check" in m:
+        row["residual_over_noise"] = m["fit_check"]["residual_over_noise"]
+    for name in restore.BASELINE_TITLES:
+        if name in m:
+            row[f"data_residual_{name}"] = m[name]["data_residual_relative"]
+    return row
 
 
 def image_output(out, b: int, S: int):

@@ -91,14 +91,15 @@ def resolve_late(cfg: dict) -> None:
 # ----------------------------------------------------------------------------
 
 # Keys whose config.yaml default is a keyword: the type of their other values.
-TYPES = {"physics.grid_size": int, "data.sigma_noise": float, "data.saturation": float, "sampler.clip_denoised": bool,
+TYPES = {"physics.grid_size": int, "physics.n_eigen_psfs": int, "run.threads": int, "data.sigma_noise": float, "data.saturation": float, "sampler.clip_denoised": bool,
          "sampler.num_inference_steps": int, "sampler.tile": int, "train.channels": int}
 
 
 # Values a key may take besides the type of its default in config.yaml.
 ALTERNATIVES = {
     "physics.grid_size": ("auto",),
-    "physics.n_eigen_psfs": ("all",),
+    "physics.n_eigen_psfs": ("auto", "all"),
+    "run.threads": ("auto",),
     "data.sigma_noise": ("auto",),
     "data.saturation": ("auto",),
     "sampler.clip_denoised": ("auto", True, False),
@@ -127,7 +128,7 @@ def choices() -> dict:
 # (low, high) inclusive; None = unbounded.
 RANGES = {
     "data.img_size": (8, 4096), "data.sigma_noise": (0.0, 1.0), "data.saturation": (0.0, None),
-    "physics.kernel_size": (1, 255), "physics.grid_size": (1, 256), "physics.n_eigen_psfs": (1, None),
+    "physics.kernel_size": (1, 255), "physics.grid_size": (1, 256), "physics.n_eigen_psfs": (1, None), "run.threads": (1, 4096),
     "model.max_retries": (1, 100),
     "sampler.dps.step_size": (0.0, None), "sampler.dps.gradient_clip": (0.0, None),
     "sampler.diffpir.lambda": (1e-6, None), "sampler.diffpir.zeta": (0.0, 1.0),
@@ -346,11 +347,11 @@ def float_or_auto(text):
     return "auto" if text == "auto" else float(text)
 
 
-def int_or(keyword):
-    """An argparse type that takes an int or `keyword` (e.g. --n_eigen_psfs all, --grid_size auto)."""
+def int_or(*keywords):
+    """An argparse type that takes an int or one of `keywords` (e.g. --n_eigen_psfs auto, --grid_size auto)."""
     def parse(text):
-        return keyword if text == keyword else int(text)
-    parse.__name__ = f"int or '{keyword}'"
+        return text if text in keywords else int(text)
+    parse.__name__ = "int or " + " or ".join(f"'{k}'" for k in keywords)
     return parse
 
 
@@ -378,7 +379,9 @@ FLAGS = {
     "blur_mode": ("physics.blur_mode", str, "the blur family (see config.yaml's physics.blur_mode)"),
     "kernel_size": ("physics.kernel_size", int, "odd PSF size in pixels"),
     "grid_size": ("physics.grid_size", int_or("auto"), "PSFs per image side, or auto (8, or 64 for random_iid)"),
-    "n_eigen_psfs": ("physics.n_eigen_psfs", int_or("all"), "number K of EigenPSFs (1..grid_size^2), or all"),
+    "n_eigen_psfs": ("physics.n_eigen_psfs", int_or("auto", "all"),
+                     "number K of EigenPSFs (1..grid_size^2); auto: the fewest that explain 99%% of the PSF variance "
+                     "(at most 32); all: the exact full-rank operator"),
     "model_id": ("model.model_id", str, "hub id, diffusers folder, analytic, ADM name or .pt (docs/priors.md)"),
     "model_cache": ("model.model_cache", str, "hub cache directory (share it between login and compute nodes)"),
     "max_retries": ("model.max_retries", int, "download attempts"),
@@ -396,6 +399,8 @@ FLAGS = {
     "seed": ("run.seed", int, "random seed (PSFs, noise, sampling)"),
     "batch_size": ("run.batch_size", int, "folder runs: measurements restored per sampler call"),
     "device": ("run.device", str, "auto | cpu | cuda | cuda:N"),
+    "threads": ("run.threads", int_or("auto"), "CPU threads for torch, or auto (OMP_NUM_THREADS, else the CPUs "
+                "this process may use)"),
     "dtype": ("run.dtype", str, "UNet autocast dtype: float32 | bfloat16 | float16"),
     "compile": ("run.compile", str, "torch.compile mode for the UNet: off | default | reduce-overhead | max-autotune"),
     "save_dir": ("run.save_dir", str, "parent folder of run folders"),
@@ -533,6 +538,10 @@ def real_data_defaults(cfg, explicit) -> None:
     d, sc = cfg["data"], cfg["sampler"]
     if not (d["blurred"] or d["blurred_dir"]):
         return
+    if d["sigma_noise"] != "auto" and d["sigma_noise"] == 0:
+        # With σ_y = 0 every data step is an unregularised deconvolution: the result is amplified noise.
+        raise UserError("--sigma_noise 0 on a real measurement: every camera frame has noise, and without it the "
+                        "data steps amplify it; give its level (e.g. --sigma_noise 0.01) or --sigma_noise auto")
     if "sampler.method" not in explicit and not any(k.startswith("sampler.dps.") for k in explicit) \
             and sc["method"] != "diffpir":
         log.info("real data: sampler diffpir (the default for real measurements; --sampler dps for DPS)")

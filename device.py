@@ -7,6 +7,7 @@ the operator's large temporaries; on CUDA TF32, channels_last and torch.compile 
 from __future__ import annotations
 
 import logging
+import os
 import platform
 
 import diffusers
@@ -18,14 +19,47 @@ from utils import UserError
 log = logging.getLogger("eigenpsf_dps")
 
 
-def resolve_device(name: str):
-    """Device, once, here. 'auto' is CUDA when present, else CPU with a warning. On the CPU the
-    allocator is tuned for the operator's large temporaries (tune_cpu_allocator)."""
+# What 'auto' falling back to the CPU means, said once: for a restoration, and for a training.
+CPU_NOTES = {"restore": "A 256x256 pretrained run takes hours there; an estimate follows after the first steps "
+                        "(the analytic prior is quick anywhere)",
+             "train": "Training the tiny or small UNet works there (docs/training.md gives steps/s); larger ones "
+                      "want a GPU"}
+
+
+def resolve_threads(setting) -> tuple:
+    """(threads, where the number comes from) for torch's CPU pool. 'auto': OMP_NUM_THREADS when set,
+    else the CPUs this process may run on (its affinity: what a Slurm allocation or a cpuset grants,
+    which torch's own default, the machine's cores, ignores). Oversubscribed, a thread pool spins:
+    on a 2-core machine running another job, one operator call took 10× longer at 2 threads than at 1."""
+    if setting != "auto":
+        return int(setting), "--threads"
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    if omp.isdigit() and int(omp) > 0:
+        return int(omp), "OMP_NUM_THREADS"
+    try:
+        return len(os.sched_getaffinity(0)), "the CPUs this process may use"
+    except AttributeError:        # no affinity on this platform
+        return os.cpu_count() or 1, "the machine's CPUs"
+
+
+def set_threads(setting) -> str:
+    """Sets torch's CPU threads (resolve_threads); returns what to say of them, with a hint when the
+    machine is already busy (a 1-minute load at or above the threads: they will compete)."""
+    n, why = resolve_threads(setting)
+    torch.set_num_threads(n)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    busy = f"; the machine is busy (1-min load {load:.1f}): --threads 1 may run faster" if n > 1 and load >= n else ""
+    return f"{n} thread{'s' if n > 1 else ''} ({why}){busy}"
+
+
+def resolve_device(name: str, purpose: str = "restore", threads="auto"):
+    """Device and CPU threads, once, here. 'auto' is CUDA when present, else CPU with a warning
+    (CPU_NOTES[purpose]). On the CPU the allocator is tuned for the operator's large temporaries
+    (tune_cpu_allocator) and the threads are set (set_threads)."""
     if name == "auto":
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if dev.type == "cpu":
-            log.warning("no CUDA device found: running on the CPU. A 256x256 pretrained run takes hours there; "
-                        "an estimate follows after the first steps (the analytic prior is quick anywhere)")
+            log.warning("no CUDA device found: running on the CPU. %s", CPU_NOTES[purpose])
     else:
         try:
             dev = torch.device(name)
@@ -35,7 +69,7 @@ def resolve_device(name: str):
             raise UserError(f"run.device={name!r} but no CUDA device is available; use --device cpu or auto")
     if dev.type == "cpu":
         tune_cpu_allocator()
-        log.info("device: CPU, %d threads", torch.get_num_threads())
+        log.info("device: CPU, %s", set_threads(threads))
     else:
         log.info("device: %s (%s)", dev, torch.cuda.get_device_name(dev))
     return dev
@@ -62,7 +96,7 @@ def setup_accelerators(cfg, device, unet):
 
 def versions(device) -> dict:
     out = {"python": platform.python_version(), "torch": str(torch.__version__), "diffusers": str(diffusers.__version__),
-           "numpy": str(np.__version__), "platform": platform.platform()}
+           "numpy": str(np.__version__), "platform": platform.platform(), "cpu_threads": torch.get_num_threads()}
     if device.type == "cuda":
         out["gpu"] = torch.cuda.get_device_name(device)
     return out

@@ -78,7 +78,7 @@ def restore_images(cfg, explicit, argv) -> int:
     """One image into a run folder, or a folder of images into a batch folder (batch.run_folder).
     Inputs and the model are validated before any folder exists."""
     d, rc = cfg["data"], cfg["run"]
-    device = device_setup.resolve_device(rc["device"])
+    device = device_setup.resolve_device(rc["device"], threads=rc["threads"])
     dtype = getattr(torch, rc["dtype"])  # validated: float32 | bfloat16 | float16
     gen = torch.Generator(device=device).manual_seed(rc["seed"])
     utils.check_writable(rc["save_dir"])
@@ -122,10 +122,8 @@ def report(run_dir, code, m) -> int:
         print(run_dir)
         print(f"error: {m['error']} (partial results in {run_dir})", file=sys.stderr)
         return code
-    if "psnr_restored" in m:
-        log.info("PSNR blurred %.2f dB -> restored %.2f dB (SSIM %.3f -> %.3f)", m["psnr_blurred"],
-                 m["psnr_restored"], m["ssim_blurred"], m["ssim_restored"])
-    log.info("data residual ‖y − A(x)‖/‖y‖ = %.4f", m["data_residual_relative"])
+    for line in restore.summary_lines(m):
+        log.info("%s", line)
     print(run_dir)
     return 0
 
@@ -144,7 +142,7 @@ def resume_run(run_dir, schema) -> int:
     if cfg["train"]["dir"]:
         return training.train_prior(cfg, run_dir)
     ckpt = checkpoint.load_checkpoint(ckpt_path)
-    device = device_setup.resolve_device(cfg["run"]["device"])
+    device = device_setup.resolve_device(cfg["run"]["device"], threads=cfg["run"]["threads"])
     dtype = getattr(torch, cfg["run"]["dtype"])  # validated: float32 | bfloat16 | float16
     log.info("resuming %s at step %d/%d", run_dir, ckpt["next_index"], cfg["sampler"]["num_inference_steps"])
     if ckpt.get("kind") == "folder":
@@ -152,11 +150,7 @@ def resume_run(run_dir, schema) -> int:
     p, gen = problem.problem_from_entry(ckpt, cfg, device)
     pipe, multiple = restore.load_pipeline(cfg, device, p.y.shape[1])
     code, m = restore.restore(p, run_dir, cfg, device, dtype, gen, pipe, multiple, extra, resume=ckpt)
-    print(run_dir)
-    if code:
-        print(f"error: {m['error']}", file=sys.stderr)
-        return code
-    return 0
+    return report(run_dir, code, m)
 
 
 def download_only(cfg) -> int:

@@ -1240,12 +1240,44 @@ def build_operators(kernel_grid, H, W, physics_config, node_coords=None):
     return eigen_op, grid_op, decomp
 
 
+# n_eigen_psfs: auto. Measured on 8×8 grids of 21-px PSFs at 128² (docs/forward-model.md): the model
+# error against the per-pixel truth stops falling near 99% of the variance (lens: K = 25, 2.68% against
+# 2.66% at full rank and 3.14% at K = 10; motion: K = 13; defocus: K = 5). The cap bounds the cost,
+# which grows with K.
+RANK_SHARE, RANK_CAP = 0.99, 32
+
+
+def rank_for_share(kernel_grid, share=RANK_SHARE, cap=RANK_CAP) -> tuple:
+    """(K, explained share): the fewest EigenPSFs (the mean + K − 1 principal directions, as
+    compute_eigen_decomposition takes them) whose explained variance reaches `share` in every
+    channel, at most `cap` and the number of PSFs. The share is the worst channel's at that K."""
+    g = mono_if_equal(kernel_grid)
+    N, k = g.shape[0] * g.shape[1], g.shape[-1]
+    P = g.to(torch.float64)
+    P = (P.movedim(2, 0) if g.ndim == 5 else P[None]).reshape(-1, N, k * k)
+    P = P / P.sum(-1, keepdim=True)
+    S2 = torch.linalg.svdvals(P - P.mean(1, keepdim=True)) ** 2            # (C, min(N, k²))
+    total = S2.sum(-1, keepdim=True)
+    cum = torch.cat([torch.zeros_like(S2[:, :1]), S2.cumsum(-1) / total.clamp_min(1e-300)], -1)  # cum[:, n]: n comps.
+    no_variance = total <= 1e-20 * (P ** 2).sum((1, 2))[:, None]         # equal PSFs: the mean says it all
+    cum = torch.where(no_variance, torch.ones_like(cum), cum)
+    n = int((cum < share).sum(-1).max())                                    # components needed, worst channel
+    K = min(n + 1, cap, N, cum.shape[1])
+    return K, float(cum[:, K - 1].min())
+
+
 def build_eigen_operator(kernel_grid, H, W, physics_config, node_coords=None):
     """(eigenpsf_op, decomposition) alone: the K-term model A(x) = sum_k C_k * (x conv B_k) of the
-    grid on an H x W domain, without the full-rank grid operator beside it."""
+    grid on an H x W domain, without the full-rank grid operator beside it. n_eigen_psfs: an int,
+    "all" (every PSF: the exact operator at the nodes) or "auto" (rank_for_share, with an info line)."""
     n = physics_config["n_eigen_psfs"]
     if n in ("all", "full"):
         n = kernel_grid.shape[0] * kernel_grid.shape[1]
+    elif n == "auto":
+        n, explained = rank_for_share(kernel_grid)
+        log.info("n_eigen_psfs auto: K=%d explains %.1f%% of the PSF variance%s (the fewest for %g%%, at most %d; "
+                 "--n_eigen_psfs K sets it)", n, 100 * explained, " (worst channel)" if kernel_grid.ndim == 5 else "",
+                 100 * RANK_SHARE, RANK_CAP)
     decomp = compute_eigen_decomposition(kernel_grid, n, H, W, physics_config.get("interpolation", "bilinear"),
                                          node_coords)
     return SVBlurOperator(decomp, resolve_form(physics_config), physics_config.get("boundary", "reflect")), decomp

@@ -249,6 +249,21 @@ def plot_loss_curve(path, history):
     _save(fig, path, tight=True)
 
 
+def _log_tick_labels(axis, values) -> None:
+    """Plain "0.0201" labels (3 significant digits; the default's mathtext costs ~70 ms, and
+    LogFormatter labels every tick of a curve within one decade alike, "2e-02"), on few enough ticks
+    not to overlap: the decades alone when the values span one or more, else 1, 2 and 5 × 10^k."""
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v) & (v > 0)]
+    axis.set_major_formatter(FormatStrFormatter("%.3g"))
+    if v.size and np.log10(v.max() / v.min()) >= 1:
+        axis.set_minor_formatter(NullFormatter())
+    else:
+        axis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
+        axis.set_minor_formatter(FormatStrFormatter("%.3g"))
+
+
 def plot_progress(path, steps, images, curve_steps, curve_values, max_panels=8):
     """x̂₀ across steps (first image of the batch) and the curve of ‖y − A(x̂₀)‖/‖y‖ (its values at
     curve_steps, every log_every steps)."""
@@ -265,11 +280,7 @@ def plot_progress(path, steps, images, curve_steps, curve_values, max_panels=8):
     _panel_strip(fig, 0, top, pw, [_rgb(f) for f in first], [f"step {steps[i]}" for i in idx], 8)
     ax = _axes(fig, strip + 0.75, 0.45, curve, max(ph, 1.6) - 0.35, off=False)   # room for tick labels
     ax.semilogy(curve_steps, curve_values)
-    # plain "0.0201" labels, 3 significant digits (the default's mathtext costs ~70 ms, and
-    # LogFormatter labels every tick of a curve within one decade alike, "2e-02")
-    from matplotlib.ticker import FormatStrFormatter
-    ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
-    ax.yaxis.set_minor_formatter(FormatStrFormatter("%.3g"))
+    _log_tick_labels(ax.yaxis, curve_values)
     ax.set_xlabel("step", labelpad=1)
     _title(ax, "‖y − A(x̂₀)‖ / ‖y‖", 9)
     _save(fig, path)

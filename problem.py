@@ -45,7 +45,7 @@ def fit_defaults(cfg, explicit, n_psfs, simulated: bool) -> None:
     """
     pc = cfg["physics"]
     K = pc["n_eigen_psfs"]
-    if "physics.n_eigen_psfs" not in explicit and K != "all" and K > n_psfs:
+    if "physics.n_eigen_psfs" not in explicit and isinstance(K, int) and K > n_psfs:
         log.info("n_eigen_psfs: the default K=%d exceeds the %d PSFs of the grid; using K=%d", K, n_psfs, n_psfs)
         pc["n_eigen_psfs"] = n_psfs
     if not simulated or "physics.kernel_size" not in explicit:

@@ -349,6 +349,58 @@ def report_misfits(m, y, op, samples, device, where) -> None:
                     SAMPLE_MISFIT_FACTOR, ", ".join(f"{fits[s]:.4f}" for s in bad), float(np.median(fits)))
 
 
+# A result whose residual ‖y − A(x)‖ exceeds this many times the noise's expected norm σ_y√m fits y
+# worse than the noise can explain (a converged fit sits near 1×).
+FIT_CHECK_FACTOR = 2.0
+
+
+def fit_cause(m, cfg) -> str:
+    """The likeliest reason for a poor fit, from what the run recorded, and its fix."""
+    method = cfg["sampler"]["method"]
+    if m.get("cg_stop_rule_per_step", [])[-1:] == ["cap"]:
+        return f"the last data step hit its CG cap (raise --set sampler.{method}.cg_max_iter)"
+    if method == "dps":
+        return ("DPS has not reached the data (more --num_inference_steps, a larger --step_size, or "
+                "--sampler diffpir)")
+    return ("the noise is larger than σ_y (try --sigma_noise auto), or the PSFs do not match the blur "
+            "(check images/psf_grid.png, a larger --n_eigen_psfs)")
+
+
+def check_fit(m, p: problem.Problem, cfg, residual_norm, where) -> None:
+    """metrics.json's fit_check: ‖y − A(x)‖ over σ_y√m (Morozov's yardstick: about 1 for a result that
+    fits y to the noise), and a warning naming the likely cause when it exceeds FIT_CHECK_FACTOR.
+    σ_y = 0 (a noise-free simulation) has no yardstick: the ratio is null."""
+    sigma = problem.sigma_y(p, cfg)
+    noise_norm = sigma * p.y.numel() ** 0.5
+    ratio = residual_norm / noise_norm if noise_norm > 0 else None
+    passed = ratio is None or ratio <= FIT_CHECK_FACTOR
+    m["fit_check"] = {"residual_over_noise": ratio, "sigma_y": sigma, "threshold": FIT_CHECK_FACTOR,
+                      "passed": passed}
+    if not passed:
+        log.warning("%s: the result fits y worse than the noise explains: ‖y − A(x)‖ = %.1f × σ_y√m (σ_y %.4g; "
+                    "above %g× is a poor fit); likely %s. metrics.json: fit_check", where, ratio, sigma,
+                    FIT_CHECK_FACTOR, fit_cause(m, cfg))
+
+
+def model_error_parts(m, p: problem.Problem, restored, op, x) -> None:
+    """What real data lets us measure of the model error, under names that say what each is:
+    - pca_truncation_error_on_restoration: ‖A_K x − A_grid x‖/‖A_grid x‖, the EigenPSF truncation
+      against the grid's own operator on the restoration (not the error against the optics: PSFs
+      measured wrongly, or between the nodes, are invisible to it);
+    - residual_share_near_frame: the share of ‖y − A(x)‖² in the band of one PSF radius along the
+      frame, beside frame_band_pixel_share, the band's share of pixels. The boundary rule (reflect)
+      guesses the scene beyond the frame; where the share is well above the pixels', that guess is
+      a large part of the misfit (docs/outputs.md)."""
+    m["pca_truncation_error_on_restoration"] = physics.operator_relative_error(p.eig_op, p.grid_op, restored)
+    r = p.grid.shape[-1] // 2
+    with torch.no_grad():
+        res2 = (p.y - op(x)).pow(2).sum(1)[0]                    # (H, W)
+    band = torch.ones_like(res2, dtype=torch.bool)
+    band[r:res2.shape[0] - r, r:res2.shape[1] - r] = False
+    m["residual_share_near_frame"] = float(res2[band].sum() / res2.sum().clamp_min(1e-30))
+    m["frame_band_pixel_share"] = float(band.float().mean())
+
+
 def write_outputs(p: problem.Problem, view: RunView, run_dir, cfg, device, out, partial) -> None:
     """3. Outputs: the restoration cropped back to the measured window (or a diverged run's last
     good x̂₀), posterior mean/std/samples, the data residual, metrics and plots."""
@@ -379,6 +431,7 @@ def write_outputs(p: problem.Problem, view: RunView, run_dir, cfg, device, out, 
         with torch.no_grad():
             fit = torch.linalg.vector_norm(p.y - view.op(full[:1].to(device))) / torch.linalg.vector_norm(p.y)
         m["data_residual_relative"] = float(fit)
+        check_fit(m, p, cfg, float(fit * torch.linalg.vector_norm(p.y)), os.path.basename(run_dir))
         title = "restored" if sc["num_samples"] == 1 else f"posterior mean of {sc['num_samples']}"
         y_np = utils.to_numpy(p.y)
         panels = [("blurred (measurement)", y_np), (f"{title} ({sc['method']})", r)]
@@ -393,8 +446,7 @@ def write_outputs(p: problem.Problem, view: RunView, run_dir, cfg, device, out, 
             add_lpips(m, p.clean, {"blurred": y_np, "restored": r, **{k: v[1] for k, v in baseline_images.items()}},
                       cfg, device)
         if p.clean is None:
-            m["operator_relative_error_on_restoration"] = physics.operator_relative_error(
-                p.eig_op, p.grid_op, restored.to(device))
+            model_error_parts(m, p, restored.to(device), view.op, full[:1].to(device))
         if figures:
             plots.plot_comparison(os.path.join(images_dir, "comparison.png"), panels)
     if view.state["curve"]:
@@ -415,16 +467,39 @@ def classical_baselines(p: problem.Problem, images_dir, cfg, m) -> dict:
     results = baselines.restore_baselines(p.eig_op, p.y, problem.sigma_y(p, cfg))
     m["baseline_runtime_s"] = time.time() - t0
     out = {}
+    run_dir = os.path.dirname(images_dir)
     for name, (x, facts) in results.items():
         img = utils.to_numpy(x)
         utils.save_image(os.path.join(images_dir, f"baseline_{name}.png"), x)
-        m[name] = facts
+        np.save(os.path.join(run_dir, f"baseline_{name}.npy"), img.astype(np.float32))  # lossless, as restored.npy
+        if p.info.get("input_bit_depth") == 16:
+            utils.save_tiff16(os.path.join(images_dir, f"baseline_{name}.tif"), img)
+        with torch.no_grad():
+            fit = torch.linalg.vector_norm(p.y - p.eig_op(x)) / torch.linalg.vector_norm(p.y)
+        m[name] = {**facts, "data_residual_relative": float(fit)}
         title = BASELINE_TITLES[name]
         if p.clean is not None:
             m[f"psnr_{name}"], m[f"ssim_{name}"] = utils.psnr(p.clean, img), utils.ssim(p.clean, img)
             title += f"  PSNR {m[f'psnr_{name}']:.2f} dB  SSIM {m[f'ssim_{name}']:.3f}"
         out[name] = (f"{title} (baseline)", img)
     return out
+
+
+def summary_lines(m) -> list:
+    """The end of a run in a few lines: the restoration beside the classical baselines (PSNR where
+    the clean image is known; always the data residual), so a result that loses to them shows."""
+    names = [n for n in BASELINE_TITLES if n in m]
+    lines = []
+    if "psnr_restored" in m:
+        beside = "".join(f"; {BASELINE_TITLES[n]} {m[f'psnr_{n}']:.2f} dB" for n in names if f"psnr_{n}" in m)
+        lines.append(f"PSNR blurred {m['psnr_blurred']:.2f} dB -> restored {m['psnr_restored']:.2f} dB (SSIM "
+                     f"{m['ssim_blurred']:.3f} -> {m['ssim_restored']:.3f}){beside}")
+    ratio = m.get("fit_check", {}).get("residual_over_noise")
+    noise = f" (the noise's level σ_y√m/‖y‖: {m['data_residual_relative'] / ratio:.4f})" if ratio else ""
+    beside = "".join(f"; {BASELINE_TITLES[n]} {m[n]['data_residual_relative']:.4f}" for n in names
+                     if "data_residual_relative" in m[n])
+    lines.append(f"data residual ‖y − A(x)‖/‖y‖: restored {m['data_residual_relative']:.4f}{beside}{noise}")
+    return lines
 
 
 def add_lpips(m, clean, images: dict, cfg, device) -> None:

@@ -37,6 +37,8 @@ import utils
 
 log = logging.getLogger(__name__)
 
+GRID_SAMPLE_PX = 128   # the least width of one sample in the training's sample grids
+
 # Named UNet sizes (diffusers UNet2DModel), smallest first. base is google/ddpm-celebahq-256's layout.
 SIZES = {
     "tiny": dict(block_out_channels=(32, 64, 64), layers_per_block=1,
@@ -321,6 +323,10 @@ class Trainer:
         finally:
             self.unet.train()
         side = int(math.ceil(math.sqrt(n)))
+        # Each sample shown at least GRID_SAMPLE_PX wide (nearest-neighbour: the pixels stay visible);
+        # sixteen 32² crops were a 136-pixel grid.
+        zoom = max(1, math.ceil(GRID_SAMPLE_PX / images.shape[2]))
+        images = images.repeat(zoom, axis=1).repeat(zoom, axis=2)
         h, w, c = images.shape[1:]
         grid = np.ones((side * (h + 2), side * (w + 2), c))
         for k, img in enumerate(images):
@@ -380,6 +386,7 @@ def train(trainer, out_dir, should_stop=lambda: False, progress=True) -> str:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{trainer.lr.get_last_lr()[0]:.1e}")
             if main_process and (s % tc["sample_every"] == 0 or s == tc["steps"]):
+                bar.set_postfix_str(f"drawing samples/step_{s:07d}.png (16 samples, 50 DDIM steps)")  # a pause
                 trainer.sample_grid(os.path.join(out_dir, "samples", f"step_{s:07d}.png"))
             if main_process and (s % tc["eval_every"] == 0 or s == tc["steps"]):
                 write_curve(out_dir, trainer.history)
@@ -459,7 +466,7 @@ def train_prior(cfg, run_dir=None) -> int:
     """--train_dir: train (or fine-tune) a prior into a new train_* folder, or continue run_dir from
     its checkpoint. SIGTERM, SIGUSR1 and Ctrl-C save a checkpoint and exit 75 or 130."""
     rank, world, device = init_distributed(cfg["run"]["device"])
-    device = device or device_setup.resolve_device(cfg["run"]["device"])
+    device = device or device_setup.resolve_device(cfg["run"]["device"], "train", cfg["run"]["threads"])
     trainer, facts = prepare(cfg, device, rank, world)   # bad input: before any folder
     if run_dir is None:
         run_dir = [utils.make_run_dir(cfg["run"]["save_dir"], prefix="train") if rank == 0 else None]

@@ -152,6 +152,7 @@ def sigterm_then_resume(args, steps, tmp_path, capsys, monkeypatch, caplog, befo
     assert r.returncode == 0, r.stderr[-2000:]
     assert not (run / "checkpoint.pt").exists()
     assert json.loads((run / "metrics.json").read_text())["status"] == "complete"
+    assert "data residual ‖y − A(x)‖/‖y‖: restored" in r.stderr  # a resumed run ends with the same summary
     ref = cli(args + ["--save_dir", str(tmp_path / "b")], capsys, monkeypatch, caplog)
     assert ref.returncode == 0
     return run, tmp_path / "b" / run_dirs(tmp_path / "b")[0]

@@ -153,7 +153,7 @@ def test_cli_restores_real_data_with_a_colour_grid(tmp_path, capsys, monkeypatch
     assert np.allclose(np.load(run / "psf_grid.npz")["psfs"], grid.numpy(), atol=1e-6)
     assert np.load(tmp_path / "s.npz")["psfs"].shape == (3, 3, 3, 7, 7)
     assert all((run / f"images/eigenpsfs_{c}.png").is_file() for c in "RGB")
-    assert (run / "images/psf_grid.png").is_file() and m["operator_relative_error_on_restoration"] < 0.05
+    assert (run / "images/psf_grid.png").is_file() and m["pca_truncation_error_on_restoration"] < 0.05
 
 
 def test_cli_gray_image_with_a_colour_grid_uses_its_luminance_psfs(tmp_path, capsys, monkeypatch, caplog):

@@ -145,3 +145,11 @@ def test_resume_takes_no_other_setting(extra, named, tmp_path):
     assert out.stdout.strip().splitlines()[-1] == "NO TORCH 2", out.stdout + out.stderr
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and f"takes no other setting (got {named})" in errors[0], out.stderr
+
+
+def test_sigma_zero_on_real_data_is_refused():
+    """σ_y = 0 on a camera frame turns every data step into an unregularised deconvolution (before:
+    pure noise, exit 0). A simulation may be noise-free."""
+    with pytest.raises(utils.UserError, match="--sigma_noise 0 on a real measurement"):
+        resolved(["--blurred", "y.png", "--psf_grid", "g.npz", "--sigma_noise", "0"])
+    resolved(["--image", "sample", "--sigma_noise", "0"])

@@ -2,6 +2,7 @@
 console, fast --help, and one source of truth for allowed values."""
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -34,6 +35,14 @@ def test_gray_16bit_input_gives_gray_16bit_output_with_a_gray_prior(tmp_path, gr
     tif = tifffile.imread(os.path.join(run, "images", "restored.tif"))
     assert tif.dtype == np.uint16 and tif.shape == (32, 32)
     assert "luminance" not in r.stderr  # a 1-channel prior samples gray directly
+    for name in ("richardson_lucy", "tikhonov"):  # the baselines losslessly too, and at the input's depth
+        assert np.load(os.path.join(run, f"baseline_{name}.npy")).shape == (32, 32, 1)
+        assert tifffile.imread(os.path.join(run, "images", f"baseline_{name}.tif")).dtype == np.uint16
+    # The console's last words put the restoration beside the baselines.
+    assert re.search(r"PSNR blurred [\d.]+ dB -> restored [\d.]+ dB \(SSIM [\d.]+ -> [\d.]+\); Richardson-Lucy "
+                     r"[\d.]+ dB; Tikhonov [\d.]+ dB", r.stderr), r.stderr[-1500:]
+    assert re.search(r"data residual ‖y − A\(x\)‖/‖y‖: restored [\d.]+; Richardson-Lucy [\d.]+; Tikhonov [\d.]+ "
+                     r"\(the noise's level σ_y√m/‖y‖: [\d.]+\)", r.stderr), r.stderr[-1500:]
     # the final step is written too (5 steps, every 2nd: 0, 2, 4)
     assert sorted(os.listdir(os.path.join(run, "intermediates"))) == ["step_0000.png", "step_0002.png", "step_0004.png"]
 
@@ -104,3 +113,37 @@ def test_numpy_nan_is_refused_in_api_options():
     import dps
     with pytest.raises(ValueError, match="finite"):
         dps.sampler_options("dps", {"step_size": np.float32("nan")})
+
+
+def test_threads_follow_the_allocation_or_the_flag(monkeypatch):
+    """auto: OMP_NUM_THREADS when set, else the CPUs this process may run on (a Slurm allocation's
+    affinity, not the machine's cores); a number is taken as it is."""
+    import device
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(device.os, "sched_getaffinity", lambda pid: {4, 5, 6}, raising=False)
+    assert device.resolve_threads("auto") == (3, "the CPUs this process may use")
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    assert device.resolve_threads("auto") == (5, "OMP_NUM_THREADS")
+    assert device.resolve_threads(2) == (2, "--threads")
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(device.os, "getloadavg", lambda: (7.0, 7.0, 7.0), raising=False)
+        assert device.set_threads(2) == "2 threads (--threads); the machine is busy (1-min load 7.0): --threads 1 may run faster"
+        assert torch.get_num_threads() == 2
+        assert device.set_threads(1) == "1 thread (--threads)" and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_threads_flag_reaches_the_run(tmp_path, capsys, monkeypatch, caplog):
+    before = torch.get_num_threads()
+    try:
+        r = cli(["--model_id", "analytic", *FAST, "--threads", "1", "--no_baseline", "--save_dir", str(tmp_path)],
+                capsys, monkeypatch, caplog)
+    finally:
+        torch.set_num_threads(before)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "device: CPU, 1 thread (--threads)" in r.stderr
+    import yaml
+    saved = yaml.safe_load(open(os.path.join(one_run(tmp_path), "config.yaml")))
+    assert saved["run"]["threads"] == 1 and saved["resolved"]["versions"]["cpu_threads"] == 1

@@ -5,6 +5,7 @@ import pytest
 import scipy.ndimage
 import torch
 
+import config
 import physics
 from helpers import brute_force
 from physics import (BLUR_MODES, BOUNDARIES, FORMS, INTERPOLATIONS, SVBlurOperator, SVBlurSimulator,
@@ -426,3 +427,28 @@ def test_adjoint_identity_on_asymmetric_psfs(name, form):
     y = torch.randn(op(x).shape, generator=g, dtype=torch.float64)
     lhs, rhs = float((op(x) * y).sum()), float((x * op.adjoint(y)).sum())
     assert abs(lhs - rhs) <= 1e-10 * abs(lhs), (name, form, lhs, rhs)
+
+
+@pytest.mark.parametrize("mode, channels", [("defocus", 1), ("motion", 1), ("lens", 3)])
+def test_auto_rank_is_the_fewest_eigenpsfs_for_the_share(mode, channels):
+    """n_eigen_psfs auto: the decomposition at K reaches 99% of the variance in every channel, at
+    K − 1 it does not (checked on compute_eigen_decomposition's own explained variance)."""
+    pc = {**config.defaults()["physics"], "blur_mode": mode, "grid_size": 6}
+    field = physics.SVBlurSimulator(48, 48, 21, 6, dtype=torch.float64).simulate_field(mode, **pc.get(mode, {}))
+    grid = field.node_grid()
+    assert (grid.ndim == 5) is (channels == 3)
+    K, explained = physics.rank_for_share(grid)
+    at = lambda n: physics.compute_eigen_decomposition(grid, n, 48, 48).total_explained_variance  # noqa: E731
+    assert 1 < K <= physics.RANK_CAP and at(K) >= physics.RANK_SHARE > at(K - 1)
+    assert explained == pytest.approx(at(K), abs=1e-12)
+    op, dec = physics.build_eigen_operator(grid, 48, 48, {**pc, "n_eigen_psfs": "auto", "form": "scatter"})
+    assert dec.n_components == K
+
+
+def test_auto_rank_caps_and_needs_one_for_equal_psfs():
+    g = torch.rand(5, 5, 9, 9, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    K, _ = physics.rank_for_share(g, cap=7)
+    assert K == 7                                   # random PSFs need nearly all 25: the cap holds
+    assert physics.rank_for_share(g, share=1.0)[0] == 25
+    same = g[:1, :1].expand(5, 5, 9, 9)
+    assert physics.rank_for_share(same) == (1, 1.0)  # nothing to explain beyond the mean

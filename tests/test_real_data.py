@@ -15,7 +15,7 @@ import dps
 import priors
 import physics
 import utils
-from helpers import SMALL, cli, only_run, run_dirs, run_in_process, save_tiny_model
+from helpers import FAST, SMALL, cli, only_run, run_cli, run_dirs, run_in_process, save_tiny_model
 
 def png_psnr(a, b):
     a = np.asarray(Image.open(a), dtype=np.float64) / 255
@@ -60,7 +60,7 @@ def test_round_trip_simulate_save_grid_then_restore_real(tmp_path, sampler, caps
         assert sum(m["cg_stop_rules"].values()) == steps * 8 and len(m["cg_iterations_per_step"]) == steps
         assert m["cg_stop_rule_per_step"][-1] == "tolerance" and m["cg_iterations_per_step"][-1] >= 1
     assert "psnr_restored" not in m and "no clean image" in m["note"]
-    assert 0 < m["data_residual_relative"] < 0.5 and m["operator_relative_error_on_restoration"] < 0.05
+    assert 0 < m["data_residual_relative"] < 0.5 and m["pca_truncation_error_on_restoration"] < 0.05
     assert 0.03 < m["sigma_noise_estimated"] < 0.08  # simulated with sigma 0.05
     assert not (real / "images/clean.png").exists()
 
@@ -322,3 +322,38 @@ def test_psf_grid_messages_name_the_file_once_and_the_sums_plainly(tmp_path, blu
                  "--num_samples", "1", "--no_figures", "--no_baseline", "--save_dir", str(tmp_path / str(scale))],
                 capsys, monkeypatch, caplog)
         assert r.returncode == 0 and said in r.stderr, r.stderr[-1500:]
+
+
+@pytest.fixture(scope="module")
+def noisy_measurement(tmp_path_factory):
+    """A 32² simulation at σ = 0.05 and its PSF grid, to restore as a real measurement."""
+    tmp = tmp_path_factory.mktemp("noisy")
+    grid = tmp / "grid.npz"
+    r = run_cli(["--model_id", "analytic", *FAST, "--blur_mode", "defocus", "--sigma_noise", "0.05", "--save_psf_grid",
+                 str(grid), "--save_dir", str(tmp / "sim"), "--no_baseline", "--no_intermediates"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    return str(only_run(tmp / "sim") / "images/blurred.png"), str(grid)
+
+
+@pytest.mark.parametrize("sigma, passed", [("0.05", True), ("0.005", False)])
+def test_fit_check_names_a_result_that_misses_the_data(sigma, passed, tmp_path, noisy_measurement, capsys,
+                                                       monkeypatch, caplog):
+    """‖y − A(x)‖ against σ_y√m: near 1 when σ_y is the true noise level, far above when σ_y is ten
+    times too small (the residual cannot fall to a noise level the data do not have)."""
+    blurred, grid = noisy_measurement
+    r = cli(["--model_id", "analytic", "--blurred", blurred, "--psf_grid", grid, "--sigma_noise", sigma,
+             "--sampler", "diffpir", "--num_inference_steps", "10", "--num_samples", "1", "--no_intermediates",
+             "--save_dir", str(tmp_path)], capsys, monkeypatch, caplog)
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads((only_run(tmp_path) / "metrics.json").read_text())
+    fit = m["fit_check"]
+    # What real data lets us measure of the model error, each under its own name.
+    assert 0 <= m["pca_truncation_error_on_restoration"] < 0.05 and "operator_relative_error_on_restoration" not in m
+    assert m["frame_band_pixel_share"] == pytest.approx(1 - 26 ** 2 / 32 ** 2)   # 7×7 PSFs: a 3-pixel band
+    assert 0 < m["residual_share_near_frame"] < 1
+    assert fit["passed"] is passed and fit["sigma_y"] == float(sigma), fit
+    assert (fit["residual_over_noise"] < 2) is passed, fit
+    warned = [line for line in r.stderr.splitlines() if "fits y worse than the noise explains" in line]
+    assert len(warned) == (0 if passed else 1), r.stderr[-2000:]
+    if not passed:
+        assert "--sigma_noise auto" in warned[0]

@@ -241,7 +241,9 @@ def test_learned_variance_init_trains_its_variance_head_and_samples(tmp_path, le
     assert grad[1].abs().sum() > 0 and grad[0].abs().sum() > 0    # v's row and ε's row both learn
     trainer.unet.zero_grad(set_to_none=True)
     trainer.sample_grid(str(tmp_path / "grid.png"), n=4, steps=3)
-    assert (tmp_path / "grid.png").is_file()
+    from PIL import Image
+    # 2 × 2 samples, each drawn at least 128 pixels wide (before: the crop's own size, 16 + 2 pixels)
+    assert min(Image.open(tmp_path / "grid.png").size) >= 2 * training.GRID_SAMPLE_PX
 
 
 def test_a_learned_variance_of_another_type_is_refused(tmp_path, learned_variance_init):
@@ -252,3 +254,12 @@ def test_a_learned_variance_of_another_type_is_refused(tmp_path, learned_varianc
     cfg = train_config(blob_images(tmp_path / "imgs"), 3, init=learned_variance_init)
     with pytest.raises(utils.UserError, match="only learned_range"):
         trainer_for(cfg)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU fallback's warning")
+def test_training_on_the_cpu_is_not_warned_about_as_a_restoration(tmp_path, capsys, monkeypatch, caplog):
+    """--device auto without CUDA: the warning speaks of training, not of "a 256x256 pretrained run"."""
+    r = cli(["--train_dir", blob_images(tmp_path / "imgs"), "--save_dir", str(tmp_path / "out"),
+             *flags({"train.steps": 1, "train.sample_every": 1000})], capsys, monkeypatch, caplog)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "256x256" not in r.stderr and "Training the tiny or small UNet works there" in r.stderr
