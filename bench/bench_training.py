@@ -12,7 +12,7 @@ held-out ones under a spatially varying blur, and compare with the analytic prio
 2. Training: `training.py` with the tiny UNet at 64², for --train_minutes of wall time.
 3. Restoration: each held-out frame blurred by the per-pixel ground truth (defocus that varies
    across the field, physics.create_ground_truth) plus noise σ = 0.02, restored with the EigenPSF
-   model by DPS (1000 steps) and DiffPIR (100 steps), 8 posterior samples each, with the trained
+   model by DPS (1000 steps), DiffPIR (100 steps) and DAPS (200 annealing levels), 8 posterior samples each, with the trained
    prior and with the analytic prior; PSNR of the posterior mean and of the blurred input, and
    the trained prior's worst and best single sample.
 4. Sweeps with the trained prior on two frames: DPS ζ and DiffPIR λ around the defaults.
@@ -82,7 +82,8 @@ def train(folder, out, minutes, quick, steps=None):
 
 
 def restore(model_id, clean, method, options, steps, samples, seed, clip_denoised=None):
-    """PSNR of the posterior mean, of the blurred frame and of each sample, on the fixed [0, 1] range."""
+    """PSNR of the posterior mean, of the blurred frame and of each sample, on the fixed [0, 1] range,
+    and the sampler's wall time in seconds."""
     field, truth = physics.create_ground_truth(64, 64, PHYSICS, "cpu", seed=seed)
     op = physics.build_operators(field.node_grid(), 64, 64, PHYSICS)[0]
     r = PHYSICS["kernel_size"] // 2
@@ -92,13 +93,15 @@ def restore(model_id, clean, method, options, steps, samples, seed, clip_denoise
         y = truth(x_ext) + 0.02 * torch.randn((1, 1, 64, 64), generator=g)
     unet, sched = priors.load_model(model_id, channels=1)
     pipe = dps.EigenPSFDPSPipeline(unet, sched, op)
+    t0 = time.perf_counter()
     out, _ = pipe(y, num_inference_steps=steps, method=method, options=options, sigma_y=0.02, generator=g,
                   num_samples=samples, clip_denoised=clip_denoised)
+    seconds = time.perf_counter() - t0
     each = out["samples"][0] if samples > 1 else out                    # (S, 1, 64, 64)
     mean = out["mean"] if samples > 1 else out
     c = clean[..., None]
     per_sample = [utils.psnr(c, utils.to_numpy(each[k:k + 1])) for k in range(each.shape[0])]
-    return utils.psnr(c, utils.to_numpy(mean)), utils.psnr(c, utils.to_numpy(y)), per_sample
+    return utils.psnr(c, utils.to_numpy(mean)), utils.psnr(c, utils.to_numpy(y)), per_sample, seconds
 
 
 def main_():
@@ -114,20 +117,22 @@ def main_():
     ap.add_argument("--lambdas", default="1,3,7,16,40", help="DiffPIR lambdas of the sweep")
     ap.add_argument("--train_steps", type=int, default=None,
                     help="train this many steps (within --train_minutes), so that a shared machine changes the time only")
-    ap.add_argument("--samplers", default="dps,diffpir", help="the samplers of the table and the sweeps")
+    ap.add_argument("--samplers", default="dps,diffpir,daps", help="the samplers of the table and the sweeps")
+    ap.add_argument("--daps_steps", type=int, default=200, help="DAPS's annealing levels (config.yaml's default: 200)")
     ap.add_argument("--dps_gradient_clip", type=float, default=0.0, help="DPS's gradient_clip (0 = off, the default)")
     ap.add_argument("--dps_clip_denoised", choices=("auto", "true", "false"), default="auto",
                     help="DPS's sampler.clip_denoised (auto: the scheduler's clip_sample, which clamps)")
     args = ap.parse_args()
     torch.manual_seed(0)
-    minutes, n, dps_steps, diffpir_steps, samples = ((1, 32, 50, 20, 2) if args.quick else
-                                                     (args.train_minutes, args.n_train, 1000, 100, 8))
+    minutes, n, dps_steps, diffpir_steps, daps_steps, samples = ((1, 32, 50, 20, 20, 2) if args.quick else
+                                                                 (args.train_minutes, args.n_train, 1000, 100,
+                                                                  args.daps_steps, 8))
     held_out = make_data(os.path.join(args.out, "clean"), n, 96, seed=0)
     model = args.model or train(os.path.join(args.out, "clean"), os.path.join(args.out, "run"), minutes, args.quick,
                                 args.train_steps)
     dps_clip = {"auto": None, "true": True, "false": False}[args.dps_clip_denoised]
     settings = {"dps": ({"step_size": 1.0, "gradient_clip": args.dps_gradient_clip}, dps_clip, dps_steps),
-                "diffpir": (None, None, diffpir_steps)}
+                "diffpir": (None, None, diffpir_steps), "daps": (None, None, daps_steps)}
     settings = {m: v for m, v in settings.items() if m in args.samplers.split(",")}
     print(f"\nrestoration, 64² gray, defocus varying across the field, σ = 0.02, {samples} samples, posterior mean; "
           f"DPS gradient_clip {args.dps_gradient_clip:g}, clip_denoised {args.dps_clip_denoised}")
@@ -135,6 +140,8 @@ def main_():
     print(f"\nsweeps with the trained prior (the first {args.sweep_frames} frame(s), mean PSNR of the posterior mean)")
     values = {"dps": ("step_size", args.zetas), "diffpir": ("lambda", args.lambdas)}
     for method, (options, clip, steps) in settings.items():
+        if method not in values or not args.sweep_frames:
+            continue
         key, vs = values[method]
         for v in [float(v) for v in vs.split(",") if v]:
             try:
@@ -147,12 +154,20 @@ def main_():
 
 def table(model, frames, settings, samples):
     """Blurred, analytic and trained PSNR of each frame, with the trained prior's worst and best sample."""
-    print(f"{'frame':5s} {'sampler':8s} {'blurred':>8s} {'analytic':>9s} {'trained':>8s}  trained samples: worst, best")
+    print(f"{'frame':5s} {'sampler':8s} {'steps':>5s} {'blurred':>8s} {'analytic':>9s} {'trained':>8s} {'trained s':>9s}"
+          f"  trained samples: worst, best")
+    rows = []
     for i, clean in enumerate(frames):
         for method, (options, clip, steps) in settings.items():
-            p_a, p_y, _ = restore("analytic", clean, method, options, steps, samples, seed=i, clip_denoised=clip)
-            p_t, _, each = restore(model, clean, method, options, steps, samples, seed=i, clip_denoised=clip)
-            print(f"{i:5d} {method:8s} {p_y:8.2f} {p_a:9.2f} {p_t:8.2f}  {min(each):6.2f} {max(each):6.2f}", flush=True)
+            p_a, p_y, _, _ = restore("analytic", clean, method, options, steps, samples, seed=i, clip_denoised=clip)
+            p_t, _, each, sec = restore(model, clean, method, options, steps, samples, seed=i, clip_denoised=clip)
+            rows.append((method, p_a, p_t, sec))
+            print(f"{i:5d} {method:8s} {steps:5d} {p_y:8.2f} {p_a:9.2f} {p_t:8.2f} {sec:9.1f}  {min(each):6.2f} "
+                  f"{max(each):6.2f}", flush=True)
+    print("mean over the frames (PSNR of the posterior mean; the trained prior's sampling time, this machine):")
+    for method in settings:
+        a, t, sec = (np.mean([r[k] for r in rows if r[0] == method]) for k in (1, 2, 3))
+        print(f"      {method:8s} analytic {a:6.2f} dB  trained {t:6.2f} dB  {sec:7.1f} s", flush=True)
 
 
 if __name__ == "__main__":

@@ -135,6 +135,18 @@ MUTANTS = {
     "calibration_channel_own_centroid": ("calibration.py", "parts = [(_registered_cutout(p, cy, cx, k), n) for p, n in planes]",
                                          "parts = [(_registered_cutout(p, *_centroid(p, round(cy), round(cx), k), k), n) for p, n in planes]",
                                          "tests/test_calibration.py -k lateral_colour"),
+    "fit_check_noise_norm": ("restore.py", "noise_norm = sigma * p.y.numel() ** 0.5", "noise_norm = sigma * p.y.numel()",
+                             "tests/test_real_data.py -k fit_check"),
+    "frame_band_double_width": ("restore.py", "band[r:res2.shape[0] - r, r:res2.shape[1] - r] = False",
+                                "band[2 * r:res2.shape[0] - 2 * r, 2 * r:res2.shape[1] - 2 * r] = False",
+                                "tests/test_real_data.py -k fit_check"),
+    "auto_rank_one_short": ("physics.py", "K = min(n + 1, cap, N, cum.shape[1])", "K = min(n, cap, N, cum.shape[1])",
+                            "tests/test_physics.py -k auto_rank"),
+    "auto_rank_best_channel": ("physics.py", "n = int((cum < share).sum(-1).max())", "n = int((cum < share).sum(-1).min())",
+                               "tests/test_physics.py -k auto_rank"),
+    "threads_whole_machine": ("device.py", "return len(os.sched_getaffinity(0)), \"the CPUs this process may use\"",
+                              "return os.cpu_count() or 1, \"the CPUs this process may use\"",
+                              "tests/test_new_user.py -k threads"),
 }
 
 

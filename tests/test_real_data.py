@@ -246,7 +246,7 @@ def test_a_full_copy_of_config_yaml_chooses_nothing(tmp_path, blurred_png, capsy
              write_grid(tmp_path / "g.npy", good_psfs()), "--num_inference_steps", "2", "--no_figures", "--no_baseline",
              "--save_dir", str(tmp_path / "o")], capsys, monkeypatch, caplog)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "real data: sampler diffpir" in r.stderr and "using K=9" in r.stderr
+    assert "real data: sampler diffpir" in r.stderr and "n_eigen_psfs auto: K=" in r.stderr
 
 
 def readme_real_data_command():

@@ -64,7 +64,7 @@ def test_progress_shows_one_named_relative_residual_every_log_every_steps(tmp_pa
              "--no_baseline", "--save_dir", str(tmp_path)], capsys, monkeypatch, caplog)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "‖y−A(x̂₀)‖/‖y‖ " in r.stderr and "residual=" not in r.stderr
-    assert "data residual ‖y − A(x)‖/‖y‖ = " in r.stderr
+    assert "data residual ‖y − A(x)‖/‖y‖: restored " in r.stderr
     m = json.loads(open(os.path.join(one_run(tmp_path), "metrics.json")).read())
     curve = m["residual_relative_curve"]
     assert curve["steps"] == [9, 19, 29, 39, 49] and all(0 < v < 2 for v in curve["values"])
