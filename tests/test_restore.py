@@ -99,3 +99,15 @@ def test_a_second_ctrl_c_names_what_is_on_disk(tmp_path, capsys, monkeypatch):
     assert out.out.strip() == run
     assert f"the checkpoint in {run} was written before it: continue with --resume {run}" in out.err
     assert "no checkpoint" not in out.err
+
+
+@pytest.mark.parametrize("method, rules, named", [
+    ("diffpir", ["discrepancy", "cap"], "the last data step hit its CG cap (raise --set sampler.diffpir.cg_max_iter)"),
+    ("daps", ["tolerance", "cap"], "the last data step hit its CG cap (raise --set sampler.daps.cg_max_iter)"),
+    ("dps", [], "DPS has not reached the data"),
+    ("diffpir", ["discrepancy", "tolerance"], "the noise is larger than σ_y (try --sigma_noise auto)"),
+])
+def test_a_poor_fit_names_its_likely_cause(method, rules, named):
+    """What the fit check's warning blames follows what the run recorded: a data step stopped by its
+    cap, a DPS run, else the noise level or the PSFs."""
+    assert restore.fit_cause({"cg_stop_rule_per_step": rules}, {"sampler": {"method": method}}).startswith(named)
