@@ -114,6 +114,9 @@ def restore_group(items, batch_dir, cfg, device, dtype, pipes, extra, shared, sa
         m = it.view.metrics
         save.rows[it.index] = {"file": os.path.basename(save.inputs[it.index]), "folder": os.path.basename(it.folder),
                                **summary_row(m)}
+        if m.get("status") == "complete":
+            for line in restore.summary_lines(m):
+                log.info("%s: %s", os.path.basename(save.inputs[it.index]), line)
     return code
 
 

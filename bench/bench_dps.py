@@ -19,7 +19,7 @@ Then the priors' architectures side by side (--archs, default celebahq,adm-ffhq-
 '' skips it): one DPS step's UNet work (forward + input-gradient backward) and one forward (DiffPIR's
 UNet call) at --arch_size (default 256), batch 1, fp32 and bf16 autocast, random weights.
 
-Last, a whole 100-step DiffPIR run on the sample's measurement beside the classical baselines that
+Last, whole DiffPIR (100 steps) and DAPS (200 levels) runs on the sample's measurement beside the classical baselines that
 every main.py run adds, with their cost as a share of it (--no_end_to_end skips it).
 """
 
@@ -240,28 +240,34 @@ def sample_problem(size, device, sigma=0.01):
     return y, op
 
 
-def diffpir_and_baselines(unet, sched, size, device, sigma=0.01):
-    """A whole DiffPIR run (100 steps, default data step) on the sample's measurement with this UNet,
-    against the classical baselines that every main.py run adds (baselines.restore_baselines)."""
+def whole_runs_and_baselines(unet, sched, size, device, sigma=0.01, methods=("diffpir", "daps")):
+    """Whole runs at each sampler's default steps (DiffPIR 100, DAPS 200 annealing levels) on the
+    sample's measurement with this UNet, against the classical baselines that every main.py run
+    adds (baselines.restore_baselines)."""
     import baselines
     y, op = sample_problem(size, device, sigma)
     pipe = dps.EigenPSFDPSPipeline(unet, sched, op)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    with data_step_timer(sync) as data_time:
-        t0 = time.perf_counter()
-        _, inter = pipe(y, num_inference_steps=100, method="diffpir", sigma_y=sigma,
-                        generator=torch.Generator(device).manual_seed(1))
-        sync()
-        t_diffpir = time.perf_counter() - t0
+    first = None
+    for method in methods:
+        steps = dps.DEFAULT_STEPS[method]
+        with data_step_timer(sync) as data_time:
+            t0 = time.perf_counter()
+            _, inter = pipe(y, num_inference_steps=steps, method=method, sigma_y=sigma,
+                            generator=torch.Generator(device).manual_seed(1))
+            sync()
+            seconds = time.perf_counter() - t0
+        first = first or seconds
+        its = inter["cg_iterations"]
+        print(f"\n{method}, {steps} steps, the sample under motion blur (σ = {sigma}), {size}x{size}: {seconds:.1f} s "
+              f"({seconds / first:.2f}× the first row), data step {100 * data_time[0] / seconds:.0f}% "
+              f"({sum(its) / len(its):.1f} CG iterations per step, at most {max(its)})")
     t0 = time.perf_counter()
     baselines.restore_baselines(op, y, sigma)
     sync()
     t_base = time.perf_counter() - t0
-    its = inter["cg_iterations"]
-    print(f"\nDiffPIR, 100 steps, the sample under motion blur (σ = {sigma}), {size}x{size}: {t_diffpir:.1f} s, data step "
-          f"{100 * data_time[0] / t_diffpir:.0f}% ({sum(its) / len(its):.1f} CG iterations per step, at most {max(its)})")
     print(f"classical baselines (Richardson-Lucy + Tikhonov) on the same measurement: {t_base:.2f} s = "
-          f"{100 * t_base / t_diffpir:.2f}% of that DiffPIR run")
+          f"{100 * t_base / first:.2f}% of the {methods[0]} run")
 
 
 def main():
@@ -274,7 +280,7 @@ def main():
     ap.add_argument("--size", type=int, default=None, help="image side (CPU default 64, CUDA 256)")
     ap.add_argument("--folder_batches", default="1,4,8", help="batch sizes of the folder-run table ('' skips it)")
     ap.add_argument("--folder_dtype", default=None, help="float32 | bfloat16 (default: bfloat16 on CUDA)")
-    ap.add_argument("--no_end_to_end", action="store_true", help="skip the whole DiffPIR run against the baselines")
+    ap.add_argument("--no_end_to_end", action="store_true", help="skip the whole DiffPIR and DAPS runs against the baselines")
     ap.add_argument("--archs", default="celebahq,adm-ffhq-256,adm-imagenet-256",
                     help="architectures to time side by side ('' skips the table)")
     ap.add_argument("--arch_size", type=int, default=256, help="image side of the architecture table")
@@ -335,7 +341,7 @@ def main():
         arch_table(args.archs.split(","), args.arch_size, device, args.arch_repeats or (10 if cuda else 2))
     if not args.no_end_to_end:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-        diffpir_and_baselines(unet, sched, size, device)
+        whole_runs_and_baselines(unet, sched, size, device)
 
 
 if __name__ == "__main__":

@@ -183,6 +183,12 @@ def test_blurred_dir_batch(tmp_path, blurred_png, capsys, monkeypatch, caplog):
     rows = list(csv.DictReader(open(tmp_path / "out" / batch / "summary.csv")))
     assert [row["status"] for row in rows] == ["complete", "complete"]
     assert all(float(row["data_residual_relative"]) > 0 for row in rows)
+    # each image's restoration beside its baselines: in summary.csv and in the log
+    assert all(float(row["data_residual_richardson_lucy"]) > 0 and float(row["data_residual_tikhonov"]) > 0
+               and float(row["residual_over_noise"]) > 0 for row in rows)
+    for name in ("one.png", "two.tif"):
+        assert re.search(name + r": data residual ‖y − A\(x\)‖/‖y‖: restored [\d.]+; Richardson-Lucy [\d.]+; Tikhonov",
+                         r.stderr), r.stderr[-2000:]
 
 
 def test_corrupt_npz_is_a_one_line_error(tmp_path, blurred_png, capsys, monkeypatch):
