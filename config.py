@@ -118,6 +118,7 @@ def choices() -> dict:
         "physics.interpolation": INTERPOLATIONS,
         "sampler.method": SAMPLER_METHODS,
         "sampler.daps.conditional": ("cg", "langevin"),
+        "sampler.daps.final": ("draw", "mean"),
         "run.dtype": ("float32", "bfloat16", "float16"),
         "run.compile": ("off", "default", "reduce-overhead", "max-autotune"),
         "run.lpips": ("vgg", "alex", "off"),

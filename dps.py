@@ -488,19 +488,23 @@ def daps_x0_hat(ctx, i, t, x_t):
     return x0_hat
 
 
-def daps_conditional_cg(ctx, u_hat, r, sigma):
+def daps_conditional_cg(ctx, u_hat, r, sigma, draw=True):
     """An exact draw of u ~ p(u | û, y) ∝ N(u; û, r²I) N(y; Au, σ²I) (u = (x₀ + 1)/2, the [0, 1]
     image): perturb-and-MAP (Papandreou & Yuille 2010), u = argmin ‖y + σε₁ − Au‖² + ρ‖u − (û + rε₂)‖²
-    with ρ = σ²/r², solved by proximal_cg to cg_tol (preconditioned: no stopping rule here)."""
+    with ρ = σ²/r², solved by proximal_cg to cg_tol (preconditioned: no stopping rule here).
+    draw=False: the conditional's mean, the same argmin without the perturbations."""
     opt = ctx.options
-    e1 = randn_tensor(ctx.y.shape, generator=ctx.generator, device=u_hat.device, dtype=u_hat.dtype)
-    e2 = randn_tensor(u_hat.shape, generator=ctx.generator, device=u_hat.device, dtype=u_hat.dtype)
+    y_pert, u_pert = ctx.y, u_hat
+    if draw:
+        e1 = randn_tensor(ctx.y.shape, generator=ctx.generator, device=u_hat.device, dtype=u_hat.dtype)
+        e2 = randn_tensor(u_hat.shape, generator=ctx.generator, device=u_hat.device, dtype=u_hat.dtype)
+        y_pert, u_pert = ctx.y + sigma * e1, u_hat + r * e2
     rho = (sigma / r) ** 2
     rho = rho.to(u_hat.dtype) if torch.is_tensor(rho) else rho
     gains = ctx.cache.get("gains")
     precondition = region_preconditioner(gains, rho) if gains is not None else None
-    u, iters, rule = proximal_cg(ctx.operator, ctx.y + sigma * e1, u_hat + r * e2, rho, opt["cg_tol"], None,
-                                 opt["cg_max_iter"], precondition)
+    u, iters, rule = proximal_cg(ctx.operator, y_pert, u_pert, rho, opt["cg_tol"], None, opt["cg_max_iter"],
+                                 precondition)
     ctx.stats["cg_iterations"].append(iters)
     ctx.stats["cg_stop_rule"].append(rule)
     return u
@@ -541,10 +545,11 @@ def daps_step(ctx, i, t, x_t):
         sigma = sig.clamp_min(SIGMA_Y_FLOOR) if torch.is_tensor(sig) else max(sig, SIGMA_Y_FLOOR)
         r = ((1 - a_t) / a_t) ** 0.5 / 2                                  # σ_t on the [0, 1] scale
         u_hat = (x0_hat + 1) / 2
-        if opt["conditional"] == "cg":
+        final_mean = t_prev < 0 and opt["final"] == "mean"
+        if opt["conditional"] == "cg" or final_mean:
             if "gains" not in ctx.cache:  # the PSFs do not change between steps
                 ctx.cache["gains"] = region_psf_gains(ctx.operator, x_t.shape, x_t.device, x_t.dtype)
-            u = daps_conditional_cg(ctx, u_hat, r, sigma)
+            u = daps_conditional_cg(ctx, u_hat, r, sigma, draw=not final_mean)
         else:
             u = daps_conditional_langevin(ctx, u_hat, r, sigma, i / len(sched.timesteps))
         x0 = 2 * u - 1

@@ -19,6 +19,7 @@ held-out ones under a spatially varying blur, and compare with the analytic prio
 """
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -119,6 +120,7 @@ def main_():
                     help="train this many steps (within --train_minutes), so that a shared machine changes the time only")
     ap.add_argument("--samplers", default="dps,diffpir,daps", help="the samplers of the table and the sweeps")
     ap.add_argument("--daps_steps", type=int, default=200, help="DAPS's annealing levels (config.yaml's default: 200)")
+    ap.add_argument("--daps_options", default="{}", help='DAPS settings over its defaults, as JSON, e.g. \'{"final": "mean"}\'')
     ap.add_argument("--dps_gradient_clip", type=float, default=0.0, help="DPS's gradient_clip (0 = off, the default)")
     ap.add_argument("--dps_clip_denoised", choices=("auto", "true", "false"), default="auto",
                     help="DPS's sampler.clip_denoised (auto: the scheduler's clip_sample, which clamps)")
@@ -132,7 +134,7 @@ def main_():
                                 args.train_steps)
     dps_clip = {"auto": None, "true": True, "false": False}[args.dps_clip_denoised]
     settings = {"dps": ({"step_size": 1.0, "gradient_clip": args.dps_gradient_clip}, dps_clip, dps_steps),
-                "diffpir": (None, None, diffpir_steps), "daps": (None, None, daps_steps)}
+                "diffpir": (None, None, diffpir_steps), "daps": (json.loads(args.daps_options) or None, None, daps_steps)}
     settings = {m: v for m, v in settings.items() if m in args.samplers.split(",")}
     print(f"\nrestoration, 64² gray, defocus varying across the field, σ = 0.02, {samples} samples, posterior mean; "
           f"DPS gradient_clip {args.dps_gradient_clip:g}, clip_denoised {args.dps_clip_denoised}")

@@ -147,6 +147,8 @@ MUTANTS = {
     "threads_whole_machine": ("device.py", "return len(os.sched_getaffinity(0)), \"the CPUs this process may use\"",
                               "return os.cpu_count() or 1, \"the CPUs this process may use\"",
                               "tests/test_new_user.py -k threads"),
+    "daps_final_mean_ignored": ("dps.py", "u = daps_conditional_cg(ctx, u_hat, r, sigma, draw=not final_mean)",
+                                "u = daps_conditional_cg(ctx, u_hat, r, sigma)", "tests/test_daps.py -k final_mean"),
 }
 
 

@@ -135,3 +135,34 @@ def test_cli_runs_daps_on_real_data_and_records_its_solves(tmp_path, capsys, mon
     m = json.loads((only_run(tmp_path / "real") / "metrics.json").read_text())
     assert m["sampler"] == "daps" and m["status"] == "complete" and m["daps.conditional"] == "cg"
     assert len(m["cg_iterations_per_step"]) == 20 and set(m["cg_stop_rules"]) == set(dps.STOP_RULES)
+
+
+def test_final_mean_returns_the_last_conditional_mean_not_a_draw(monkeypatch):
+    """final: mean ends on m = (AᵀA/σ² + I/r²)⁻¹ (Aᵀy/σ² + û/r²) of the last level (a dense solve
+    here), where final: draw adds the conditional's noise (std up to r = 0.05 at σ_min = 0.1)."""
+    eig = defocus_system(6)
+    A = dense_matrix(eig, (3, 6, 6))
+    prior, sched = priors.load_model("analytic")
+    g = torch.Generator().manual_seed(0)
+    sigma = 0.02
+    y = eig(torch.rand(1, 3, 6, 6, generator=g, dtype=torch.float64)) + sigma * torch.randn(1, 3, 6, 6, generator=g,
+                                                                                            dtype=torch.float64)
+    outs = {}
+    for final in ("mean", "draw"):
+        seen = []
+        original = dps.daps_x0_hat
+        monkeypatch.setattr(dps, "daps_x0_hat", lambda *a: seen.append(original(*a)) or seen[-1])
+        pipe = dps.EigenPSFDPSPipeline(prior, sched, eig)
+        outs[final], _ = pipe(y.float(), num_inference_steps=5, method="daps", sigma_y=sigma,
+                              options={"final": final, "cg_tol": 1e-8, "cg_max_iter": 500},
+                              generator=torch.Generator().manual_seed(1))
+        monkeypatch.setattr(dps, "daps_x0_hat", original)
+        if final == "mean":
+            t = int(dps.daps_timesteps(5, sched)[-1])
+            a_t = float(sched.alphas_cumprod[t])
+            r = ((1 - a_t) / a_t) ** 0.5 / 2
+            u_hat = ((seen[-1] + 1) / 2).double().reshape(-1)
+            m = torch.linalg.solve(A.T @ A / sigma ** 2 + torch.eye(A.shape[1], dtype=torch.float64) / r ** 2,
+                                   A.T @ y.reshape(-1) / sigma ** 2 + u_hat / r ** 2)
+    assert torch.allclose(outs["mean"].double().reshape(-1), m.clamp(0, 1), atol=2e-4)
+    assert float((outs["draw"] - outs["mean"]).abs().max()) > 1e-2      # a draw is not the mean
