@@ -64,10 +64,10 @@ def data_step_timer(sync):
     seconds, originals = [0.0], {name: getattr(dps, name) for name in names}
 
     def timed(original):
-        def run(*args):
+        def run(*args, **kwargs):
             sync()
             t = time.perf_counter()
-            out = original(*args)
+            out = original(*args, **kwargs)
             sync()
             seconds[0] += time.perf_counter() - t
             return out
