@@ -534,7 +534,8 @@ def daps_step(ctx, i, t, x_t):
     """One DAPS step (Zhang et al., CVPR 2025, Alg. 1), in the VP model's variables: x̂₀ from x_t
     (daps_x0_hat), x₀ ~ p(x₀ | x̂₀, y) with the Gaussian N(x̂₀, σ_t²I) around x̂₀ (r_t = σ_t, its
     official code), then x₀ re-noised independently to the next level, x_{t−1} = √ᾱ_{t−1} x₀ +
-    √(1−ᾱ_{t−1}) ε. σ_t = √((1−ᾱ_t)/ᾱ_t). The last step returns the sample x₀ itself."""
+    √(1−ᾱ_{t−1}) ε. σ_t = √((1−ᾱ_t)/ᾱ_t). The last step returns x₀ itself: the conditional's mean
+    (final: mean, measured better than a draw: docs/samplers.md) or a draw (final: draw, the paper's)."""
     opt, sched = ctx.options, ctx.sched
     t_prev = int(sched.previous_timestep(t))
     a_t = sched.alphas_cumprod[t].item()
