@@ -586,6 +586,19 @@ class EigenPSFDecomposition:
         return min(self.explained_variance_per_channel)
 
 
+# Centred PSFs whose energy is below this share of the PSFs' own are equal up to rounding.
+NO_VARIANCE = 1e-20
+
+
+def _unit_psf_rows(kernel_grid: torch.Tensor) -> torch.Tensor:
+    """(C or 1, N, k²) float64: each channel's N node PSFs as unit-sum rows, the matrix the PCA
+    (compute_eigen_decomposition) and the choice of K (rank_for_share) both work on."""
+    N, k = kernel_grid.shape[0] * kernel_grid.shape[1], kernel_grid.shape[-1]
+    P = kernel_grid.to(torch.float64)
+    P = (P.movedim(2, 0) if kernel_grid.ndim == 5 else P[None]).reshape(-1, N, k * k)
+    return P / P.sum(-1, keepdim=True)
+
+
 def _pca(P: torch.Tensor, n_eigen_psfs: int):
     """(basis (K, k²), node coefficients (K, N), S, explained ratios (K−1,), K) of N unit-sum PSFs
     P (N, k²), in float64: B₀ the mean, B₁.. the top principal directions of the centred PSFs."""
@@ -594,7 +607,7 @@ def _pca(P: torch.Tensor, n_eigen_psfs: int):
     D = P - mean
     # 1. SVD of the centred PSF matrix (N, k²): rows of Vh are the EigenPSFs.
     U, S, Vh = torch.linalg.svd(D, full_matrices=False)
-    if (S ** 2).sum() <= 1e-20 * (P ** 2).sum():  # identical PSFs up to rounding: no variance to explain
+    if (S ** 2).sum() <= NO_VARIANCE * (P ** 2).sum():  # identical PSFs up to rounding: no variance to explain
         S = torch.zeros_like(S)
     # The SVD has min(N, k²) components: K beyond that + 1 (the mean) has nothing left to add.
     if n_eigen_psfs - 1 > S.numel():
@@ -636,9 +649,7 @@ def compute_eigen_decomposition(kernel_grid: torch.Tensor, n_eigen_psfs: int, im
         raise ValueError(f"image ({img_height}x{img_width}) is smaller than the kernel ({k}x{k})")
     _choice("interpolation", interpolation, INTERPOLATIONS)
     dtype, colour = kernel_grid.dtype, kernel_grid.ndim == 5
-    P = kernel_grid.to(torch.float64)
-    P = (P.movedim(2, 0) if colour else P[None]).reshape(-1, N, k * k)      # (C or 1, N, k²)
-    P = P / P.sum(-1, keepdim=True)
+    P = _unit_psf_rows(kernel_grid)                                         # (C or 1, N, k²)
     parts = [_pca(Pc, n_eigen_psfs) for Pc in P]
     K = parts[0][4]
     basis = torch.stack([p[0] for p in parts]).reshape(-1, K, k, k)
@@ -1251,15 +1262,12 @@ def rank_for_share(kernel_grid, share=RANK_SHARE, cap=RANK_CAP) -> tuple:
     """(K, explained share): the fewest EigenPSFs (the mean + K − 1 principal directions, as
     compute_eigen_decomposition takes them) whose explained variance reaches `share` in every
     channel, at most `cap` and the number of PSFs. The share is the worst channel's at that K."""
-    g = mono_if_equal(kernel_grid)
-    N, k = g.shape[0] * g.shape[1], g.shape[-1]
-    P = g.to(torch.float64)
-    P = (P.movedim(2, 0) if g.ndim == 5 else P[None]).reshape(-1, N, k * k)
-    P = P / P.sum(-1, keepdim=True)
+    P = _unit_psf_rows(mono_if_equal(kernel_grid))
+    N = P.shape[1]
     S2 = torch.linalg.svdvals(P - P.mean(1, keepdim=True)) ** 2            # (C, min(N, k²))
     total = S2.sum(-1, keepdim=True)
     cum = torch.cat([torch.zeros_like(S2[:, :1]), S2.cumsum(-1) / total.clamp_min(1e-300)], -1)  # cum[:, n]: n comps.
-    no_variance = total <= 1e-20 * (P ** 2).sum((1, 2))[:, None]         # equal PSFs: the mean says it all
+    no_variance = total <= NO_VARIANCE * (P ** 2).sum((1, 2))[:, None]   # equal PSFs: the mean says it all
     cum = torch.where(no_variance, torch.ones_like(cum), cum)
     n = int((cum < share).sum(-1).max())                                    # components needed, worst channel
     K = min(n + 1, cap, N, cum.shape[1])
@@ -1273,13 +1281,15 @@ def build_eigen_operator(kernel_grid, H, W, physics_config, node_coords=None):
     n = physics_config["n_eigen_psfs"]
     if n in ("all", "full"):
         n = kernel_grid.shape[0] * kernel_grid.shape[1]
-    elif n == "auto":
+    auto = n == "auto"
+    if auto:
         n, explained = rank_for_share(kernel_grid)
-        log.info("n_eigen_psfs auto: K=%d explains %.1f%% of the PSF variance%s (the fewest for %g%%, at most %d; "
-                 "--n_eigen_psfs K sets it)", n, 100 * explained, " (worst channel)" if kernel_grid.ndim == 5 else "",
-                 100 * RANK_SHARE, RANK_CAP)
     decomp = compute_eigen_decomposition(kernel_grid, n, H, W, physics_config.get("interpolation", "bilinear"),
                                          node_coords)
+    if auto:  # said after the decomposition, which knows whether the grid's channels differ
+        log.info("n_eigen_psfs auto: K=%d explains %.1f%% of the PSF variance%s (the fewest for %g%%, at most %d; "
+                 "--n_eigen_psfs K sets it)", n, 100 * explained, " (worst channel)" if decomp.colour else "",
+                 100 * RANK_SHARE, RANK_CAP)
     return SVBlurOperator(decomp, resolve_form(physics_config), physics_config.get("boundary", "reflect")), decomp
 
 

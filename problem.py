@@ -36,18 +36,14 @@ class Problem:
     info: dict = field(default_factory=dict)  # logged facts that go into metrics.json
 
 
-def fit_defaults(cfg, explicit, n_psfs, simulated: bool) -> None:
+def fit_defaults(cfg, explicit, simulated: bool) -> None:
     """Adapts defaults the user did not choose to the data, with an info line each; explicit
     values are never changed (a value that does not fit stays an error).
 
-    - n_eigen_psfs is capped at the number of PSFs in the grid (the rank cap is physics').
     - With an explicit kernel_size, the mode's PSF sizes are scaled down to fit it.
+    (n_eigen_psfs' default, auto, fits itself to the grid: physics.rank_for_share, capped at its PSFs.)
     """
     pc = cfg["physics"]
-    K = pc["n_eigen_psfs"]
-    if "physics.n_eigen_psfs" not in explicit and isinstance(K, int) and K > n_psfs:
-        log.info("n_eigen_psfs: the default K=%d exceeds the %d PSFs of the grid; using K=%d", K, n_psfs, n_psfs)
-        pc["n_eigen_psfs"] = n_psfs
     if not simulated or "physics.kernel_size" not in explicit:
         return
     for section in physics.mode_sections(pc["blur_mode"]):
@@ -71,9 +67,7 @@ def load_measured(cfg, explicit):
         sums = "each PSF sums to 1" if max(abs(lo - 1), abs(hi - 1)) < 1e-6 else \
             f"normalised to sum 1 (sums were {lo:.6g}..{hi:.6g})"
         log.info("PSF grid %s: %s, %s", d["psf_grid"], "x".join(map(str, measured[0].shape)), sums)
-    n_psfs = measured[0].shape[0] * measured[0].shape[1] if measured is not None \
-        else physics.resolve_grid_size(cfg["physics"]) ** 2
-    fit_defaults(cfg, explicit, n_psfs, simulated=measured is None)
+    fit_defaults(cfg, explicit, simulated=measured is None)
     return measured
 
 

@@ -366,7 +366,7 @@ def fit_cause(m, cfg) -> str:
             "(check images/psf_grid.png, a larger --n_eigen_psfs)")
 
 
-def check_fit(m, p: problem.Problem, cfg, residual_norm, where) -> None:
+def check_fit(m, p: problem.Problem, cfg, residual_norm: float, where) -> None:
     """metrics.json's fit_check: ‖y − A(x)‖ over σ_y√m (Morozov's yardstick: about 1 for a result that
     fits y to the noise), and a warning naming the likely cause when it exceeds FIT_CHECK_FACTOR.
     σ_y = 0 (a noise-free simulation) has no yardstick: the ratio is null."""
@@ -382,7 +382,7 @@ def check_fit(m, p: problem.Problem, cfg, residual_norm, where) -> None:
                     FIT_CHECK_FACTOR, fit_cause(m, cfg))
 
 
-def model_error_parts(m, p: problem.Problem, restored, op, x) -> None:
+def model_error_parts(m, p: problem.Problem, restored, residual) -> None:
     """What real data lets us measure of the model error, under names that say what each is:
     - pca_truncation_error_on_restoration: ‖A_K x − A_grid x‖/‖A_grid x‖, the EigenPSF truncation
       against the grid's own operator on the restoration (not the error against the optics: PSFs
@@ -390,11 +390,10 @@ def model_error_parts(m, p: problem.Problem, restored, op, x) -> None:
     - residual_share_near_frame: the share of ‖y − A(x)‖² in the band of one PSF radius along the
       frame, beside frame_band_pixel_share, the band's share of pixels. The boundary rule (reflect)
       guesses the scene beyond the frame; where the share is well above the pixels', that guess is
-      a large part of the misfit (docs/outputs.md)."""
+      a large part of the misfit (docs/outputs.md). residual: y − A(x), as write_outputs has it."""
     m["pca_truncation_error_on_restoration"] = physics.operator_relative_error(p.eig_op, p.grid_op, restored)
     r = p.grid.shape[-1] // 2
-    with torch.no_grad():
-        res2 = (p.y - op(x)).pow(2).sum(1)[0]                    # (H, W)
+    res2 = residual.pow(2).sum(1)[0]                             # (H, W)
     band = torch.ones_like(res2, dtype=torch.bool)
     band[r:res2.shape[0] - r, r:res2.shape[1] - r] = False
     m["residual_share_near_frame"] = float(res2[band].sum() / res2.sum().clamp_min(1e-30))
@@ -429,9 +428,10 @@ def write_outputs(p: problem.Problem, view: RunView, run_dir, cfg, device, out, 
         if p.info.get("input_bit_depth") == 16:
             utils.save_tiff16(os.path.join(images_dir, "restored.tif"), r)
         with torch.no_grad():
-            fit = torch.linalg.vector_norm(p.y - view.op(full[:1].to(device))) / torch.linalg.vector_norm(p.y)
+            residual = p.y - view.op(full[:1].to(device))                # y − A(x): the fit and its share near the frame
+        fit = torch.linalg.vector_norm(residual) / torch.linalg.vector_norm(p.y)
         m["data_residual_relative"] = float(fit)
-        check_fit(m, p, cfg, float(fit * torch.linalg.vector_norm(p.y)), os.path.basename(run_dir))
+        check_fit(m, p, cfg, float(torch.linalg.vector_norm(residual)), os.path.basename(run_dir))
         title = "restored" if sc["num_samples"] == 1 else f"posterior mean of {sc['num_samples']}"
         y_np = utils.to_numpy(p.y)
         panels = [("blurred (measurement)", y_np), (f"{title} ({sc['method']})", r)]
@@ -446,7 +446,7 @@ def write_outputs(p: problem.Problem, view: RunView, run_dir, cfg, device, out, 
             add_lpips(m, p.clean, {"blurred": y_np, "restored": r, **{k: v[1] for k, v in baseline_images.items()}},
                       cfg, device)
         if p.clean is None:
-            model_error_parts(m, p, restored.to(device), view.op, full[:1].to(device))
+            model_error_parts(m, p, restored.to(device), residual)
         if figures:
             plots.plot_comparison(os.path.join(images_dir, "comparison.png"), panels)
     if view.state["curve"]:
