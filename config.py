@@ -32,6 +32,8 @@ log = logging.getLogger("eigenpsf_dps")
 # ----------------------------------------------------------------------------
 
 SAMPLER_METHODS = ("dps", "diffpir", "daps")             # dps.SAMPLERS maps each to its step function
+EXACT = "exact"        # not a sampler: the analytic prior's posterior in closed form (dps.exact_posterior)
+METHODS = SAMPLER_METHODS + (EXACT,)                     # sampler.method's values
 DEFAULT_STEPS = {"dps": 1000, "diffpir": 100, "daps": 200}      # sampler.num_inference_steps: auto
 BLUR_MODES = ("motion", "defocus", "mixed", "correlated", "random_iid", "lens")
 FORMS = ("gather", "scatter")
@@ -83,7 +85,7 @@ def resolve_late(cfg: dict) -> None:
     operator's form (measured grids are scatter) and the step count of the chosen sampler."""
     cfg["physics"]["form"] = resolve_form(cfg["physics"], measured=bool(cfg["data"]["psf_grid"]))
     if cfg["sampler"]["num_inference_steps"] == "auto":
-        cfg["sampler"]["num_inference_steps"] = DEFAULT_STEPS[cfg["sampler"]["method"]]
+        cfg["sampler"]["num_inference_steps"] = DEFAULT_STEPS.get(cfg["sampler"]["method"], 1)   # exact: one solve
 
 
 # ----------------------------------------------------------------------------
@@ -116,7 +118,7 @@ def choices() -> dict:
         "physics.form": ("auto",) + FORMS,
         "physics.boundary": BOUNDARIES,
         "physics.interpolation": INTERPOLATIONS,
-        "sampler.method": SAMPLER_METHODS,
+        "sampler.method": METHODS,
         "sampler.daps.conditional": ("cg", "langevin"),
         "sampler.daps.final": ("draw", "mean"),
         "run.dtype": ("float32", "bfloat16", "float16"),
@@ -138,6 +140,7 @@ RANGES = {
     "sampler.daps.ode_steps": (1, 100), "sampler.daps.cg_tol": (0.0, 1.0), "sampler.daps.cg_max_iter": (1, 10000),
     "sampler.daps.langevin_steps": (1, 10000), "sampler.daps.langevin_step": (0.0, 2.0),
     "sampler.daps.lr_min_ratio": (0.0, 1.0),
+    "sampler.exact.cg_tol": (0.0, 1.0), "sampler.exact.cg_max_iter": (1, 100000),
     "sampler.num_samples": (1, 1024), "sampler.intermediate_freq": (0, None), "sampler.log_every": (1, None),
     "sampler.tile": (8, 8192), "sampler.tile_overlap": (0, 8192), "sampler.tile_batch": (1, 4096),
     "train.crop": (8, 4096), "train.val_fraction": (0.0, 0.9), "train.batch_size": (1, 65536), "train.steps": (1, None),
@@ -386,7 +389,7 @@ FLAGS = {
     "model_id": ("model.model_id", str, "hub id, diffusers folder, analytic, ADM name or .pt (docs/priors.md)"),
     "model_cache": ("model.model_cache", str, "hub cache directory (share it between login and compute nodes)"),
     "max_retries": ("model.max_retries", int, "download attempts"),
-    "sampler": ("sampler.method", str, " | ".join(SAMPLER_METHODS)),
+    "sampler": ("sampler.method", str, " | ".join(METHODS) + " (exact: the analytic prior's exact posterior mean)"),
     "num_inference_steps": ("sampler.num_inference_steps", int_or("auto"),
                             "steps, or auto (dps 1000, diffpir 100, daps 200)"),
     "train_dir": ("train.dir", str, "train a prior on this folder of clean images instead of restoring "
@@ -519,6 +522,9 @@ def check_conflicts(cfg, explicit) -> None:
     if given and given[0] == "data.calibration" and flat["data.psf_grid"]:
         raise UserError("--calibration measures a PSF grid; it does not take --psf_grid (restore with the grid it "
                               "writes in a second run)")
+    if cfg["sampler"]["method"] == EXACT and cfg["model"]["model_id"] != "analytic":
+        raise UserError(f"--sampler exact is the analytic prior's closed-form posterior; {cfg['model']['model_id']} "
+                        f"has none: use dps, diffpir or daps, or --model_id analytic")
     if given and given[0] in ("data.blurred", "data.blurred_dir"):
         ignored = [name(k) for k in SIMULATION_ONLY if k in explicit]
         if ignored:
@@ -529,28 +535,43 @@ def check_conflicts(cfg, explicit) -> None:
 REAL_DATA_SAMPLES = 16
 
 
+def sampler_chosen(explicit) -> bool:
+    """Whether the user chose anything about sampling: the method, the samples, the steps or a
+    sampler's own setting (sampler.<method>.<key>)."""
+    return any(k in ("sampler.method", "sampler.num_samples", "sampler.num_inference_steps")
+               or (k.startswith("sampler.") and k.count(".") == 2) for k in explicit)
+
+
 def real_data_defaults(cfg, explicit) -> None:
-    """On a real measurement, the sampler settings the user did not choose follow the sampler
-    benchmark (bench/bench_samplers.py, docs/benchmarks.md), with an info line each: DiffPIR (above
-    DPS at 1000 steps in all 8 problems, at a tenth of the steps), unless a DPS setting was given;
-    and with the analytic prior the mean of REAL_DATA_SAMPLES posterior samples (one sample of a
-    Gaussian prior is grainy: it scored 5 dB below the blurred input on the README's real-data
-    command; the mean of 8 exact posterior draws falls 0.9 dB short of the exact mean there, of 16 0.5 dB)."""
+    """On a real measurement, what the user did not choose, each with an info line:
+    - with the analytic prior and no sampler setting: its exact posterior mean (method exact, one
+      CG solve; the answer every sampler's mean approximates: DiffPIR's mean of 16 samples fell
+      0.5 dB short of it, of 8 0.9 dB, at 16× 100 steps' cost);
+    - otherwise DiffPIR (above DPS at 1000 steps in all 8 problems of the sampler benchmark,
+      bench/bench_samplers.py, at a tenth of the steps), unless a DPS setting was given; and with
+      the analytic prior the mean of REAL_DATA_SAMPLES samples (one sample of a Gaussian prior is
+      grainy: it scored 5 dB below the blurred input on the README's real-data command).
+    σ_y = 0 is refused: every camera frame has noise, and without it every data step is a deconvolution."""
     d, sc = cfg["data"], cfg["sampler"]
     if not (d["blurred"] or d["blurred_dir"]):
         return
     if d["sigma_noise"] != "auto" and d["sigma_noise"] == 0:
-        # With σ_y = 0 every data step is an unregularised deconvolution: the result is amplified noise.
         raise UserError("--sigma_noise 0 on a real measurement: every camera frame has noise, and without it the "
                         "data steps amplify it; give its level (e.g. --sigma_noise 0.01) or --sigma_noise auto")
-    if "sampler.method" not in explicit and not any(k.startswith("sampler.dps.") for k in explicit) \
-            and sc["method"] != "diffpir":
-        log.info("real data: sampler diffpir (the default for real measurements; --sampler dps for DPS)")
-        sc["method"] = "diffpir"
-    if cfg["model"]["model_id"] == "analytic" and "sampler.num_samples" not in explicit and sc["num_samples"] == 1:
-        log.info("real data with the analytic prior: restoring the mean of %d posterior samples (--num_samples 1 "
-                 "for one)", REAL_DATA_SAMPLES)
-        sc["num_samples"] = REAL_DATA_SAMPLES
+    analytic = cfg["model"]["model_id"] == "analytic"
+    if analytic and not sampler_chosen(explicit):
+        log.info("real data with the analytic prior: its exact posterior mean, one CG solve to a relative residual "
+                 "of %g (--num_samples N or --sampler for posterior samples)", sc[EXACT]["cg_tol"])
+        sc["method"] = EXACT
+    elif sc["method"] != EXACT:
+        if "sampler.method" not in explicit and not any(k.startswith("sampler.dps.") for k in explicit) \
+                and sc["method"] != "diffpir":
+            log.info("real data: sampler diffpir (the default for real measurements; --sampler dps for DPS)")
+            sc["method"] = "diffpir"
+        if analytic and "sampler.num_samples" not in explicit and sc["num_samples"] == 1:
+            log.info("real data with the analytic prior: restoring the mean of %d posterior samples (--num_samples 1 "
+                     "for one)", REAL_DATA_SAMPLES)
+            sc["num_samples"] = REAL_DATA_SAMPLES
     if "data.sigma_noise" not in explicit and d["sigma_noise"] != "auto":
         log.info("real data: noise sigma %g, config.yaml's default, not measured (--sigma_noise auto estimates it "
                  "from the measurement; --sigma_noise VALUE sets it)", d["sigma_noise"])
@@ -562,6 +583,8 @@ def warn_other_sampler_settings(cfg, explicit) -> None:
     method = cfg["sampler"]["method"]
     for key in sorted(explicit):
         parts = key.split(".")
-        if len(parts) == 3 and parts[0] == "sampler" and parts[1] in SAMPLER_METHODS and parts[1] != method:
+        if len(parts) == 3 and parts[0] == "sampler" and parts[1] in METHODS and parts[1] != method:
             log.warning("%s is a %s setting; the %s sampler ignores it", FLAG_OF.get(key, f"--set {key}"), parts[1],
                         method)
+    if method == EXACT and "sampler.num_inference_steps" in explicit:
+        log.warning("--num_inference_steps applies to the samplers; the exact posterior is one solve and ignores it")

@@ -45,6 +45,7 @@ from diffusers.utils.torch_utils import randn_tensor
 import config
 import physics
 import priors
+import timing
 import tiling
 
 log = logging.getLogger(__name__)
@@ -239,6 +240,7 @@ class StepContext:
     stats: dict = field(default_factory=lambda: {"cg_iterations": [], "cg_stop_rule": []})
     eps_vjp: Callable | None = None   # (x_t, i, v) -> Jᵀv of eps at x_t, tile by tile; None when untiled
     cache: dict = field(default_factory=dict)   # what a step computes once per run (DiffPIR's preconditioner)
+    watch: Callable = field(default_factory=timing.Stopwatch)   # stages: unet, data_step, preconditioner
 
 
 def dps_step(ctx, i, t, x_t):
@@ -256,7 +258,8 @@ def dps_step(ctx, i, t, x_t):
         out = ctx.sched.step(ctx.eps(x_t, i), t, x_t, generator=ctx.generator)
         x0_hat = out.pred_original_sample
         if zeta > 0:
-            g, res = compute_likelihood_gradient(x_t, x0_hat, ctx.y, ctx.operator)
+            with ctx.watch("unet"):   # the backward through the UNet (and the operator)
+                g, res = compute_likelihood_gradient(x_t, x0_hat, ctx.y, ctx.operator)
             x_prev = out.prev_sample.detach() - zeta * clip_per_image(g, ctx.options["gradient_clip"])
         else:
             res, x_prev = residual_norms(ctx.y, ctx.operator, x0_hat), out.prev_sample
@@ -361,10 +364,14 @@ def _hat_weights(n_regions: int, n: int, dtype, device):
     return physics.interpolation_matrix(nodes, n, "bilinear").T.to(device, dtype)
 
 
-def _one_if_equal(psf):
-    """(N, C, H, W) channel responses, or (N, 1, H, W) when every channel has the same PSF (a mono
-    operator): the gains of one channel then serve all, at a third of the memory."""
-    return psf[:, :1] if bool((psf == psf[:, :1]).all()) else psf
+# Channels whose responses differ by less than this share of their peak are one response: a mono
+# operator's batched FFTs can leave its channels apart by rounding (6e-12 of 0.067 measured, K = 15).
+CHANNELS_EQUAL_RTOL = 1e-6
+
+
+def _channels_equal(psfs) -> bool:
+    """Whether every (N, C, H, W) response in `psfs` is the same in all channels (to rounding)."""
+    return all(bool((p - p[:, :1]).abs().max() <= CHANNELS_EQUAL_RTOL * p.abs().max()) for p in psfs)
 
 
 def region_psf_gains(operator, shape, device, dtype, n_regions=PRECONDITIONER_REGIONS):
@@ -378,20 +385,22 @@ def region_psf_gains(operator, shape, device, dtype, n_regions=PRECONDITIONER_RE
     wy, wx = _hat_weights(n_regions, H, dtype, device), _hat_weights(n_regions, W, dtype, device)
     cy = (wy.argmax(1) if n_regions > 1 else torch.tensor([H // 2])).tolist()
     cx = (wx.argmax(1) if n_regions > 1 else torch.tensor([W // 2])).tolist()
-    gains, roots = [], []
+    psfs, roots = [], []
     for i, j in itertools.product(range(n_regions), range(n_regions)):
         delta = torch.zeros(shape, dtype=dtype, device=device)
         delta[..., cy[i], cx[j]] = 1
         psf = operator(delta)
         if psf.shape != delta.shape:
             return None
-        psf = _one_if_equal(torch.roll(psf, (-cy[i], -cx[j]), (-2, -1)))   # centred at index 0, (N, C or 1, H, W)
-        gains.append(torch.fft.rfft2(psf).abs() ** 2)
+        psfs.append(torch.roll(psf, (-cy[i], -cx[j]), (-2, -1)))               # centred at index 0, (N, C, H, W)
         roots.append((wy[i][:, None] * wx[j][None, :]).sqrt())
+    # A mono operator's channels share one response: its gains serve all, at a third of the memory.
+    one = _channels_equal(psfs)
+    gains = [torch.fft.rfft2(p[:, :1] if one else p).abs() ** 2 for p in psfs]
     return torch.stack(gains, 1), torch.stack(roots)
 
 
-def region_preconditioner(gains, rho):
+def region_preconditioner(gains, rho, watch=None):
     """v ↦ P⁻¹v = Σ_r √w_r F⁻¹[F(√w_r v) / (|ĥ_r|² + ρ)]: each region's PSF as a convolution,
     blended (after Nagy & O'Leary 1998's piecewise restoration of SV blur). Each term is symmetric
     positive semidefinite and Σ_r w_r = 1, so P⁻¹ is symmetric positive definite, as CG needs."""
@@ -400,21 +409,24 @@ def region_preconditioner(gains, rho):
     inv = 1 / (gain + rho)                                                  # (N, R², C, H, W//2+1)
     root = root[None, :, None]                                              # (1, R², 1, H, W)
 
+    watch = watch or timing.Stopwatch()
+
     def apply(v):   # one region at a time: the FFT buffers of a camera-size image stay one region's
-        out = torch.zeros_like(v)
-        for r in range(root.shape[1]):
-            u = torch.fft.rfft2(v * root[:, r]) * inv[:, r]
-            out += torch.fft.irfft2(u, s=v.shape[-2:]) * root[:, r]
-        return out
+        with watch("preconditioner"):
+            out = torch.zeros_like(v)
+            for r in range(root.shape[1]):
+                u = torch.fft.rfft2(v * root[:, r]) * inv[:, r]
+                out += torch.fft.irfft2(u, s=v.shape[-2:]) * root[:, r]
+            return out
     return apply
 
 
-def data_proximal_step(operator, y, x0_hat, rho, opt, noise_norm, gains=None):
+def data_proximal_step(operator, y, x0_hat, rho, opt, noise_norm, gains=None, watch=None):
     """x̃₀ = argmin_x ‖y − A x‖² + ρ ‖x − z‖² with z = (x̂₀ + 1)/2 (DiffPIR Eq. 13, image in [0, 1]),
     by proximal_cg with the operator's exact adjoint: to `cg_tol` relative to the correction, or
     until the discrepancy principle stops it (noise_norm; None solves to cg_tol). gains: from
     region_psf_gains, to precondition (None: plain CG). Returns (x̃₀ in [−1, 1], iterations (B,),
-    stop rule (B,)).
+    stop rule (B,)). watch: a timing.Stopwatch for the preconditioner's share, or None.
 
     Under the discrepancy rule, where CG stops depends on its path, so the path is part of the
     method: always preconditioned there (when gains exist), whatever opt["precondition"] says.
@@ -424,7 +436,7 @@ def data_proximal_step(operator, y, x0_hat, rho, opt, noise_norm, gains=None):
     the solves that run to cg_tol (the last step, discrepancy=0), which end at the same argmin.
     """
     pcg = gains is not None and (noise_norm is not None or opt["precondition"])
-    precondition = region_preconditioner(gains, rho) if pcg else None
+    precondition = region_preconditioner(gains, rho, watch) if pcg else None
     x, iters, rule = proximal_cg(operator, y, (x0_hat + 1) / 2, rho, opt["cg_tol"], noise_norm, opt["cg_max_iter"],
                                  precondition)
     return 2 * x - 1, iters, rule
@@ -452,10 +464,12 @@ def diffpir_step(ctx, i, t, x_t):
         # Morozov's bound τσ√m on ‖y − Ax̃₀‖; off at the last step, whose x̃₀ is the argmin itself.
         m = ctx.y[0].numel()
         noise_norm = opt["discrepancy"] * floored * m ** 0.5 if opt["discrepancy"] > 0 and t_prev >= 0 else None
-        if "gains" not in ctx.cache:  # the PSFs do not change between steps
-            ctx.cache["gains"] = region_psf_gains(ctx.operator, x_t.shape, x_t.device, x_t.dtype)
-        x0_data, iters, rule = data_proximal_step(ctx.operator, ctx.y, x0_hat, rho, opt, noise_norm,
-                                                  ctx.cache.get("gains"))
+        with ctx.watch("data_step"):
+            if "gains" not in ctx.cache:  # the PSFs do not change between steps
+                with ctx.watch("preconditioner"):
+                    ctx.cache["gains"] = region_psf_gains(ctx.operator, x_t.shape, x_t.device, x_t.dtype)
+            x0_data, iters, rule = data_proximal_step(ctx.operator, ctx.y, x0_hat, rho, opt, noise_norm,
+                                                      ctx.cache.get("gains"), ctx.watch)
         ctx.stats["cg_iterations"].append(iters)
         ctx.stats["cg_stop_rule"].append(rule)
         eps_hat = (x_t - a_t ** 0.5 * x0_data) / (1 - a_t) ** 0.5
@@ -502,7 +516,7 @@ def daps_conditional_cg(ctx, u_hat, r, sigma, draw=True):
     rho = (sigma / r) ** 2
     rho = rho.to(u_hat.dtype) if torch.is_tensor(rho) else rho
     gains = ctx.cache.get("gains")
-    precondition = region_preconditioner(gains, rho) if gains is not None else None
+    precondition = region_preconditioner(gains, rho, ctx.watch) if gains is not None else None
     u, iters, rule = proximal_cg(ctx.operator, y_pert, u_pert, rho, opt["cg_tol"], None, opt["cg_max_iter"],
                                  precondition)
     ctx.stats["cg_iterations"].append(iters)
@@ -547,12 +561,14 @@ def daps_step(ctx, i, t, x_t):
         r = ((1 - a_t) / a_t) ** 0.5 / 2                                  # σ_t on the [0, 1] scale
         u_hat = (x0_hat + 1) / 2
         final_mean = t_prev < 0 and opt["final"] == "mean"
-        if opt["conditional"] == "cg" or final_mean:
-            if "gains" not in ctx.cache:  # the PSFs do not change between steps
-                ctx.cache["gains"] = region_psf_gains(ctx.operator, x_t.shape, x_t.device, x_t.dtype)
-            u = daps_conditional_cg(ctx, u_hat, r, sigma, draw=not final_mean)
-        else:
-            u = daps_conditional_langevin(ctx, u_hat, r, sigma, i / len(sched.timesteps))
+        with ctx.watch("data_step"):
+            if opt["conditional"] == "cg" or final_mean:
+                if "gains" not in ctx.cache:  # the PSFs do not change between steps
+                    with ctx.watch("preconditioner"):
+                        ctx.cache["gains"] = region_psf_gains(ctx.operator, x_t.shape, x_t.device, x_t.dtype)
+                u = daps_conditional_cg(ctx, u_hat, r, sigma, draw=not final_mean)
+            else:
+                u = daps_conditional_langevin(ctx, u_hat, r, sigma, i / len(sched.timesteps))
         x0 = 2 * u - 1
         if t_prev < 0:
             return x0, x0, residual_norms(ctx.y, ctx.operator, x0)
@@ -566,6 +582,9 @@ def daps_step(ctx, i, t, x_t):
 _STEPS = {"dps": dps_step, "diffpir": diffpir_step, "daps": daps_step}
 SAMPLERS = {name: (_STEPS[name], options) for name, options in config.sampler_defaults().items()}
 DEFAULT_STEPS = config.DEFAULT_STEPS
+# Every method's settings: the samplers', and those of the analytic prior's exact posterior (no steps).
+OPTIONS = {**{name: options for name, (_, options) in SAMPLERS.items()},
+           config.EXACT: dict(config.defaults()["sampler"][config.EXACT])}
 
 
 def keyword_options(method: str, options: dict | None, settings: dict) -> dict | None:
@@ -574,7 +593,7 @@ def keyword_options(method: str, options: dict | None, settings: dict) -> dict |
     if not settings:
         return options
     named = {("lambda" if k == "lambda_" else k): v for k, v in settings.items()}
-    known = SAMPLERS[method][1] if method in SAMPLERS else {}
+    known = OPTIONS.get(method, {})
     unknown = sorted(k for k in settings if ("lambda" if k == "lambda_" else k) not in known)
     if unknown:
         names = ", ".join("lambda_" if k == "lambda" else k for k in known)
@@ -588,9 +607,9 @@ def keyword_options(method: str, options: dict | None, settings: dict) -> dict |
 
 def sampler_options(method: str, options: dict | None) -> dict:
     """The method's defaults overridden by `options`; unknown names and bad values raise ValueError."""
-    if method not in SAMPLERS:
-        raise ValueError(f"unknown sampler {method!r}; choose one of {', '.join(SAMPLERS)}")
-    defaults = SAMPLERS[method][1]
+    if method not in OPTIONS:
+        raise ValueError(f"unknown sampler {method!r}; choose one of {', '.join(OPTIONS)}")
+    defaults = OPTIONS[method]
     unknown = set(options or {}) - set(defaults)
     if unknown:
         raise ValueError(f"unknown {method} option(s) {', '.join(sorted(unknown))}; known: {', '.join(defaults)}")
@@ -641,7 +660,7 @@ class EigenPSFDPSPipeline:
     def __call__(self, y, num_inference_steps=1000, method="dps", options=None, sigma_y=0.0, generator=None,
                  callback=None, num_samples=1, intermediate_freq=0, clip_denoised=None, dtype=torch.float32,
                  gradient_checkpointing=False, check_every=10, x_T=None, start_index=0, x_size=None, tiles=None,
-                 **settings):
+                 stopwatch=None, **settings):
         """Runs `method` (a key of SAMPLERS) with `options` (its settings; defaults in SAMPLERS).
 
         settings: the same settings as keywords, as the first version's API took them
@@ -660,13 +679,19 @@ class EigenPSFDPSPipeline:
             (physics.CroppedOperator); default y's size.
         tiles: a tiling.TilePlan to evaluate the UNet on overlapping tiles (x_t, y and the operator
             stay whole-image; DPS's gradient goes tile by tile); None runs it on the whole image.
+        stopwatch: a timing.Stopwatch that gets the UNet's, the data step's and the preconditioner's
+            time (stages unet, data_step, preconditioner, exact_solve), or None.
         """
+        clock = stopwatch or timing.Stopwatch()
         # 1. Validate and set up the schedule.
         if y.ndim != 4:
             raise ValueError(f"y must be (B, C, H, W), got {tuple(y.shape)}")
         opt = sampler_options(method, keyword_options(method, options, settings))
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if method == config.EXACT:
+            with clock("exact_solve"):
+                return self.exact(y, opt, sigma_y, generator, num_samples, x_size, callback)
         sigma = per_sample_sigma(sigma_y, y.shape[0], num_samples, y.device)
         sched = self._scheduler(clip_denoised)
         check_num_inference_steps(num_inference_steps, sched, method)
@@ -682,7 +707,7 @@ class EigenPSFDPSPipeline:
             t_in = t_device[i] if t is None else torch.tensor(t, device=y.device)
 
             def call(x):
-                with autocast:
+                with autocast, clock("unet"):
                     return self.unet(x, t_in).sample.float()
             return call
 
@@ -703,7 +728,7 @@ class EigenPSFDPSPipeline:
         x_t = randn_tensor(shape, generator=generator, device=y.device, dtype=torch.float32) if x_T is None \
             else x_T.to(y.device, torch.float32)
         ctx = StepContext(eps, sched, self.operator, y_rep, generator, opt, sigma,
-                          eps_vjp=eps_vjp if tiles is not None else None)
+                          eps_vjp=eps_vjp if tiles is not None else None, watch=clock)
         step, watch = SAMPLERS[method][0], _Watch(y_rep, len(timesteps), check_every, intermediate_freq, method)
 
         # 3. The steps; the watch keeps intermediates and stops on divergence.
@@ -724,6 +749,32 @@ class EigenPSFDPSPipeline:
             return x_0, watch.inter
         samples = x_0.reshape(B, num_samples, *x_0.shape[1:])
         return {"samples": samples, "mean": samples.mean(1), "std": samples.std(1)}, watch.inter
+
+
+    def exact(self, y, opt, sigma_y, generator, num_samples, x_size, callback):
+        """method 'exact': the AnalyticPrior's exact posterior (exact_posterior), returned as a
+        sampler's result: the mean clamped to [0, 1], or with num_samples > 1 exact draws, their
+        std, and the exact mean (not the draws' mean). The solve's iterations and relative
+        residual per image are intermediates["exact"]. A list of generators: the first draws all."""
+        if not isinstance(self.unet, priors.AnalyticPrior):
+            raise ValueError("method 'exact' is the analytic prior's closed-form posterior; this prior has none "
+                             "(use dps, diffpir or daps)")
+        gen = generator[0] if isinstance(generator, (list, tuple)) else generator
+        with torch.no_grad():
+            mean, samples, stats = exact_posterior(self.unet, self.operator, y, sigma_y, num_samples if num_samples > 1 else 0,
+                                                   gen, opt["cg_max_iter"], opt["cg_tol"], x_size)
+            x0 = (2 * mean - 1).float()
+            res = residual_norms(y.float(), self.operator, x0)
+        inter = {"steps": [], "x0_hat": [], "residual": [], "cg_iterations": [], "cg_iterations_per_image": None,
+                 "cg_stop_rule_per_image": None,
+                 "exact": {"cg_iterations": stats["cg_iterations"].tolist(), "cg_tol": opt["cg_tol"],
+                           "relative_residual": stats["relative_residual"].tolist(), "cg_max_iter": opt["cg_max_iter"]}}
+        if callback is not None:
+            callback(0, 0, x0, x0, res)
+        mean = mean.clamp(0, 1).float()
+        if samples is None:
+            return mean, inter
+        return {"samples": samples.clamp(0, 1).float(), "mean": mean, "std": samples.clamp(0, 1).float().std(1)}, inter
 
 
 def per_sample_sigma(sigma_y, B: int, num_samples: int, device):
@@ -786,51 +837,68 @@ def create_dps_pipeline(operator, model_id=DEFAULT_MODEL_ID, cache_dir=None, dev
 # ----------------------------------------------------------------------------
 
 def gaussian_posterior(prior, operator, y, sigma_y, n_samples=0, generator=None, max_iter=3000, tol=1e-6):
+    """(mean, samples) of exact_posterior: the exact posterior of the AnalyticPrior."""
+    mean, samples, _ = exact_posterior(prior, operator, y, sigma_y, n_samples, generator, max_iter, tol)
+    return mean, samples
+
+
+def exact_posterior(prior, operator, y, sigma_y, n_samples=0, generator=None, max_iter=3000, tol=1e-6, x_size=None):
     """The exact posterior of the AnalyticPrior's x₀ ~ N(μ, Σ) given y = A((x₀ + 1)/2) + n,
-    n ~ N(0, σ_y² I), for a linear `operator` with an adjoint. Returns (mean, samples) in [0, 1]
-    image space, unclipped: mean (B, C, H, W), samples (B, n_samples, C, H, W) or None.
+    n ~ N(0, σ_y² I), for a linear `operator` with an adjoint. Returns (mean, samples, stats) in
+    [0, 1] image space, unclipped: mean (B, C, H, W), samples (B, n_samples, C, H, W) or None, and
+    stats {"cg_iterations": (B,), "relative_residual": (B,)} of the mean's solve.
 
     In the whitened variable x₀ = μ + Σ^{1/2} w the posterior precision is well conditioned,
         Q = I + Σ^{1/2} Aᵀ A Σ^{1/2} / (4σ²),   Q w̄ = b = Σ^{1/2} Aᵀ (y − A((μ + 1)/2)) / (2σ²),
-    and is solved by CG. Samples come by perturbation-optimisation (Papandreou & Yuille 2010):
+    and is solved by CG to ‖b − Q w̄‖ <= tol·‖b‖ (the relative residual is measured after the
+    solve, one more Q). Samples come by perturbation-optimisation (Papandreou & Yuille 2010):
     w = Q⁻¹(b + ξ) with ξ = ε₁ + Σ^{1/2} Aᵀ ε₂ / (2σ) ~ N(0, Q) is an exact draw of N(Q⁻¹b, Q⁻¹).
+    sigma_y: one value, or one per image. x_size: (H, W) of x when A maps a larger domain onto y.
     """
-    if not sigma_y > 0:
-        raise ValueError("the exact posterior needs sigma_y > 0")
     y = y.to(torch.float64)
+    B, C = y.shape[0], prior.config.in_channels
+    sig = torch.as_tensor(sigma_y, dtype=torch.float64, device=y.device).flatten()
+    if not bool((sig > 0).all()):
+        raise ValueError("the exact posterior needs sigma_y > 0")
+    sig = sig.expand(B).reshape(B, 1, 1, 1)
+    H, W = x_size or y.shape[-2:]
     half = lambda v: prior.apply_covariance(v, 0.5)                                # Σ^{1/2}  # noqa: E731
-    Q = lambda w: w + half(operator.adjoint(operator(half(w)))) / (4 * sigma_y ** 2)  # noqa: E731
-    B, (H, W) = y.shape[0], operator(torch.zeros(1, prior.config.in_channels, *y.shape[-2:],
-                                                 dtype=torch.float64, device=y.device)).shape[-2:]
-    mu = prior.mu.view(1, -1, 1, 1).expand(B, -1, H, W)
-    b = half(operator.adjoint(y - operator((mu + 1) / 2))) / (2 * sigma_y ** 2)
+    precision = lambda s: lambda w: w + half(operator.adjoint(operator(half(w)))) / (4 * s ** 2)  # noqa: E731
+    mu = prior.mu.view(1, -1, 1, 1).expand(B, C, H, W)
+    b = half(operator.adjoint(y - operator((mu + 1) / 2))) / (2 * sig ** 2)
     to_image = lambda w, m: (m + half(w) + 1) / 2  # noqa: E731
-    P_inv = _posterior_preconditioner(prior, operator, sigma_y, H, W, y.device)
-    w_mean, _ = conjugate_gradient(Q, b, torch.zeros_like(b), max_iter, tol, P_inv)
+    inv = _posterior_preconditioner(prior, operator, sig, (B, C, H, W), y.device)
+    P_inv = lambda g: None if g is None else (lambda v: prior.filter(v, g))  # noqa: E731
+    Q = precision(sig)
+    w_mean, iters = conjugate_gradient(Q, b, torch.zeros_like(b), max_iter, tol, P_inv(inv))
+    norm = lambda v: torch.linalg.vector_norm(v.flatten(1), dim=1)  # noqa: E731
+    stats = {"cg_iterations": iters, "relative_residual": norm(b - Q(w_mean)) / norm(b).clamp_min(1e-300)}
     mean = to_image(w_mean, mu)
     if not n_samples:
-        return mean, None
-    b_s, mu_s = b.repeat_interleave(n_samples, 0), mu.repeat_interleave(n_samples, 0)
+        return mean, None, stats
+    rep = lambda v: v.repeat_interleave(n_samples, 0)  # noqa: E731
+    b_s, mu_s, sig_s = rep(b), rep(mu), rep(sig)
     e1 = torch.randn(b_s.shape, generator=generator, dtype=torch.float64, device=b.device)
     e2 = torch.randn((b_s.shape[0],) + tuple(y.shape[1:]), generator=generator, dtype=torch.float64, device=b.device)
-    w_s, _ = conjugate_gradient(Q, b_s + e1 + half(operator.adjoint(e2)) / (2 * sigma_y), w_mean.repeat_interleave(
-        n_samples, 0), max_iter, tol, P_inv)
-    return mean, to_image(w_s, mu_s).reshape(B, n_samples, *mean.shape[1:])
+    w_s, _ = conjugate_gradient(precision(sig_s), b_s + e1 + half(operator.adjoint(e2)) / (2 * sig_s), rep(w_mean),
+                                max_iter, tol, P_inv(None if inv is None else rep(inv)))
+    return mean, to_image(w_s, mu_s).reshape(B, n_samples, *mean.shape[1:]), stats
 
 
-def _posterior_preconditioner(prior, operator, sigma_y, H, W, device):
-    """v ↦ P⁻¹v with P = I + Σ^{1/2} HᵀH Σ^{1/2} / (4σ²), H the periodic convolution with the
-    operator's PSF at the image centre: diagonal in the prior's channel basis and in Fourier, so
-    P⁻¹ is exact and cheap. It only steers CG (the answer is the same); it cuts the iterations
-    from thousands to tens when σ is small. None when A changes the image size."""
-    C = prior.config.in_channels
-    delta = torch.zeros(1, C, H, W, dtype=torch.float64, device=device)
+def _posterior_preconditioner(prior, operator, sig, shape, device):
+    """The gain g of v ↦ P⁻¹v = prior.filter(v, g), P = I + Σ^{1/2} HᵀH Σ^{1/2} / (4σ²), H the
+    periodic convolution with each image's PSF at the image centre (a point source through the
+    operator itself, so a stacked per-image operator gives each image its own): diagonal in the
+    prior's channel basis and in Fourier, so P⁻¹ is exact and cheap. It only steers CG (the answer
+    is the same); it cuts the iterations from thousands to tens when σ is small. sig: (B, 1, 1, 1).
+    Returns g (B, C, H, W//2+1), or None when A changes the image's shape."""
+    B, C, H, W = shape
+    delta = torch.zeros(shape, dtype=torch.float64, device=device)
     delta[..., H // 2, W // 2] = 1
     psf = operator(delta)
     if psf.shape != delta.shape:
         return None
-    psf = _one_if_equal(torch.roll(psf, (-(H // 2), -(W // 2)), (-2, -1)))[0]   # centred at index 0, (C or 1, H, W)
-    # |ĥ(f)|², (H, W//2+1); a colour operator's channels averaged (the prior's filter mixes channels)
-    gain = (torch.fft.rfft2(psf).abs() ** 2).mean(0)
-    inv = 1 / (1 + prior.prior_variance(H, W) * gain / (4 * sigma_y ** 2))   # (C, H, W//2+1)
-    return lambda v: prior.filter(v, inv)
+    psf = torch.roll(psf, (-(H // 2), -(W // 2)), (-2, -1))                    # centred at index 0
+    # |ĥ(f)|², (B, 1, H, W//2+1); a colour operator's channels averaged (the prior's filter mixes channels)
+    gain = (torch.fft.rfft2(psf).abs() ** 2).mean(1, keepdim=True)
+    return 1 / (1 + prior.prior_variance(H, W)[None] * gain / (4 * sig ** 2))

@@ -25,9 +25,14 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 
-import config
-import utils
+_T0 = time.perf_counter()
+import config  # noqa: E402
+import timing  # noqa: E402
+import utils  # noqa: E402
+
+_IMPORT_S = time.perf_counter() - _T0    # this module's own imports: the start of 'startup'
 
 log = logging.getLogger("eigenpsf_dps")
 
@@ -51,15 +56,19 @@ def load_modules() -> None:
 
 def run(argv=None) -> int:
     """Parse, resolve, dispatch. Config, device, dtype and seed are resolved once, here."""
-    schema = config.defaults()
-    args = config.build_parser(schema, __doc__.split("\n\n")[0]).parse_args(argv)
-    given = [n for n in config.FLAGS if getattr(args, n) is not None]
-    config.check_resume_alone(args, given)
-    cfg, explicit = config.resolve_config(args, given, schema)
-    config.check_conflicts(cfg, explicit)
-    config.real_data_defaults(cfg, explicit)
-    config.warn_other_sampler_settings(cfg, explicit)
-    load_modules()
+    timing.RUN = timing.Stopwatch()
+    timing.RUN.add("startup", _IMPORT_S)
+    with timing.RUN("startup"):
+        schema = config.defaults()
+        args = config.build_parser(schema, __doc__.split("\n\n")[0]).parse_args(argv)
+        given = [n for n in config.FLAGS if getattr(args, n) is not None]
+        config.check_resume_alone(args, given)
+        cfg, explicit = config.resolve_config(args, given, schema)
+        config.check_conflicts(cfg, explicit)
+        config.real_data_defaults(cfg, explicit)
+        config.warn_other_sampler_settings(cfg, explicit)
+    with timing.RUN("imports"):
+        load_modules()
     checkpoint.STOP["signal"], checkpoint.RUN_DIR["path"] = None, None
     config.resolve_late(cfg)
 
@@ -77,8 +86,14 @@ def run(argv=None) -> int:
 def restore_images(cfg, explicit, argv) -> int:
     """One image into a run folder, or a folder of images into a batch folder (batch.run_folder).
     Inputs and the model are validated before any folder exists."""
+    with timing.RUN("setup"):   # what its own stages (operator, model, sampler, ...) do not take
+        return _restore_images(cfg, explicit, argv)
+
+
+def _restore_images(cfg, explicit, argv) -> int:
     d, rc = cfg["data"], cfg["run"]
     device = device_setup.resolve_device(rc["device"], threads=rc["threads"])
+    timing.RUN.sync = torch.cuda.synchronize if device.type == "cuda" else None
     dtype = getattr(torch, rc["dtype"])  # validated: float32 | bfloat16 | float16
     gen = torch.Generator(device=device).manual_seed(rc["seed"])
     utils.check_writable(rc["save_dir"])
@@ -124,6 +139,7 @@ def report(run_dir, code, m) -> int:
         return code
     for line in restore.summary_lines(m):
         log.info("%s", line)
+    log.info("%s", timing.summary_line(m["timings"]))
     print(run_dir)
     return 0
 
@@ -135,6 +151,11 @@ def resume_run(run_dir, schema) -> int:
     if not os.path.isfile(ckpt_path):
         raise utils.UserError(f"no checkpoint.pt in {run_dir}: nothing to resume")
     checkpoint.RUN_DIR["path"] = run_dir
+    with timing.RUN("setup"):
+        return _resume_run(run_dir, schema)
+
+
+def _resume_run(run_dir, schema) -> int:
     saved = config.load_config(os.path.join(run_dir, "config.yaml"))
     extra = saved.pop("resolved", {})
     # Keys added since the run was written take their defaults: what that version did.
@@ -143,6 +164,7 @@ def resume_run(run_dir, schema) -> int:
         return training.train_prior(cfg, run_dir)
     ckpt = checkpoint.load_checkpoint(ckpt_path)
     device = device_setup.resolve_device(cfg["run"]["device"], threads=cfg["run"]["threads"])
+    timing.RUN.sync = torch.cuda.synchronize if device.type == "cuda" else None
     dtype = getattr(torch, cfg["run"]["dtype"])  # validated: float32 | bfloat16 | float16
     log.info("resuming %s at step %d/%d", run_dir, ckpt["next_index"], cfg["sampler"]["num_inference_steps"])
     if ckpt.get("kind") == "folder":

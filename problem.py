@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 import physics
+import timing
 import utils
 
 log = logging.getLogger("eigenpsf_dps")
@@ -168,9 +169,10 @@ def operators(H, W, cfg, device, gen, measured, built=None, channels=3) -> tuple
     if measured is not None and built is not None and (H, W, channels) in built:
         return built[(H, W, channels)]
     f, grid, coords = psf_field(H, W, cfg, device, gen, measured, channels)
-    eig_op, grid_op, decomp = physics.build_operators(grid, H, W, cfg["physics"],
-                                                      tuple(torch.as_tensor(c) for c in coords))
-    out = f, grid, coords, eig_op.to(device), grid_op.to(device), decomp
+    with timing.RUN("operator"):
+        eig_op, grid_op, decomp = physics.build_operators(grid, H, W, cfg["physics"],
+                                                          tuple(torch.as_tensor(c) for c in coords))
+        out = f, grid, coords, eig_op.to(device), grid_op.to(device), decomp
     if measured is not None and built is not None:
         built[(H, W, channels)] = out
     return out
@@ -239,7 +241,8 @@ def reconstruction_operator(p: Problem, cfg, multiple: int, device):
         return p.eig_op, (H, W), (0, 0)
     top, left = (Hx - H) // 2, (Wx - W) // 2
     coords = (torch.as_tensor(p.coords[0]) + top, torch.as_tensor(p.coords[1]) + left)
-    op, _ = physics.build_eigen_operator(p.grid, Hx, Wx, cfg["physics"], coords)
+    with timing.RUN("operator"):
+        op, _ = physics.build_eigen_operator(p.grid, Hx, Wx, cfg["physics"], coords)
     log.info("%s: %dx%d is not a multiple of %d; sampling on %dx%d and cropping back (%.0f%% more compute)",
              p.name, H, W, multiple, Hx, Wx, 100 * (Hx * Wx / (H * W) - 1))
     return physics.CroppedOperator(op.to(device), top, left, H, W), (Hx, Wx), (top, left)
@@ -252,7 +255,8 @@ def problem_from_entry(entry, cfg, device) -> tuple:
     q = entry["problem"]
     grid = q["grid"].to(device)
     H, W = q["y"].shape[-2:]
-    eig_op, grid_op, decomp = physics.build_operators(grid, H, W, cfg["physics"], tuple(q["coords"]))
+    with timing.RUN("operator"):
+        eig_op, grid_op, decomp = physics.build_operators(grid, H, W, cfg["physics"], tuple(q["coords"]))
     clean = None if q["clean"] is None else q["clean"].numpy()
     p = Problem(q["name"], q["y"].to(device), clean, grid, tuple(q["coords"]), eig_op.to(device), grid_op.to(device),
                 decomp, q["info"])

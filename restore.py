@@ -30,6 +30,7 @@ import plots
 import priors
 import problem
 import tiling
+import timing
 import utils
 
 log = logging.getLogger("eigenpsf_dps")
@@ -54,13 +55,15 @@ def restore(p: problem.Problem, run_dir, cfg, device, dtype, gen, pipe, multiple
     inputs (restore_inputs), sampling (sample) and outputs (write_outputs).
     Returns (exit_code, metrics). resume: a checkpoint dict (see save_checkpoint) to continue from.
     """
-    view = restore_inputs(p, run_dir, cfg, device, pipe, multiple, extra_config, resume and resume["progress"])
+    with timing.RUN("outputs"):   # the folder's config, problem files and pictures of the input
+        view = restore_inputs(p, run_dir, cfg, device, pipe, multiple, extra_config, resume and resume["progress"])
     pipe.operator = view.op
     ckpt = lambda x_t, nxt: checkpoint.save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), p, x_t, nxt, gen,  # noqa: E731
                                             view.state)
     start = (resume["x_t"], resume["next_index"]) if resume else None
     out, exit_code, error, partial = sample([p], [view], cfg, device, dtype, gen, pipe, start, ckpt, run_dir)
-    write_outputs(p, view, run_dir, cfg, device, out, None if partial is None else partial[:1])
+    with timing.RUN("outputs"):
+        write_outputs(p, view, run_dir, cfg, device, out, None if partial is None else partial[:1])
     if view.metrics["status"] == "complete" and resume:
         os.remove(os.path.join(run_dir, "checkpoint.pt"))
     finish(view, run_dir, error)
@@ -71,6 +74,7 @@ def finish(view: RunView, run_dir, error) -> None:
     """metrics.json and metrics.txt, last, so that their presence means the folder is whole."""
     if error:
         view.metrics["error"] = error
+    view.metrics["timings"] = timing.RUN.report()
     utils.write_json(os.path.join(run_dir, "metrics.json"), view.metrics)
     utils.write_metrics_txt(os.path.join(run_dir, "metrics.txt"), view.metrics)
 
@@ -227,8 +231,8 @@ def sample(ps, views, cfg, device, dtype, generator, pipe, start, save_state, ru
     bar = tqdm(total=sc["num_inference_steps"], desc=f"{sc['method']} {name}", unit="step", dynamic_ncols=True)
     bar.update(state["steps_done"])
     t0 = time.time() - state["runtime"]
-    exit_code, error, out, partial, status, cg = 0, None, None, None, None, None
-    with checkpoint.stop_requests():  # also while the checkpoint is written
+    exit_code, error, out, partial, status, cg, exact = 0, None, None, None, None, None, None
+    with checkpoint.stop_requests(), timing.RUN("sampler"):  # also while the checkpoint is written
         try:
             out, inter = pipe(torch.cat([p.y for p in ps]), num_inference_steps=sc["num_inference_steps"],
                               method=sc["method"], options=sc[sc["method"]], sigma_y=problem.batch_sigma_y(ps, cfg),
@@ -239,8 +243,9 @@ def sample(ps, views, cfg, device, dtype, generator, pipe, start, save_state, ru
                               dtype=dtype, gradient_checkpointing=rc["gradient_checkpointing"],
                               check_every=sc["log_every"], x_size=views[0].x_size,
                               x_T=start[0].to(device) if start else None, start_index=start[1] if start else 0,
-                              tiles=tiles)
+                              tiles=tiles, stopwatch=timing.RUN)
             status, cg = "complete", (inter.get("cg_iterations_per_image"), inter.get("cg_stop_rule_per_image"))
+            exact = inter.get("exact")
         except dps.DivergenceError as e:
             exit_code, error, status, partial = utils.EXIT_DIVERGED, str(e), "diverged", e.partial
         except checkpoint.Preempted as e:
@@ -259,6 +264,8 @@ def sample(ps, views, cfg, device, dtype, generator, pipe, start, save_state, ru
         finally:
             bar.close()
     record_sampling(views, cfg, status, time.time() - t0, cg)
+    if exact is not None:
+        record_exact(views, exact)
     return out, exit_code, error, partial
 
 
@@ -306,6 +313,19 @@ def record_sampling(views, cfg, status, runtime, cg) -> None:
             m["s_per_step_after_warmup"] = (time.time() - view.timing["t"]) / (state["steps_done"] - view.timing["step"])
         if cg is not None and cg[0] is not None:
             record_data_steps(m, cg[0][:, b * S:(b + 1) * S], cg[1][:, b * S:(b + 1) * S])
+
+
+def record_exact(views, exact) -> None:
+    """The exact posterior's solve, per image: CG iterations and the relative residual reached
+    (metrics.json `exact_posterior`), with a warning where the cap stopped it short of cg_tol."""
+    for b, view in enumerate(views):
+        its, res = exact["cg_iterations"][b], exact["relative_residual"][b]
+        view.metrics["exact_posterior"] = {"cg_iterations": its, "relative_residual": res, "cg_tol": exact["cg_tol"],
+                                           "converged": res <= exact["cg_tol"]}
+        if res > exact["cg_tol"]:
+            log.warning("%s: the exact posterior's CG stopped at its cap (%d iterations) with a relative residual of "
+                        "%.2g, above cg_tol %g (--set sampler.exact.cg_max_iter=N)", view.metrics["image"], its, res,
+                        exact["cg_tol"])
 
 
 def record_data_steps(m, iters, rules) -> None:
@@ -464,7 +484,8 @@ def classical_baselines(p: problem.Problem, images_dir, cfg, m) -> dict:
     the sampler: their images and metrics beside the diffusion result's. Returns
     {name: (comparison panel title, (H, W, C) image)}."""
     t0 = time.time()
-    results = baselines.restore_baselines(p.eig_op, p.y, problem.sigma_y(p, cfg))
+    with timing.RUN("baselines"):
+        results = baselines.restore_baselines(p.eig_op, p.y, problem.sigma_y(p, cfg))
     m["baseline_runtime_s"] = time.time() - t0
     out = {}
     run_dir = os.path.dirname(images_dir)
@@ -525,7 +546,8 @@ def load_pipeline(cfg, device, channels=3, cache=None):
     key = channels if mc["model_id"] == "analytic" else "model"
     if cache is not None and key in cache:
         return cache[key]
-    unet, scheduler = priors.load_model(mc["model_id"], mc["model_cache"] or None, device, channels=channels)
+    with timing.RUN("model"):
+        unet, scheduler = priors.load_model(mc["model_id"], mc["model_cache"] or None, device, channels=channels)
     dps.check_num_inference_steps(sc["num_inference_steps"], scheduler, sc["method"])  # before any run folder
     blocks = getattr(unet.config, "block_out_channels", None)
     multiple = 2 ** (len(blocks) - 1) if blocks else 1  # the UNet downsamples len-1 times

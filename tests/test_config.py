@@ -103,6 +103,33 @@ def resolved(argv):
     return cfg
 
 
+REAL = ["--blurred", "y.png", "--psf_grid", "g.npz"]
+
+
+@pytest.mark.parametrize("argv, method, samples", [
+    (REAL + ["--model_id", "analytic"], "exact", 1),                        # nothing chosen: the exact mean
+    (REAL + ["--model_id", "analytic", "--num_samples", "4"], "diffpir", 4),  # samples asked for
+    (REAL + ["--model_id", "analytic", "--sampler", "diffpir"], "diffpir", 16),
+    (REAL + ["--model_id", "analytic", "--num_inference_steps", "50"], "diffpir", 16),
+    (REAL + ["--model_id", "analytic", "--set", "sampler.diffpir.zeta=0.5"], "diffpir", 16),
+    (REAL + ["--model_id", "analytic", "--sampler", "exact", "--num_samples", "8"], "exact", 8),   # exact draws
+    (REAL + ["--model_id", "some/model"], "diffpir", 1),                    # a learned prior has no closed form
+    (["--image", "sample", "--model_id", "analytic"], "dps", 1),             # simulations keep config.yaml's
+])
+def test_real_data_with_the_analytic_prior_defaults_to_its_exact_posterior_mean(argv, method, samples):
+    cfg = resolved(argv)
+    config.resolve_late(cfg)
+    assert (cfg["sampler"]["method"], cfg["sampler"]["num_samples"]) == (method, samples)
+    if method == "exact":
+        assert cfg["sampler"]["num_inference_steps"] == 1
+
+
+def test_exact_needs_the_analytic_prior():
+    cfg = resolved(["--image", "sample", "--sampler", "exact", "--model_id", "some/model"])
+    with pytest.raises(utils.UserError, match="--sampler exact is the analytic prior's closed-form posterior"):
+        config.check_conflicts(cfg, set())
+
+
 @pytest.mark.parametrize("argv, warned", [
     (["--sampler", "diffpir", "--step_size", "2"], "--step_size is a dps setting; the diffpir sampler ignores it"),
     (["--set", "sampler.diffpir.zeta=0.5"], "--set sampler.diffpir.zeta is a diffpir setting; the dps sampler ignores it"),

@@ -511,6 +511,18 @@ def test_diffpir_near_exact_posterior_mean_and_beats_dps_at_a_tenth_of_the_steps
     assert 27.0 < psnr(default[0], ex) < psnr(solved[0], ex) and psnr(default[0], ex) > psnr(dps_mean[0], ex) + 1.0
 
 
+def dense_posterior(prior, eig, y, sigma, shape):
+    """(mean, covariance) of the analytic prior's posterior in [0, 1] image units, by dense linear
+    algebra on the operator's matrix taken column by column: independent of CG and of the adjoint."""
+    A = dense_matrix(eig, shape) / 2                                       # x₀ in [−1, 1] -> y
+    S = dense_matrix(lambda v: prior.apply_covariance(v), shape)           # prior covariance Σ
+    post = torch.linalg.inv(torch.linalg.inv(S) + A.T @ A / sigma ** 2)
+    mu = prior.mu.view(1, -1, 1, 1).expand(1, *shape).reshape(-1)
+    half = torch.full((int(np.prod(shape)),), 0.5, dtype=torch.float64)
+    rhs = torch.linalg.solve(S, mu) + A.T @ (y.reshape(-1) - dense_matrix(eig, shape) @ half) / sigma ** 2
+    return (post @ rhs + 1) / 2, post / 4
+
+
 def test_gaussian_posterior_samples_have_the_exact_covariance():
     """Perturbation-optimisation draws, against the dense posterior covariance of a tiny problem."""
     eig, _, _ = small_system(6, 6, n=2)
@@ -519,16 +531,62 @@ def test_gaussian_posterior_samples_have_the_exact_covariance():
     y, sigma = torch.rand(1, 3, 6, 6, dtype=torch.float64), 0.1
     mean, draws = dps.gaussian_posterior(prior, eig, y, sigma, n_samples=4000,
                                          generator=torch.Generator().manual_seed(0), tol=1e-10)
-    A = dense_matrix(eig, (3, 6, 6)) / 2                                   # x₀ in [−1, 1] -> y
-    S = dense_matrix(lambda v: prior.apply_covariance(v), (3, 6, 6))         # prior covariance Σ
-    post_cov = torch.linalg.inv(torch.linalg.inv(S) + A.T @ A / sigma ** 2) / 4  # in [0, 1] image units
-    mu = prior.mu.view(1, -1, 1, 1).expand(1, 3, 6, 6).reshape(-1)
-    rhs = torch.linalg.solve(S, mu) + A.T @ (y.reshape(-1) - dense_matrix(eig, (3, 6, 6)) @ torch.full((108,), 0.5,
-                                                                    dtype=torch.float64)) / sigma ** 2
-    post_mean = (torch.linalg.inv(torch.linalg.inv(S) + A.T @ A / sigma ** 2) @ rhs + 1) / 2
+    post_mean, post_cov = dense_posterior(prior, eig, y, sigma, (3, 6, 6))
     assert torch.allclose(mean.reshape(-1), post_mean, atol=1e-6)
     std = draws[0].reshape(4000, -1).std(0)
     assert torch.allclose(std, post_cov.diagonal().sqrt(), rtol=0.06), (std / post_cov.diagonal().sqrt()).aminmax()
+
+
+def test_exact_method_gives_each_image_its_dense_posterior_mean():
+    """method 'exact' on a batch of two images, each with its own operator (stacked) and its own σ_y:
+    each result is its image's dense posterior mean, the solve reports a relative residual within
+    cg_tol, and a learned prior is refused (it has no closed form)."""
+    prior, sched = priors.load_model("analytic")
+    ops = [small_system(6, 6, n=2)[0].double(), small_system(6, 6, n=2, mode="defocus")[0].double()]
+    x = torch.rand(2, 3, 6, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 0.5 + 0.25
+    y = torch.cat([op(x[b:b + 1]) for b, op in enumerate(ops)])
+    sigmas = [0.05, 0.2]
+    pipe = dps.EigenPSFDPSPipeline(prior, sched, physics.stack_operators(ops))
+    out, inter = pipe(y.float(), method="exact", options={"cg_tol": 1e-9}, sigma_y=sigmas)
+    for b, op in enumerate(ops):
+        post_mean, _ = dense_posterior(prior, op, y[b:b + 1], sigmas[b], (3, 6, 6))
+        assert torch.allclose(out[b].double().reshape(-1), post_mean.clamp(0, 1).float().double(), atol=1e-5), b
+    assert all(r <= 1e-9 for r in inter["exact"]["relative_residual"]) and min(inter["exact"]["cg_iterations"]) >= 1
+    with pytest.raises(ValueError, match="no closed-form|has none"):
+        dps.EigenPSFDPSPipeline(tiny_unet(), tiny_scheduler(), ops[0])(y[:1].float(), method="exact", sigma_y=0.1)
+
+
+def test_exact_method_draws_come_around_the_exact_mean():
+    """With num_samples > 1 the exact method returns exact posterior draws (their spread matches the
+    dense posterior's standard deviation) and the exact mean itself as `mean`."""
+    prior, sched = priors.load_model("analytic")
+    eig = small_system(6, 6, n=2)[0].double()
+    y = eig(torch.full((1, 3, 6, 6), 0.5, dtype=torch.float64))
+    out, _ = dps.EigenPSFDPSPipeline(prior, sched, eig)(y.float(), method="exact", num_samples=400, sigma_y=0.1,
+                                                        generator=torch.Generator().manual_seed(0))
+    post_mean, post_cov = dense_posterior(prior, eig, y, 0.1, (3, 6, 6))
+    assert out["samples"].shape == (1, 400, 3, 6, 6)
+    assert torch.allclose(out["mean"].double().reshape(-1), post_mean.clamp(0, 1), atol=1e-5)
+    ratio = out["std"].double().reshape(-1) / post_cov.diagonal().sqrt()
+    assert 0.8 < float(ratio.median()) < 1.2, ratio.aminmax()
+
+
+def test_region_gains_of_a_mono_operator_whose_channels_differ_by_rounding():
+    """A mono operator's batched FFTs can leave its channels 1e-11 apart at one probe and equal at
+    another (measured at K = 15): the preconditioner's gains must still have one shape (this
+    crashed DiffPIR's first step of a 64² motion simulation)."""
+    eig, _, _ = small_system(16, 16, n=2)
+    calls = []
+
+    def rounding(x):      # channel 0 of the first probe's response off by rounding only
+        out = eig(x)
+        calls.append(1)
+        if len(calls) == 1:
+            out = out.clone()
+            out[:, 0] += 1e-12 * out[:, 0].abs().max()
+        return out
+    gains, _ = dps.region_psf_gains(rounding, (1, 3, 16, 16), "cpu", torch.float32)
+    assert gains.shape == (1, 4, 1, 16, 9)
 
 
 def test_diffpir_with_zero_sigma_stays_finite():

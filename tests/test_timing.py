@@ -1,0 +1,74 @@
+"""Stage timings: the stopwatch's exclusive accounting (on a fake clock), and a run's metrics.json
+`timings` and last log line."""
+
+import json
+
+import pytest
+
+import timing
+from helpers import cli, only_run
+
+
+class FakeClock:
+    """perf_counter that advances only when told to: stage times become exact numbers."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_nested_stages_count_their_own_time_and_add_up(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(timing.time, "perf_counter", clock)
+    watch = timing.Stopwatch()
+    with watch("sampler"):
+        clock.now += 1.0
+        with watch("unet"):
+            clock.now += 2.0
+        with watch("data_step"):
+            clock.now += 3.0
+            with watch("preconditioner"):
+                clock.now += 0.5
+        clock.now += 0.25
+        with watch("unet"):                       # a second entry accumulates
+            clock.now += 2.0
+    watch.add("startup", 0.125)
+    r = watch.report()
+    assert r == {"startup": 0.125, "sampler": 1.25, "unet": 4.0, "data_step": 3.0, "preconditioner": 0.5,
+                 "total": 8.875}
+    assert list(r) == ["startup", "sampler", "unet", "data_step", "preconditioner", "total"]   # a run's order
+
+
+def test_a_stage_left_by_an_exception_is_still_counted(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(timing.time, "perf_counter", clock)
+    watch = timing.Stopwatch()
+    with pytest.raises(RuntimeError):
+        with watch("outputs"):
+            with watch("baselines"):
+                clock.now += 1.0
+                raise RuntimeError
+    with watch("outputs"):
+        clock.now += 2.0
+    assert watch.report() == {"baselines": 1.0, "outputs": 2.0, "total": 3.0}
+
+
+def test_summary_line_names_the_stages_above_one_percent():
+    line = timing.summary_line({"imports": 2.0, "setup": 0.01, "exact_solve": 6.0, "total": 8.01})
+    assert line == "time 8.0 s: imports 2.0 s (25%), exact solve 6.0 s (75%)"
+
+
+@pytest.mark.parametrize("sampler, inner", [("diffpir", {"data_step", "preconditioner"}), ("exact", {"exact_solve"})])
+def test_a_run_writes_its_stage_timings_and_says_them_last(tmp_path, capsys, monkeypatch, caplog, sampler, inner):
+    r = cli(["--model_id", "analytic", "--image", "sample", "--img_size", "32", "--blur_mode", "defocus",
+             "--kernel_size", "5", "--grid_size", "2", "--sampler", sampler, "--num_inference_steps", "3",
+             "--no_intermediates", "--save_dir", str(tmp_path)], capsys, monkeypatch, caplog)
+    assert r.returncode == 0, r.stderr[-2000:]
+    t = json.loads((only_run(tmp_path) / "metrics.json").read_text())["timings"]
+    assert {"startup", "imports", "setup", "operator", "model", "baselines", "outputs"} | inner <= set(t)
+    assert abs(sum(v for k, v in t.items() if k != "total") - t["total"]) <= 0.01
+    assert all(v >= 0 for v in t.values())
+    last_info = [ln for ln in r.stderr.splitlines() if ln.startswith("INFO ")][-1]
+    assert last_info.startswith(f"INFO time {t['total']:.1f} s: "), last_info
