@@ -10,7 +10,6 @@ import logging
 import os
 import platform
 
-import diffusers
 import numpy as np
 import torch
 
@@ -94,8 +93,17 @@ def setup_accelerators(cfg, device, unet):
     return unet
 
 
+def _version(package) -> str:
+    """A package's installed version without importing it (diffusers takes 1.2 s to import)."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
+
+
 def versions(device) -> dict:
-    out = {"python": platform.python_version(), "torch": str(torch.__version__), "diffusers": str(diffusers.__version__),
+    out = {"python": platform.python_version(), "torch": str(torch.__version__), "diffusers": _version("diffusers"),
            "numpy": str(np.__version__), "platform": platform.platform(), "cpu_threads": torch.get_num_threads()}
     if device.type == "cuda":
         out["gpu"] = torch.cuda.get_device_name(device)

@@ -35,18 +35,19 @@ import itertools
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
-from diffusers import DDPMScheduler
-from diffusers.utils.torch_utils import randn_tensor
 
 import config
 import physics
 import priors
 import timing
 import tiling
+
+if TYPE_CHECKING:
+    from diffusers import DDPMScheduler
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,13 @@ DEFAULT_MODEL_ID = priors.DEFAULT_MODEL_ID
 # ----------------------------------------------------------------------------
 # 1. Pieces the samplers share
 # ----------------------------------------------------------------------------
+
+def randn_tensor(shape, generator=None, device=None, dtype=None):
+    """diffusers' randn_tensor (its draw order for a list of generators, so that a run matches
+    DDPMPipeline's), imported at the first draw: the exact posterior never imports diffusers."""
+    from diffusers.utils.torch_utils import randn_tensor as draw
+    return draw(shape, generator=generator, device=device, dtype=dtype)
+
 
 def tweedie_estimate(x_t, eps, alpha_bar_t):
     """x̂₀ = E[x₀ | x_t] = (x_t − √(1−ᾱ_t) ε̂) / √ᾱ_t  (DPS Eq. 11, ε-parameterisation)."""

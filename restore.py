@@ -547,8 +547,11 @@ def load_pipeline(cfg, device, channels=3, cache=None):
     if cache is not None and key in cache:
         return cache[key]
     with timing.RUN("model"):
-        unet, scheduler = priors.load_model(mc["model_id"], mc["model_cache"] or None, device, channels=channels)
-    dps.check_num_inference_steps(sc["num_inference_steps"], scheduler, sc["method"])  # before any run folder
+        if sc["method"] == config.EXACT:   # no sampler, so no scheduler: diffusers is never imported
+            unet, scheduler = priors.analytic_prior(priors.linear_alphas_cumprod(), channels).to(device), None
+        else:
+            unet, scheduler = priors.load_model(mc["model_id"], mc["model_cache"] or None, device, channels=channels)
+            dps.check_num_inference_steps(sc["num_inference_steps"], scheduler, sc["method"])  # before any run folder
     blocks = getattr(unet.config, "block_out_channels", None)
     multiple = 2 ** (len(blocks) - 1) if blocks else 1  # the UNet downsamples len-1 times
     if isinstance(sc["tile"], int):  # before any run folder too

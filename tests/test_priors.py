@@ -259,3 +259,10 @@ def test_sigterm_then_resume_with_a_converted_adm_is_bit_identical(tmp_path, ffh
             "--no_baseline"]
     run, full = sigterm_then_resume(args, 8, tmp_path, capsys, monkeypatch, caplog)
     assert np.array_equal(np.load(run / "restored.npy"), np.load(full / "restored.npy"))
+
+
+def test_linear_schedule_without_diffusers_is_diffusers_own():
+    """The exact posterior builds the analytic prior from priors.linear_alphas_cumprod, without the
+    scheduler: the same ᾱ_t, bit for bit, as the sampler runs' DDPMScheduler."""
+    assert torch.equal(priors.linear_alphas_cumprod(), priors.analytic_scheduler().alphas_cumprod)
+    assert torch.equal(priors.linear_alphas_cumprod(), priors.adm_scheduler().alphas_cumprod)

@@ -4,6 +4,8 @@ import csv
 import json
 import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -15,7 +17,7 @@ import dps
 import priors
 import physics
 import utils
-from helpers import FAST, SMALL, cli, only_run, run_cli, run_dirs, run_in_process, save_tiny_model
+from helpers import FAST, ROOT, SMALL, cli, only_run, run_cli, run_dirs, run_in_process, save_tiny_model
 
 def png_psnr(a, b):
     a = np.asarray(Image.open(a), dtype=np.float64) / 255
@@ -364,3 +366,17 @@ def test_fit_check_names_a_result_that_misses_the_data(sigma, passed, tmp_path, 
     assert len(warned) == (0 if passed else 1), r.stderr[-2000:]
     if not passed:
         assert "--sigma_noise auto" in warned[0]
+
+
+def test_the_exact_posterior_mean_runs_without_diffusers(tmp_path, blurred_png):
+    """The analytic prior's exact posterior needs no scheduler: a real-data run at its defaults
+    never imports diffusers (1.2 s of start-up here), and still records diffusers' version."""
+    grid = write_grid(tmp_path / "g.npy", good_psfs())
+    code = ("import sys\nimport main\n"
+            f"rc = main.main(['--model_id', 'analytic', '--blurred', {blurred_png!r}, '--psf_grid', {grid!r}, "
+            f"'--no_figures', '--save_dir', {str(tmp_path / 'o')!r}])\n"
+            "print('DIFFUSERS' if any(m.startswith('diffusers') for m in sys.modules) else 'NO DIFFUSERS', rc)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.stdout.strip().splitlines()[-1] == "NO DIFFUSERS 0", out.stdout + out.stderr[-2000:]
+    saved = yaml.safe_load(open(only_run(tmp_path / "o") / "config.yaml"))
+    assert saved["resolved"]["versions"]["diffusers"][0].isdigit()
