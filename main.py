@@ -152,10 +152,10 @@ def resume_run(run_dir, schema) -> int:
         raise utils.UserError(f"no checkpoint.pt in {run_dir}: nothing to resume")
     checkpoint.RUN_DIR["path"] = run_dir
     with timing.RUN("setup"):
-        return _resume_run(run_dir, schema)
+        return _resume_run(run_dir, ckpt_path, schema)
 
 
-def _resume_run(run_dir, schema) -> int:
+def _resume_run(run_dir, ckpt_path, schema) -> int:
     saved = config.load_config(os.path.join(run_dir, "config.yaml"))
     extra = saved.pop("resolved", {})
     # Keys added since the run was written take their defaults: what that version did.
