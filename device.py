@@ -93,6 +93,17 @@ def setup_accelerators(cfg, device, unet):
     return unet
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX-BF16, what oneDNN's bf16
+    kernels use); elsewhere bf16 is emulated. Linux's /proc/cpuinfo; False where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
 def _version(package) -> str:
     """A package's installed version without importing it (diffusers takes 1.2 s to import)."""
     from importlib.metadata import PackageNotFoundError, version

@@ -30,9 +30,9 @@ import dps  # noqa: E402
 import priors  # noqa: E402
 from bench_samplers import N_EXACT, problem, psnr, run_sampler  # noqa: E402
 
-def plain_under_the_rule(operator, y, x0_hat, rho, opt, noise_norm, gains=None):
+def plain_under_the_rule(operator, y, x0_hat, rho, opt, noise_norm, gains=None, watch=None):
     """The alternative: plain CG wherever the rule can stop it, preconditioned only to cg_tol."""
-    precondition = dps.region_preconditioner(gains, rho) if gains is not None and noise_norm is None else None
+    precondition = dps.region_preconditioner(gains, rho, watch) if gains is not None and noise_norm is None else None
     x, iters, rule = dps.proximal_cg(operator, y, (x0_hat + 1) / 2, rho, opt["cg_tol"], noise_norm,
                                      opt["cg_max_iter"], precondition)
     return 2 * x - 1, iters, rule

@@ -150,6 +150,22 @@ MUTANTS = {
                               "tests/test_new_user.py -k threads"),
     "daps_final_mean_ignored": ("dps.py", "u = daps_conditional_cg(ctx, u_hat, r, sigma, draw=not final_mean)",
                                 "u = daps_conditional_cg(ctx, u_hat, r, sigma)", "tests/test_daps.py -k final_mean"),
+    "exact_one_sigma_for_all": ("dps.py", "    sig = sig.expand(B).reshape(B, 1, 1, 1)\n",
+                                "    sig = sig[:1].expand(B).reshape(B, 1, 1, 1)\n",
+                                "tests/test_dps.py -k exact_method_gives_each_image"),
+    "exact_preconditioner_sigma_squared": ("dps.py", "prior.prior_variance(H, W)[None] * gain / (4 * sig ** 2))",
+                                           "prior.prior_variance(H, W)[None] * gain / (4 * sig))",
+                                           "tests/test_dps.py -k 'exact_method_gives_each_image or exact_covariance'"),
+    "exact_draws_as_mean": ("dps.py", '"mean": mean, "std": samples.clamp(0, 1).float().std(1)}',
+                            '"mean": samples.clamp(0, 1).float().mean(1), "std": samples.clamp(0, 1).float().std(1)}',
+                            "tests/test_dps.py -k exact_method_draws"),
+    "exact_despite_samples_asked": ("config.py", "    if analytic and not sampler_chosen(explicit):",
+                                    "    if analytic and \"sampler.method\" not in explicit:",
+                                    "tests/test_config.py -k exact_posterior_mean"),
+    "channels_equal_exactly": ("dps.py", "<= CHANNELS_EQUAL_RTOL * p.abs().max()", "<= 0 * p.abs().max()",
+                               "tests/test_dps.py -k region_gains_of_a_mono"),
+    "stopwatch_parent_counts_children": ("timing.py", "            self.seconds[parent] = self.seconds.get(parent, 0.0) + now - since\n",
+                                         "            pass\n", "tests/test_timing.py -k nested_stages"),
 }
 
 

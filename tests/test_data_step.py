@@ -93,9 +93,9 @@ def test_diffpir_final_step_is_the_data_consistent_argmin(monkeypatch):
     eig, A, y, _, _ = problem(sigma=0.05)
     calls, original = [], dps.data_proximal_step
 
-    def spy(operator, y_, x0_hat, rho, opt, noise_norm, gains=None):
+    def spy(operator, y_, x0_hat, rho, opt, noise_norm, gains=None, watch=None):
         calls.append((x0_hat.double(), rho, noise_norm))
-        return original(operator, y_, x0_hat, rho, opt, noise_norm, gains)
+        return original(operator, y_, x0_hat, rho, opt, noise_norm, gains, watch)
 
     monkeypatch.setattr(dps, "data_proximal_step", spy)
     prior, sched = priors.load_model("analytic")
@@ -116,9 +116,9 @@ def test_diffpir_rho_follows_its_schedule(monkeypatch):
     out from the scheduler's ᾱ: it grows from about 1e-8 at t = 999 to its largest at t = 0."""
     rhos, original = [], dps.data_proximal_step
 
-    def spy(operator, y_, x0_hat, rho, opt, noise_norm, gains=None):
+    def spy(operator, y_, x0_hat, rho, opt, noise_norm, gains=None, watch=None):
         rhos.append(float(rho))
-        return original(operator, y_, x0_hat, rho, opt, noise_norm, gains)
+        return original(operator, y_, x0_hat, rho, opt, noise_norm, gains, watch)
 
     monkeypatch.setattr(dps, "data_proximal_step", spy)
     eig, _, y, _, _ = problem(sigma=0.05)
