@@ -121,7 +121,7 @@ def choices() -> dict:
         "sampler.method": METHODS,
         "sampler.daps.conditional": ("cg", "langevin"),
         "sampler.daps.final": ("draw", "mean"),
-        "run.dtype": ("float32", "bfloat16", "float16"),
+        "run.dtype": ("auto", "float32", "bfloat16", "float16"),
         "run.compile": ("off", "default", "reduce-overhead", "max-autotune"),
         "run.lpips": ("vgg", "alex", "off"),
         "train.size": ("tiny", "small", "base"),
@@ -405,7 +405,8 @@ FLAGS = {
     "device": ("run.device", str, "auto | cpu | cuda | cuda:N"),
     "threads": ("run.threads", int_or("auto"), "CPU threads for torch, or auto (OMP_NUM_THREADS, else the CPUs "
                 "this process may use)"),
-    "dtype": ("run.dtype", str, "UNet autocast dtype: float32 | bfloat16 | float16"),
+    "dtype": ("run.dtype", str, "UNet autocast dtype: auto | float32 | bfloat16 | float16 (auto: bfloat16 for a "
+              "learned prior on a CPU with native bf16, else float32)"),
     "compile": ("run.compile", str, "torch.compile mode for the UNet: off | default | reduce-overhead | max-autotune"),
     "save_dir": ("run.save_dir", str, "parent folder of run folders"),
 }

@@ -104,6 +104,21 @@ def cpu_has_native_bf16() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
+def resolve_dtype(name: str, device, model_id: str) -> str:
+    """run.dtype with 'auto' resolved, said in an info line when it is not float32: bfloat16 for a
+    learned prior on a CPU with native bf16 (bench/bench_dtype.py: a trained prior's restorations
+    within 0.013 dB of float32's, the celebahq UNet 1.9× faster at 256², 1.2× at 64²), else
+    float32 (the analytic prior computes in float64 whatever the dtype; a GPU keeps float32 unless
+    asked: --dtype bfloat16)."""
+    if name != "auto":
+        return name
+    if device.type == "cpu" and model_id != "analytic" and cpu_has_native_bf16():
+        log.info("dtype auto: bfloat16 for the UNet (this CPU computes bf16 natively; measured within 0.02 dB of "
+                 "float32 and up to 1.9x faster; --dtype float32 for float32)")
+        return "bfloat16"
+    return "float32"
+
+
 def _version(package) -> str:
     """A package's installed version without importing it (diffusers takes 1.2 s to import)."""
     from importlib.metadata import PackageNotFoundError, version

@@ -94,7 +94,8 @@ def _restore_images(cfg, explicit, argv) -> int:
     d, rc = cfg["data"], cfg["run"]
     device = device_setup.resolve_device(rc["device"], threads=rc["threads"])
     timing.RUN.sync = torch.cuda.synchronize if device.type == "cuda" else None
-    dtype = getattr(torch, rc["dtype"])  # validated: float32 | bfloat16 | float16
+    rc["dtype"] = device_setup.resolve_dtype(rc["dtype"], device, cfg["model"]["model_id"])  # saved resolved
+    dtype = getattr(torch, rc["dtype"])
     gen = torch.Generator(device=device).manual_seed(rc["seed"])
     utils.check_writable(rc["save_dir"])
 
@@ -165,7 +166,8 @@ def _resume_run(run_dir, ckpt_path, schema) -> int:
     ckpt = checkpoint.load_checkpoint(ckpt_path)
     device = device_setup.resolve_device(cfg["run"]["device"], threads=cfg["run"]["threads"])
     timing.RUN.sync = torch.cuda.synchronize if device.type == "cuda" else None
-    dtype = getattr(torch, cfg["run"]["dtype"])  # validated: float32 | bfloat16 | float16
+    # The run saved its resolved dtype; 'auto' resolves the same way on the same machine.
+    dtype = getattr(torch, device_setup.resolve_dtype(cfg["run"]["dtype"], device, cfg["model"]["model_id"]))
     log.info("resuming %s at step %d/%d", run_dir, ckpt["next_index"], cfg["sampler"]["num_inference_steps"])
     if ckpt.get("kind") == "folder":
         return batch.run_folder(ckpt["inputs"], run_dir, cfg, device, dtype, extra, resume=ckpt)

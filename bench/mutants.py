@@ -164,6 +164,9 @@ MUTANTS = {
                                     "tests/test_config.py -k exact_posterior_mean"),
     "channels_equal_exactly": ("dps.py", "<= CHANNELS_EQUAL_RTOL * p.abs().max()", "<= 0 * p.abs().max()",
                                "tests/test_dps.py -k region_gains_of_a_mono"),
+    "dtype_auto_for_analytic": ("device.py", 'if device.type == "cpu" and model_id != "analytic" and cpu_has_native_bf16():',
+                                'if device.type == "cpu" and cpu_has_native_bf16():',
+                                "tests/test_new_user.py -k dtype_auto_is_bf16"),
     "stopwatch_parent_counts_children": ("timing.py", "            self.seconds[parent] = self.seconds.get(parent, 0.0) + now - since\n",
                                          "            pass\n", "tests/test_timing.py -k nested_stages"),
 }

@@ -85,7 +85,8 @@ def test_batched_real_folder_groups_mixed_shapes(tmp_path, capsys, monkeypatch, 
     psfs[..., 2, 2], psfs[..., 2, 3] = 1.0, 0.5
     np.save(tmp_path / "g.npy", psfs)
     args = ["--model_id", tiny_model, "--device", "cpu", "--blurred_dir", src, "--psf_grid", str(tmp_path / "g.npy"),
-            "--sigma_noise", "auto", "--n_eigen_psfs", "3", "--num_inference_steps", "4", "--sampler", sampler, *tiles]
+            "--sigma_noise", "auto", "--n_eigen_psfs", "3", "--num_inference_steps", "4", "--sampler", sampler, *tiles,
+            "--dtype", "float32"]   # the float32 path: in bf16 (auto on a native-bf16 CPU) a batch moves results by ~2e-3
     one = folder_run([*args, "--batch_size", "1"], tmp_path / "b1", capsys, monkeypatch)
     two = folder_run([*args, "--batch_size", "2"], tmp_path / "b2", capsys, monkeypatch)
     assert one[0] == 0 and two[0] == 0, two[1][-2000:]

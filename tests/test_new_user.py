@@ -147,3 +147,27 @@ def test_threads_flag_reaches_the_run(tmp_path, capsys, monkeypatch, caplog):
     import yaml
     saved = yaml.safe_load(open(os.path.join(one_run(tmp_path), "config.yaml")))
     assert saved["run"]["threads"] == 1 and saved["resolved"]["versions"]["cpu_threads"] == 1
+
+
+def test_dtype_auto_is_bf16_only_for_a_learned_prior_on_a_native_bf16_cpu(monkeypatch):
+    import device
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for native, model, dev, want in [(True, "some/model", cpu, "bfloat16"), (False, "some/model", cpu, "float32"),
+                                     (True, "analytic", cpu, "float32"), (True, "some/model", cuda, "float32")]:
+        monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: native)
+        assert device.resolve_dtype("auto", dev, model) == want, (native, model, dev)
+    assert device.resolve_dtype("float16", cpu, "some/model") == "float16"     # asked for: kept
+
+
+def test_dtype_auto_is_saved_resolved(tmp_path, capsys, monkeypatch, caplog):
+    """A run with a learned prior writes the dtype it ran in (bf16 here, as on a native-bf16 CPU)."""
+    import yaml
+
+    import device
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)
+    model = save_tiny_model(tmp_path / "tiny")
+    r = cli(["--model_id", str(model), *FAST, "--no_baseline", "--save_dir", str(tmp_path / "o")], capsys,
+            monkeypatch, caplog)
+    assert r.returncode == 0 and "dtype auto: bfloat16" in r.stderr, r.stderr[-2000:]
+    saved = yaml.safe_load(open(os.path.join(one_run(tmp_path / "o"), "config.yaml")))
+    assert saved["run"]["dtype"] == "bfloat16"
