@@ -22,6 +22,7 @@ import checkpoint
 import physics
 import problem
 import restore
+import timing
 import utils
 
 log = logging.getLogger("eigenpsf_dps")
@@ -87,7 +88,8 @@ def restore_group(items, batch_dir, cfg, device, dtype, pipes, extra, shared, sa
     pipe, multiple = restore.load_pipeline(cfg, device, items[0].p.y.shape[1], pipes)
     for it in items:
         it.folder = it.folder or utils.make_run_dir(batch_dir, prefix=it.p.name)
-        it.view = restore.restore_inputs(it.p, it.folder, cfg, device, pipe, multiple, extra, it.progress)
+        with timing.RUN("outputs"):
+            it.view = restore.restore_inputs(it.p, it.folder, cfg, device, pipe, multiple, extra, it.progress)
     pipe.operator = items[0].view.op if shared else physics.stack_operators([it.view.op for it in items])
     before = [(it.gen.get_state(), copy.deepcopy(it.view.state)) for it in items]
     save_state = lambda x_t, nxt: checkpoint.save_folder_checkpoint(save.path, items, x_t, nxt, save.inputs,  # noqa: E731
@@ -108,8 +110,9 @@ def restore_group(items, batch_dir, cfg, device, dtype, pipes, extra, shared, sa
                 break
         return code
     for b, it in enumerate(items):
-        restore.write_outputs(it.p, it.view, it.folder, cfg, device, image_output(out, b, S),
-                      None if partial is None else partial[b * S:b * S + 1])
+        with timing.RUN("outputs"):
+            restore.write_outputs(it.p, it.view, it.folder, cfg, device, image_output(out, b, S),
+                                  None if partial is None else partial[b * S:b * S + 1])
         restore.finish(it.view, it.folder, error)
         m = it.view.metrics
         save.rows[it.index] = {"file": os.path.basename(save.inputs[it.index]), "folder": os.path.basename(it.folder),
@@ -174,6 +177,7 @@ def run_folder(inputs, batch_dir, cfg, device, dtype, extra, resume=None, pipes=
         os.remove(save.path)
     n_err = sum(r["status"] != "complete" for r in save.rows.values())
     log.info("batch done: %d/%d complete; summary in %s", len(save.rows) - n_err, len(inputs), batch_dir)
+    log.info("%s", timing.summary_line(timing.RUN.report()))
     print(batch_dir)
     if n_err and not code:
         print(f"error: {n_err} of {len(inputs)} images failed; see {os.path.join(batch_dir, 'summary.csv')}",

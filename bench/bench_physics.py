@@ -1,6 +1,7 @@
 """Physics benchmark: EigenPSF operator vs DeepInverse's SpaceVaryingBlur, same filters and multipliers.
 
     python bench/bench_physics.py [--device cpu|cuda] [--repeats 10]
+    python bench/bench_physics.py --sizes 256,1024 --Ks 10 --only_table
 
 Prints the median forward+adjoint time (of --repeats calls, after a warm-up) at 256x256 RGB with 21x21 kernels for K=5, 10 and 25,
 beside the bare FFT floor measured in the same run (2(K+1) batched FFTs of the padded shape) and the ratio against
@@ -73,11 +74,45 @@ def peak_rss_ground_truth(k, size=256, mode="motion"):
     return float(mb), float(t_gather), float(t_scatter)
 
 
+def operator_table(H, k, Ks, device, repeats, SpaceVaryingBlur):
+    """The operator pair's time beside the FFT floor (and the peer) at H×H RGB, one row per form and K."""
+    W = H
+    x = torch.rand(1, 3, H, W, device=device, generator=torch.Generator(device).manual_seed(0))
+    sim = physics.SVBlurSimulator(H, W, k, 8, device=device)
+    grid = sim.simulate_sv_kernel_grid("correlated", seed=0)
+    print(f"\n{H}x{W} RGB, {k}x{k} PSFs. FFT floor: 2(K+1) real FFTs of the padded {H + k - 1}x{W + k - 1} image per "
+          f"forward+adjoint, batched (K+1 forward and K+1 inverse over the channels), the least any FFT implementation "
+          f"of the pair does")
+    print(f"{'form':8s} {'K':>3s} {'ours fwd+adj':>13s} {'FFT floor':>10s} {'/floor':>7s} {'peer fwd+adj':>13s} "
+          f"{'speed-up':>9s} {'max rel diff (interior)':>24s}")
+    for form in ("gather", "scatter"):
+        for K in Ks:
+            dec = physics.compute_eigen_decomposition(grid, K, H, W)
+            op = physics.SVBlurOperator(dec, form, "reflect").to(device)
+            ours = timeit(lambda op=op: op.adjoint(op(x)), repeats, device)
+            z = torch.rand(1, 3 * (K + 1), H + k - 1, W + k - 1, device=device)
+            floor = timeit(lambda z=z: torch.fft.irfft2(torch.fft.rfft2(z), s=z.shape[-2:]), repeats, device)
+            line = f"{form:8s} {K:3d} {ours * 1e3:11.1f}ms {floor * 1e3:8.1f}ms {ours / floor:6.2f}x"
+            if SpaceVaryingBlur is not None:
+                peer = SpaceVaryingBlur(filters=dec.basis_kernels[None, None].to(device),
+                                        multipliers=dec.coefficient_maps[None, None].to(device),
+                                        padding="reflect", use_fft=True, mask_first=form == "scatter", device=device)
+                t_peer = timeit(lambda peer=peer: peer.A_adjoint(peer.A(x)), repeats, device)
+                a, b = op(x), peer.A(x)
+                m = k  # compare away from the borders, where padding conventions differ
+                diff = float((a - b)[..., m:-m, m:-m].abs().max() / b[..., m:-m, m:-m].abs().max())
+                line += f" {t_peer * 1e3:11.1f}ms {t_peer / ours:8.2f}x {diff:24.2e}"
+            print(line)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--default_allocator", action="store_true", help="skip device.tune_cpu_allocator()")
+    ap.add_argument("--sizes", default="256", help="image sides of the operator table (RGB, square)")
+    ap.add_argument("--Ks", default="5,10,25", help="EigenPSF counts of the operator table")
+    ap.add_argument("--only_table", action="store_true", help="the operator table only")
     args = ap.parse_args()
     device = torch.device(args.device)
     if device.type == "cpu" and not args.default_allocator:
@@ -92,33 +127,12 @@ def main():
     print(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(f"peer: DeepInverse SpaceVaryingBlur(use_fft=True); {note}")
-    H = W = 256
     k = 21
-    x = torch.rand(1, 3, H, W, device=device, generator=torch.Generator(device).manual_seed(0))
-    sim = physics.SVBlurSimulator(H, W, k, 8, device=device)
-    grid = sim.simulate_sv_kernel_grid("correlated", seed=0)
-    print(f"FFT floor: 2(K+1) real FFTs of the padded {H + k - 1}x{W + k - 1} image per forward+adjoint, batched "
-          f"(K+1 forward and K+1 inverse over the channels), the least any FFT implementation of the pair does")
-    print(f"\n{'form':8s} {'K':>3s} {'ours fwd+adj':>13s} {'FFT floor':>10s} {'/floor':>7s} {'peer fwd+adj':>13s} "
-          f"{'speed-up':>9s} {'max rel diff (interior)':>24s}")
-    for form in ("gather", "scatter"):
-        for K in (5, 10, 25):
-            dec = physics.compute_eigen_decomposition(grid, K, H, W)
-            op = physics.SVBlurOperator(dec, form, "reflect").to(device)
-            ours = timeit(lambda op=op: op.adjoint(op(x)), args.repeats, device)
-            z = torch.rand(1, 3 * (K + 1), H + k - 1, W + k - 1, device=device)
-            floor = timeit(lambda z=z: torch.fft.irfft2(torch.fft.rfft2(z), s=z.shape[-2:]), args.repeats, device)
-            line = f"{form:8s} {K:3d} {ours * 1e3:11.1f}ms {floor * 1e3:8.1f}ms {ours / floor:6.2f}x"
-            if SpaceVaryingBlur is not None:
-                peer = SpaceVaryingBlur(filters=dec.basis_kernels[None, None].to(device),
-                                        multipliers=dec.coefficient_maps[None, None].to(device),
-                                        padding="reflect", use_fft=True, mask_first=form == "scatter", device=device)
-                t_peer = timeit(lambda peer=peer: peer.A_adjoint(peer.A(x)), args.repeats, device)
-                a, b = op(x), peer.A(x)
-                m = k  # compare away from the borders, where padding conventions differ
-                diff = float((a - b)[..., m:-m, m:-m].abs().max() / b[..., m:-m, m:-m].abs().max())
-                line += f" {t_peer * 1e3:11.1f}ms {t_peer / ours:8.2f}x {diff:24.2e}"
-            print(line)
+    for H in [int(v) for v in args.sizes.split(",")]:
+        operator_table(H, k, [int(v) for v in args.Ks.split(",")], device, args.repeats, SpaceVaryingBlur)
+    if args.only_table:
+        return
+    H = W = 256
     sim64 = physics.SVBlurSimulator(H, W, k, 64, device=device)
     t_sim = timeit(lambda: sim64.simulate_sv_kernel_grid("random_iid", seed=0), 3, device)
     print(f"\nsimulator: 64x64 random_iid grid of {k}x{k} PSFs in {t_sim * 1e3:.1f} ms")

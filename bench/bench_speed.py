@@ -26,6 +26,7 @@ Prints, per case: wall seconds in each tree and their ratio, and the PSNR agains
 
 import argparse
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -140,14 +141,20 @@ def psnr_of(run_dir, cleans):
     if len(cleans) == 1:
         (clean,) = cleans.values()
         return utils.psnr(clean, np.load(os.path.join(run_dir, "restored.npy")).astype(np.float64))
-    return float(np.mean([utils.psnr(c, np.load(os.path.join(run_dir, name, "restored.npy")).astype(np.float64))
+    return float(np.mean([utils.psnr(c, np.load(image_file(run_dir, name, "restored.npy")).astype(np.float64))
                           for name, c in cleans.items()]))
 
 
+def image_file(batch_dir, name, file):
+    """`file` of image `name` in a batch folder (its sub-folder is the name and a time stamp)."""
+    (folder,) = glob.glob(os.path.join(batch_dir, f"{name}_*"))
+    return os.path.join(folder, file)
+
+
 def timings_of(run_dir, cleans):
-    """The new tree's metrics.json timings (a folder: its first image's), or None."""
+    """The new tree's metrics.json timings (a folder: its last image's, the process's whole run), or None."""
     path = os.path.join(run_dir, "metrics.json") if len(cleans) == 1 else \
-        os.path.join(run_dir, sorted(cleans)[0], "metrics.json")
+        image_file(run_dir, sorted(cleans)[-1], "metrics.json")
     return json.load(open(path)).get("timings")
 
 
