@@ -17,6 +17,7 @@ import logging
 import math
 import numbers
 import os
+import re
 
 import yaml
 
@@ -84,8 +85,10 @@ def resolve_late(cfg: dict) -> None:
     """The `auto` values that depend on the whole run, resolved once and saved resolved: the
     operator's form (measured grids are scatter) and the step count of the chosen sampler."""
     cfg["physics"]["form"] = resolve_form(cfg["physics"], measured=bool(cfg["data"]["psf_grid"]))
-    if cfg["sampler"]["num_inference_steps"] == "auto":
-        cfg["sampler"]["num_inference_steps"] = DEFAULT_STEPS.get(cfg["sampler"]["method"], 1)   # exact: one solve
+    if cfg["sampler"]["method"] == EXACT:   # one solve, whatever was asked (a warning says so)
+        cfg["sampler"]["num_inference_steps"] = 1
+    elif cfg["sampler"]["num_inference_steps"] == "auto":
+        cfg["sampler"]["num_inference_steps"] = DEFAULT_STEPS[cfg["sampler"]["method"]]
 
 
 # ----------------------------------------------------------------------------
@@ -218,10 +221,19 @@ def unflatten(flat: dict) -> dict:
     return out
 
 
+class YamlLoader(yaml.SafeLoader):
+    """SafeLoader that reads 1e-8 as a float, as YAML 1.2 and Python do (YAML 1.1, PyYAML's, wants a
+    dot: 1.0e-8, and read `--set sampler.exact.cg_tol=1e-8` as the string '1e-8')."""
+
+
+YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+                                 list("-+0123456789."))
+
+
 def load_config(path: str) -> dict:
     try:
         with open(path) as f:
-            cfg = yaml.safe_load(f)
+            cfg = yaml.load(f, Loader=YamlLoader)
     except FileNotFoundError:
         raise UserError(f"config file not found: {path}") from None
     except yaml.YAMLError as e:
@@ -287,7 +299,7 @@ def parse_set(item: str):
         raise UserError(f"--set expects section.key=value, got {item!r}")
     key, raw = item.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=YamlLoader) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
@@ -538,16 +550,18 @@ REAL_DATA_SAMPLES = 16
 
 def sampler_chosen(explicit) -> bool:
     """Whether the user chose anything about sampling: the method, the samples, the steps or a
-    sampler's own setting (sampler.<method>.<key>)."""
+    sampler's own setting (sampler.<method>.<key>; the exact solve's own, sampler.exact.*, keep it)."""
     return any(k in ("sampler.method", "sampler.num_samples", "sampler.num_inference_steps")
-               or (k.startswith("sampler.") and k.count(".") == 2) for k in explicit)
+               or (k.startswith("sampler.") and k.count(".") == 2 and not k.startswith(f"sampler.{EXACT}."))
+               for k in explicit)
 
 
 def real_data_defaults(cfg, explicit) -> None:
     """On a real measurement, what the user did not choose, each with an info line:
     - with the analytic prior and no sampler setting: its exact posterior mean (method exact, one
-      CG solve; the answer every sampler's mean approximates: DiffPIR's mean of 16 samples fell
-      0.5 dB short of it, of 8 0.9 dB, at 16× 100 steps' cost);
+      CG solve, 12-38× less time than DiffPIR's mean of 16 samples in bench/bench_speed.py; there
+      it scored 0.8-1.2 dB below that mean against the clean image, where DiffPIR's noise-level
+      stops regularise this too-weak prior; docs/benchmarks.md);
     - otherwise DiffPIR (above DPS at 1000 steps in all 8 problems of the sampler benchmark,
       bench/bench_samplers.py, at a tenth of the steps), unless a DPS setting was given; and with
       the analytic prior the mean of REAL_DATA_SAMPLES samples (one sample of a Gaussian prior is

@@ -93,6 +93,12 @@ def setup_accelerators(cfg, device, unet):
     return unet
 
 
+def synchronizer(device):
+    """What the stage timings call at each stage's ends: this GPU's synchronize (so asynchronous
+    work is counted where it was launched), or None on the CPU."""
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX-BF16, what oneDNN's bf16
     kernels use); elsewhere bf16 is emulated. Linux's /proc/cpuinfo; False where it cannot be read."""

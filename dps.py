@@ -762,14 +762,18 @@ class EigenPSFDPSPipeline:
     def exact(self, y, opt, sigma_y, generator, num_samples, x_size, callback):
         """method 'exact': the AnalyticPrior's exact posterior (exact_posterior), returned as a
         sampler's result: the mean clamped to [0, 1], or with num_samples > 1 exact draws, their
-        std, and the exact mean (not the draws' mean). The solve's iterations and relative
-        residual per image are intermediates["exact"]. A list of generators: the first draws all."""
+        std, and the exact mean (not the draws' mean). σ_y is floored at SIGMA_Y_FLOOR, as DiffPIR
+        floors it (an estimate of 0 on a clean image stays a finite problem). A list of B·S
+        generators (one per sample, as the samplers take them): image b draws with its first, so its
+        draws do not depend on its batch. The solve's iterations and relative residual per image
+        are intermediates["exact"]."""
         if not isinstance(self.unet, priors.AnalyticPrior):
             raise ValueError("method 'exact' is the analytic prior's closed-form posterior; this prior has none "
                              "(use dps, diffpir or daps)")
-        gen = generator[0] if isinstance(generator, (list, tuple)) else generator
+        gen = generator[::num_samples] if isinstance(generator, (list, tuple)) else generator
+        sigma = torch.as_tensor(sigma_y, dtype=torch.float64).flatten().clamp_min(SIGMA_Y_FLOOR)
         with torch.no_grad():
-            mean, samples, stats = exact_posterior(self.unet, self.operator, y, sigma_y, num_samples if num_samples > 1 else 0,
+            mean, samples, stats = exact_posterior(self.unet, self.operator, y, sigma, num_samples if num_samples > 1 else 0,
                                                    gen, opt["cg_max_iter"], opt["cg_tol"], x_size)
             x0 = (2 * mean - 1).float()
             res = residual_norms(y.float(), self.operator, x0)
@@ -777,8 +781,9 @@ class EigenPSFDPSPipeline:
                  "cg_stop_rule_per_image": None,
                  "exact": {"cg_iterations": stats["cg_iterations"].tolist(), "cg_tol": opt["cg_tol"],
                            "relative_residual": stats["relative_residual"].tolist(), "cg_max_iter": opt["cg_max_iter"]}}
-        if callback is not None:
-            callback(0, 0, x0, x0, res)
+        if callback is not None:   # one row per sample, as the samplers report: the mean in each
+            rep = lambda v: v.repeat_interleave(num_samples, 0)  # noqa: E731
+            callback(0, 0, rep(x0), rep(x0), rep(res))
         mean = mean.clamp(0, 1).float()
         if samples is None:
             return mean, inter
@@ -862,6 +867,8 @@ def exact_posterior(prior, operator, y, sigma_y, n_samples=0, generator=None, ma
     solve, one more Q). Samples come by perturbation-optimisation (Papandreou & Yuille 2010):
     w = Q⁻¹(b + ξ) with ξ = ε₁ + Σ^{1/2} Aᵀ ε₂ / (2σ) ~ N(0, Q) is an exact draw of N(Q⁻¹b, Q⁻¹).
     sigma_y: one value, or one per image. x_size: (H, W) of x when A maps a larger domain onto y.
+    generator: a torch.Generator, or a list of B, one per image (its draws then do not depend on
+    the other images).
     """
     y = y.to(torch.float64)
     B, C = y.shape[0], prior.config.in_channels
@@ -886,11 +893,20 @@ def exact_posterior(prior, operator, y, sigma_y, n_samples=0, generator=None, ma
         return mean, None, stats
     rep = lambda v: v.repeat_interleave(n_samples, 0)  # noqa: E731
     b_s, mu_s, sig_s = rep(b), rep(mu), rep(sig)
-    e1 = torch.randn(b_s.shape, generator=generator, dtype=torch.float64, device=b.device)
-    e2 = torch.randn((b_s.shape[0],) + tuple(y.shape[1:]), generator=generator, dtype=torch.float64, device=b.device)
+    e1, e2 = _draws(generator, B, n_samples, (tuple(b.shape[1:]), tuple(y.shape[1:])), b.device)
     w_s, _ = conjugate_gradient(precision(sig_s), b_s + e1 + half(operator.adjoint(e2)) / (2 * sig_s), rep(w_mean),
                                 max_iter, tol, P_inv(None if inv is None else rep(inv)))
     return mean, to_image(w_s, mu_s).reshape(B, n_samples, *mean.shape[1:]), stats
+
+
+def _draws(generator, B, S, shapes, device):
+    """Standard normal (B·S, *shape) draws, one tensor per shape: from one generator, or image by
+    image from a list of B generators (each image's S draws of every shape from its own)."""
+    if not isinstance(generator, (list, tuple)):
+        return [torch.randn((B * S,) + shape, generator=generator, dtype=torch.float64, device=device) for shape in shapes]
+    per_image = [[torch.randn((S,) + shape, generator=g, dtype=torch.float64, device=device) for shape in shapes]
+                 for g in generator]
+    return [torch.cat([d[k] for d in per_image]) for k in range(len(shapes))]
 
 
 def _posterior_preconditioner(prior, operator, sig, shape, device):

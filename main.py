@@ -93,7 +93,7 @@ def restore_images(cfg, explicit, argv) -> int:
 def _restore_images(cfg, explicit, argv) -> int:
     d, rc = cfg["data"], cfg["run"]
     device = device_setup.resolve_device(rc["device"], threads=rc["threads"])
-    timing.RUN.sync = torch.cuda.synchronize if device.type == "cuda" else None
+    timing.RUN.sync = device_setup.synchronizer(device)
     rc["dtype"] = device_setup.resolve_dtype(rc["dtype"], device, cfg["model"]["model_id"])  # saved resolved
     dtype = getattr(torch, rc["dtype"])
     gen = torch.Generator(device=device).manual_seed(rc["seed"])
@@ -165,7 +165,7 @@ def _resume_run(run_dir, ckpt_path, schema) -> int:
         return training.train_prior(cfg, run_dir)
     ckpt = checkpoint.load_checkpoint(ckpt_path)
     device = device_setup.resolve_device(cfg["run"]["device"], threads=cfg["run"]["threads"])
-    timing.RUN.sync = torch.cuda.synchronize if device.type == "cuda" else None
+    timing.RUN.sync = device_setup.synchronizer(device)
     # The run saved its resolved dtype; 'auto' resolves the same way on the same machine.
     dtype = getattr(torch, device_setup.resolve_dtype(cfg["run"]["dtype"], device, cfg["model"]["model_id"]))
     log.info("resuming %s at step %d/%d", run_dir, ckpt["next_index"], cfg["sampler"]["num_inference_steps"])

@@ -277,6 +277,8 @@ def tile_plan(cfg, pipe, views, n_images, dtype):
     sample_size = getattr(pipe.unet.config, "sample_size", None)
     sample_size = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
     plan = tiling.resolve(sc["tile"], sc["tile_overlap"], sc["tile_batch"], H, W, sample_size, 1)
+    if sc["method"] == config.EXACT:   # no network to tile
+        plan = None
     if plan is not None and tiling.n_tiles(H, W, plan) == 1:
         plan = None
     if sc["tile"] == "auto" and plan is not None:
@@ -323,9 +325,10 @@ def record_exact(views, exact) -> None:
         view.metrics["exact_posterior"] = {"cg_iterations": its, "relative_residual": res, "cg_tol": exact["cg_tol"],
                                            "converged": res <= exact["cg_tol"]}
         if res > exact["cg_tol"]:
-            log.warning("%s: the exact posterior's CG stopped at its cap (%d iterations) with a relative residual of "
-                        "%.2g, above cg_tol %g (--set sampler.exact.cg_max_iter=N)", view.metrics["image"], its, res,
-                        exact["cg_tol"])
+            why = (f"stopped at its cap ({its} iterations; --set sampler.exact.cg_max_iter=N)"
+                   if its >= exact["cg_max_iter"] else f"ended after {its} iterations (float rounding)")
+            log.warning("%s: the exact posterior's CG %s with a relative residual of %.2g, above cg_tol %g",
+                        view.metrics["image"], why, res, exact["cg_tol"])
 
 
 def record_data_steps(m, iters, rules) -> None:

@@ -55,23 +55,30 @@ class Stopwatch:
         try:
             yield
         finally:
-            if self.sync:
-                self.sync()
-            now = time.perf_counter()
-            _, since = self._stack.pop()
-            self.seconds[name] = self.seconds.get(name, 0.0) + now - since
-            if self._stack:
-                self._stack[-1][1] = now
+            try:
+                if self.sync:
+                    self.sync()
+            finally:   # a failed sync (an asynchronous CUDA error surfaces there) still closes the stage
+                now = time.perf_counter()
+                _, since = self._stack.pop()
+                self.seconds[name] = self.seconds.get(name, 0.0) + now - since
+                if self._stack:
+                    self._stack[-1][1] = now
 
     def add(self, name: str, seconds: float) -> None:
         """Time measured elsewhere (before this stopwatch existed: the process's start-up)."""
         self.seconds[name] = self.seconds.get(name, 0.0) + seconds
 
     def report(self) -> dict:
-        """{stage: seconds} in ORDER, then 'total', rounded to milliseconds."""
-        names = [n for n in ORDER if n in self.seconds] + sorted(set(self.seconds) - set(ORDER))
-        out = {n: round(self.seconds[n], 3) for n in names}
-        out["total"] = round(sum(self.seconds.values()), 3)
+        """{stage: seconds} in ORDER, then 'total', rounded to milliseconds; the stage running now
+        (a run's metrics are written inside its setup stage) counts up to now."""
+        seconds = dict(self.seconds)
+        if self._stack:
+            name, since = self._stack[-1]
+            seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - since
+        names = [n for n in ORDER if n in seconds] + sorted(set(seconds) - set(ORDER))
+        out = {n: round(seconds[n], 3) for n in names}
+        out["total"] = round(sum(seconds.values()), 3)
         return out
 
 

@@ -113,6 +113,7 @@ REAL = ["--blurred", "y.png", "--psf_grid", "g.npz"]
     (REAL + ["--model_id", "analytic", "--num_inference_steps", "50"], "diffpir", 16),
     (REAL + ["--model_id", "analytic", "--set", "sampler.diffpir.zeta=0.5"], "diffpir", 16),
     (REAL + ["--model_id", "analytic", "--sampler", "exact", "--num_samples", "8"], "exact", 8),   # exact draws
+    (REAL + ["--model_id", "analytic", "--set", "sampler.exact.cg_tol=1e-8"], "exact", 1),   # the solve's own setting
     (REAL + ["--model_id", "some/model"], "diffpir", 1),                    # a learned prior has no closed form
     (["--image", "sample", "--model_id", "analytic"], "dps", 1),             # simulations keep config.yaml's
 ])
@@ -122,6 +123,12 @@ def test_real_data_with_the_analytic_prior_defaults_to_its_exact_posterior_mean(
     assert (cfg["sampler"]["method"], cfg["sampler"]["num_samples"]) == (method, samples)
     if method == "exact":
         assert cfg["sampler"]["num_inference_steps"] == 1
+
+
+def test_exact_takes_one_solve_whatever_steps_were_asked():
+    cfg = resolved(["--image", "sample", "--model_id", "analytic", "--sampler", "exact", "--num_inference_steps", "50"])
+    config.resolve_late(cfg)
+    assert cfg["sampler"]["num_inference_steps"] == 1
 
 
 def test_exact_needs_the_analytic_prior():

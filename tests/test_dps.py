@@ -556,6 +556,18 @@ def test_exact_method_gives_each_image_its_dense_posterior_mean():
         dps.EigenPSFDPSPipeline(tiny_unet(), tiny_scheduler(), ops[0])(y[:1].float(), method="exact", sigma_y=0.1)
 
 
+def test_exact_method_floors_sigma_like_diffpir():
+    """σ_y = 0 (a noise-free simulation, or an estimate of 0 on a clean image) is floored at
+    SIGMA_Y_FLOOR, as DiffPIR floors it: the same answer as at the floor, finite."""
+    prior, sched = priors.load_model("analytic")
+    eig = small_system(6, 6, n=2)[0]
+    y = eig(torch.full((1, 3, 6, 6), 0.5))
+    pipe = dps.EigenPSFDPSPipeline(prior, sched, eig)
+    at_zero, _ = pipe(y, method="exact", sigma_y=0.0)
+    at_floor, _ = pipe(y, method="exact", sigma_y=dps.SIGMA_Y_FLOOR)
+    assert torch.isfinite(at_zero).all() and torch.equal(at_zero, at_floor)
+
+
 def test_exact_method_draws_come_around_the_exact_mean():
     """With num_samples > 1 the exact method returns exact posterior draws (their spread matches the
     dense posterior's standard deviation) and the exact mean itself as `mean`."""
