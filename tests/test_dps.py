@@ -556,6 +556,25 @@ def test_exact_method_gives_each_image_its_dense_posterior_mean():
         dps.EigenPSFDPSPipeline(tiny_unet(), tiny_scheduler(), ops[0])(y[:1].float(), method="exact", sigma_y=0.1)
 
 
+@pytest.mark.parametrize("mode", ["motion", "defocus"])
+def test_exact_posterior_preconditioner_cuts_the_iterations(monkeypatch, mode):
+    """The centre-PSF preconditioner of the exact posterior steers CG to the same answer in a
+    fraction of the iterations at small σ (measured at 32², tol 1e-6: 105-166 against 761-879 at
+    σ = 0.005, 36-49 against 247-273 at 0.02): at most a third of plain CG's here, at the default
+    tolerance, and the same image to 1e-4."""
+    prior, _ = priors.load_model("analytic")
+    eig = small_system(32, 32, n=3, mode=mode)[0].double()
+    y = eig(torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    for sigma in (0.005, 0.02):
+        tol = dps.OPTIONS["exact"]["cg_tol"]
+        mean, _, st = dps.exact_posterior(prior, eig, y, sigma, tol=tol)
+        with monkeypatch.context() as m:
+            m.setattr(dps, "_posterior_preconditioner", lambda *args: None)
+            plain, _, st0 = dps.exact_posterior(prior, eig, y, sigma, tol=tol)
+        assert int(st["cg_iterations"]) <= int(st0["cg_iterations"]) / 3, (sigma, st, st0)
+        assert torch.allclose(mean, plain, atol=1e-4)
+
+
 def test_exact_method_floors_sigma_like_diffpir():
     """σ_y = 0 (a noise-free simulation, or an estimate of 0 on a clean image) is floored at
     SIGMA_Y_FLOOR, as DiffPIR floors it: the same answer as at the floor, finite."""
