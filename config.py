@@ -559,7 +559,7 @@ def sampler_chosen(explicit) -> bool:
 def real_data_defaults(cfg, explicit) -> None:
     """On a real measurement, what the user did not choose, each with an info line:
     - with the analytic prior and no sampler setting: its exact posterior mean (method exact, one
-      CG solve, 12-38× less time than DiffPIR's mean of 16 samples in bench/bench_speed.py; there
+      CG solve, 10-31× less time than DiffPIR's mean of 16 samples in bench/bench_speed.py; there
       it scored 0.8-1.2 dB below that mean against the clean image, where DiffPIR's noise-level
       stops regularise this too-weak prior; docs/benchmarks.md);
     - otherwise DiffPIR (above DPS at 1000 steps in all 8 problems of the sampler benchmark,
