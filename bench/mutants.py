@@ -174,6 +174,10 @@ MUTANTS = {
                                       "tests/test_data_step.py -k path_does_not_follow"),
     "stopwatch_parent_counts_children": ("timing.py", "            self.seconds[parent] = self.seconds.get(parent, 0.0) + now - since\n",
                                          "            pass\n", "tests/test_timing.py -k nested_stages"),
+    "photo_split_leaks": ("bench/bench_photos.py", "return [s for s in stems if s not in held], held",
+                          "return stems, held", "tests/test_bench_photos.py -k held_out"),
+    "rl_oracle_without_norm": ("bench/bench_photos.py", "est = est * op.adjoint(y / op(est).clamp_min(eps)) / norm",
+                               "est = est * op.adjoint(y / op(est).clamp_min(eps))", "tests/test_bench_photos.py -k oracle"),
 }
 
 
