@@ -28,10 +28,9 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import device as device_setup  # noqa: E402
 import dps  # noqa: E402
-import physics  # noqa: E402
 import priors  # noqa: E402
 import utils  # noqa: E402
-from bench_training import PHYSICS, frame  # noqa: E402
+from bench_training import frame, measurement  # noqa: E402
 
 
 def held_out_frames(n_train=400):
@@ -44,13 +43,7 @@ def held_out_frames(n_train=400):
 
 
 def restore(unet, sched, clean, seed, dtype):
-    field, truth = physics.create_ground_truth(64, 64, PHYSICS, "cpu", seed=seed)
-    op = physics.build_operators(field.node_grid(), 64, 64, PHYSICS)[0]
-    r = PHYSICS["kernel_size"] // 2
-    x_ext = torch.from_numpy(np.pad(clean, r, mode="reflect")).float()[None, None]
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        y = truth(x_ext) + 0.02 * torch.randn((1, 1, 64, 64), generator=g)
+    op, y, g = measurement(clean, seed)
     t0 = time.perf_counter()
     out, _ = dps.EigenPSFDPSPipeline(unet, sched, op)(y, num_inference_steps=100, method="diffpir", sigma_y=0.02,
                                                       generator=g, dtype=dtype)

@@ -82,9 +82,9 @@ def train(folder, out, minutes, quick, steps=None):
     return os.path.join(out, "model")
 
 
-def restore(model_id, clean, method, options, steps, samples, seed, clip_denoised=None):
-    """PSNR of the posterior mean, of the blurred frame and of each sample, on the fixed [0, 1] range,
-    and the sampler's wall time in seconds."""
+def measurement(clean, seed):
+    """(the EigenPSF operator, y, the generator): a 64² frame blurred by the per-pixel defocus truth,
+    noise σ = 0.02; the generator, past the noise, then drives the sampler."""
     field, truth = physics.create_ground_truth(64, 64, PHYSICS, "cpu", seed=seed)
     op = physics.build_operators(field.node_grid(), 64, 64, PHYSICS)[0]
     r = PHYSICS["kernel_size"] // 2
@@ -92,6 +92,13 @@ def restore(model_id, clean, method, options, steps, samples, seed, clip_denoise
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         y = truth(x_ext) + 0.02 * torch.randn((1, 1, 64, 64), generator=g)
+    return op, y, g
+
+
+def restore(model_id, clean, method, options, steps, samples, seed, clip_denoised=None):
+    """PSNR of the posterior mean, of the blurred frame and of each sample, on the fixed [0, 1] range,
+    and the sampler's wall time in seconds."""
+    op, y, g = measurement(clean, seed)
     unet, sched = priors.load_model(model_id, channels=1)
     pipe = dps.EigenPSFDPSPipeline(unet, sched, op)
     t0 = time.perf_counter()
