@@ -449,7 +449,7 @@ def plot_examples(path, out, results, names, sigma, columns):
     """Truth, measurement and every method's estimate for each held-out photo at the first σ, PSNR in titles."""
     import matplotlib.pyplot as plt
     from utils import read_image
-    columns = [("truth", "truth", None)] + list(columns)
+    columns = [("truth", "truth", None)] + [c for c in columns if "oracle" not in c[1]]   # what a user can get
     fig, axes = plt.subplots(len(names), len(columns), figsize=(1.5 * len(columns), 1.6 * len(names)), squeeze=False)
     for row, name in zip(axes, names):
         for ax, (label, method, model) in zip(row, columns):
@@ -461,7 +461,7 @@ def plot_examples(path, out, results, names, sigma, columns):
                 score = results.get(key, {}).get("psnr")
                 ax.set_title(label if score is None else f"{label}\n{score:.2f} dB", fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=72)
     print(f"examples: {path}")
 
 
