@@ -2,10 +2,12 @@
 result loads with --model_id and restores, bad input is one line, and DDP with 2 gloo processes
 trains as 1 process with the same global batch."""
 
+import gc
 import glob
 import json
 import os
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -147,6 +149,13 @@ def _ddp_worker(rank, folder, store, steps, out):
         losses = [trainer.train_step() for _ in range(steps)]
         if rank == 0:
             torch.save({"losses": losses, "unet": trainer.unet.state_dict()}, out)
+        # Free the DDP model while the process group lives, and let gloo's threads finish freeing their
+        # work: freed at process exit instead, the Reducer's destructor joined a gloo thread that waited
+        # for the GIL the destructor held (a deadlock seen once in CI, torch 2.13).
+        del trainer
+        gc.collect()
+        torch.distributed.barrier()
+        time.sleep(0.2)
     finally:
         torch.distributed.destroy_process_group()
 
@@ -155,7 +164,14 @@ def _ddp_worker(rank, folder, store, steps, out):
 def test_ddp_with_two_gloo_processes_matches_one_process(tmp_path):
     folder = blob_images(tmp_path / "imgs")
     steps = 4
-    mp.spawn(_ddp_worker, args=(folder, str(tmp_path / "store"), steps, str(tmp_path / "ddp.pt")), nprocs=2)
+    ctx = mp.spawn(_ddp_worker, args=(folder, str(tmp_path / "store"), steps, str(tmp_path / "ddp.pt")), nprocs=2,
+                   join=False)
+    deadline = time.time() + 300     # a hung worker fails this test rather than stalling the suite
+    while not ctx.join(timeout=5):
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("the two DDP workers did not finish within 300 s")
     ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
     one = trainer_for(train_config(folder, steps))
     losses = [one.train_step() for _ in range(steps)]
