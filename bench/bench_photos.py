@@ -299,7 +299,6 @@ def restore_all(out, held, args, marks):
     resumes); shard i of n takes every n-th job, so n processes on one thread each share the list."""
     i_shard, n_shards = (int(v) for v in args.shard.split("/"))
     path = os.path.join(out, "results.json" if n_shards == 1 else f"results.{i_shard}.json")
-    done = load_results(out)
     results = json.load(open(path)) if os.path.exists(path) else {}
     why_not = utils.lpips_unavailable("vgg")
     if why_not:
@@ -311,7 +310,7 @@ def restore_all(out, held, args, marks):
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
     for i, (name, sigma, method, model) in enumerate(todo):
         key = f"{name}|{sigma:g}|{method}|{model or ''}"
-        if key in done or key in load_results(out):    # another process may have done it since
+        if key in load_results(out):    # read afresh: another process may have done it since
             continue
         if time.time() > deadline:
             print(f"deadline: {len(todo) - i} jobs left undone", flush=True)
