@@ -143,7 +143,7 @@ RANGES = {
     "sampler.daps.ode_steps": (1, 100), "sampler.daps.cg_tol": (0.0, 1.0), "sampler.daps.cg_max_iter": (1, 10000),
     "sampler.daps.langevin_steps": (1, 10000), "sampler.daps.langevin_step": (0.0, 2.0),
     "sampler.daps.lr_min_ratio": (0.0, 1.0),
-    "sampler.exact.cg_tol": (0.0, 1.0), "sampler.exact.cg_max_iter": (1, 100000),
+    "sampler.exact.cg_tol": (0.0, 1.0), "sampler.exact.cg_max_iter": (1, 100000), "sampler.exact.evidence": (False, True),
     "sampler.num_samples": (1, 1024), "sampler.intermediate_freq": (0, None), "sampler.log_every": (1, None),
     "sampler.tile": (8, 8192), "sampler.tile_overlap": (0, 8192), "sampler.tile_batch": (1, 4096),
     "train.crop": (8, 4096), "train.val_fraction": (0.0, 0.9), "train.batch_size": (1, 65536), "train.steps": (1, None),

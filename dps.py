@@ -767,22 +767,34 @@ class EigenPSFDPSPipeline:
         std, and the exact mean (not the draws' mean). σ_y is floored at SIGMA_Y_FLOOR, as DiffPIR
         floors it (an estimate of 0 on a clean image stays a finite problem). A list of B·S
         generators (one per sample, as the samplers take them): image b draws with its first, so its
-        draws do not depend on its batch. The solve's iterations and relative residual per image
-        are intermediates["exact"]."""
+        draws do not depend on its batch. With options["evidence"] the prior's scale γ and the noise
+        level σ_e come per image from evidence_fit (maximum marginal likelihood) and the posterior is
+        that of x₀ ~ N(μ, γΣ), noise σ_e. The solve's iterations and relative residual, γ and the σ
+        used, per image, are intermediates["exact"]."""
         if not isinstance(self.unet, priors.AnalyticPrior):
             raise ValueError("method 'exact' is the analytic prior's closed-form posterior; this prior has none "
                              "(use dps, diffpir or daps)")
         gen = generator[::num_samples] if isinstance(generator, (list, tuple)) else generator
         sigma = torch.as_tensor(sigma_y, dtype=torch.float64).flatten().clamp_min(SIGMA_Y_FLOOR)
+        gamma = torch.ones(1, dtype=torch.float64)
         with torch.no_grad():
+            same = x_size is None or tuple(x_size) == tuple(y.shape[-2:])
+            fit = evidence_fit(self.unet, self.operator, y, sigma) if opt["evidence"] and same else None
+            if fit is not None:
+                gamma, sigma = (v.cpu() for v in fit)
+            elif opt["evidence"]:
+                log.warning("the evidence fit needs the operator to keep the image's shape; the prior's scale and "
+                            "sigma_y stay as given")
             mean, samples, stats = exact_posterior(self.unet, self.operator, y, sigma, num_samples if num_samples > 1 else 0,
-                                                   gen, opt["cg_max_iter"], opt["cg_tol"], x_size)
+                                                   gen, opt["cg_max_iter"], opt["cg_tol"], x_size, gamma)
             x0 = (2 * mean - 1).float()
             res = residual_norms(y.float(), self.operator, x0)
         inter = {"steps": [], "x0_hat": [], "residual": [], "cg_iterations": [], "cg_iterations_per_image": None,
                  "cg_stop_rule_per_image": None,
                  "exact": {"cg_iterations": stats["cg_iterations"].tolist(), "cg_tol": opt["cg_tol"],
-                           "relative_residual": stats["relative_residual"].tolist(), "cg_max_iter": opt["cg_max_iter"]}}
+                           "relative_residual": stats["relative_residual"].tolist(), "cg_max_iter": opt["cg_max_iter"],
+                           "evidence": fit is not None, "prior_scale": gamma.expand(len(y)).tolist(),
+                           "sigma_y": sigma.expand(len(y)).tolist()}}
         if callback is not None:   # one row per sample, as the samplers report: the mean in each
             rep = lambda v: v.repeat_interleave(num_samples, 0)  # noqa: E731
             callback(0, 0, rep(x0), rep(x0), rep(res))
@@ -851,13 +863,15 @@ def create_dps_pipeline(operator, model_id=DEFAULT_MODEL_ID, cache_dir=None, dev
 # 4. The exact posterior of the analytic prior (what the samplers are checked against)
 # ----------------------------------------------------------------------------
 
-def gaussian_posterior(prior, operator, y, sigma_y, n_samples=0, generator=None, max_iter=3000, tol=1e-6):
+def gaussian_posterior(prior, operator, y, sigma_y, n_samples=0, generator=None, max_iter=3000, tol=1e-6, prior_scale=1.0):
     """(mean, samples) of exact_posterior: the exact posterior of the AnalyticPrior."""
-    mean, samples, _ = exact_posterior(prior, operator, y, sigma_y, n_samples, generator, max_iter, tol)
+    mean, samples, _ = exact_posterior(prior, operator, y, sigma_y, n_samples, generator, max_iter, tol,
+                                       prior_scale=prior_scale)
     return mean, samples
 
 
-def exact_posterior(prior, operator, y, sigma_y, n_samples=0, generator=None, max_iter=3000, tol=1e-6, x_size=None):
+def exact_posterior(prior, operator, y, sigma_y, n_samples=0, generator=None, max_iter=3000, tol=1e-6, x_size=None,
+                    prior_scale=1.0):
     """The exact posterior of the AnalyticPrior's x₀ ~ N(μ, Σ) given y = A((x₀ + 1)/2) + n,
     n ~ N(0, σ_y² I), for a linear `operator` with an adjoint. Returns (mean, samples, stats) in
     [0, 1] image space, unclipped: mean (B, C, H, W), samples (B, n_samples, C, H, W) or None, and
@@ -869,6 +883,7 @@ def exact_posterior(prior, operator, y, sigma_y, n_samples=0, generator=None, ma
     solve, one more Q). Samples come by perturbation-optimisation (Papandreou & Yuille 2010):
     w = Q⁻¹(b + ξ) with ξ = ε₁ + Σ^{1/2} Aᵀ ε₂ / (2σ) ~ N(0, Q) is an exact draw of N(Q⁻¹b, Q⁻¹).
     sigma_y: one value, or one per image. x_size: (H, W) of x when A maps a larger domain onto y.
+    prior_scale: γ, one value or one per image: the prior's covariance is γΣ (evidence_fit's choice).
     generator: a torch.Generator, or a list of B, one per image (its draws then do not depend on
     the other images).
     """
@@ -878,27 +893,29 @@ def exact_posterior(prior, operator, y, sigma_y, n_samples=0, generator=None, ma
     if not bool((sig > 0).all()):
         raise ValueError("the exact posterior needs sigma_y > 0")
     sig = sig.expand(B).reshape(B, 1, 1, 1)
+    gam = torch.as_tensor(prior_scale, dtype=torch.float64, device=y.device).flatten().expand(B).reshape(B, 1, 1, 1)
     H, W = x_size or y.shape[-2:]
-    half = lambda v: prior.apply_covariance(v, 0.5)                                # Σ^{1/2}  # noqa: E731
-    precision = lambda s: lambda w: w + half(operator.adjoint(operator(half(w)))) / (4 * s ** 2)  # noqa: E731
+    half = lambda v, g: prior.apply_covariance(v, 0.5) * g.sqrt()                 # (γΣ)^{1/2}  # noqa: E731
+    precision = lambda s, g: lambda w: w + half(operator.adjoint(operator(half(w, g))), g) / (4 * s ** 2)  # noqa: E731
     mu = prior.mu.view(1, -1, 1, 1).expand(B, C, H, W)
-    b = half(operator.adjoint(y - operator((mu + 1) / 2))) / (2 * sig ** 2)
-    to_image = lambda w, m: (m + half(w) + 1) / 2  # noqa: E731
-    inv = _posterior_preconditioner(prior, operator, sig, (B, C, H, W), y.device)
+    b = half(operator.adjoint(y - operator((mu + 1) / 2)), gam) / (2 * sig ** 2)
+    to_image = lambda w, m, g: (m + half(w, g) + 1) / 2  # noqa: E731
+    # γΣ with σ is Σ with σ/√γ in the preconditioner's gain
+    inv = _posterior_preconditioner(prior, operator, sig / gam.sqrt(), (B, C, H, W), y.device)
     P_inv = lambda g: None if g is None else (lambda v: prior.filter(v, g))  # noqa: E731
-    Q = precision(sig)
+    Q = precision(sig, gam)
     w_mean, iters = conjugate_gradient(Q, b, torch.zeros_like(b), max_iter, tol, P_inv(inv))
     norm = lambda v: torch.linalg.vector_norm(v.flatten(1), dim=1)  # noqa: E731
     stats = {"cg_iterations": iters, "relative_residual": norm(b - Q(w_mean)) / norm(b).clamp_min(1e-300)}
-    mean = to_image(w_mean, mu)
+    mean = to_image(w_mean, mu, gam)
     if not n_samples:
         return mean, None, stats
     rep = lambda v: v.repeat_interleave(n_samples, 0)  # noqa: E731
-    b_s, mu_s, sig_s = rep(b), rep(mu), rep(sig)
+    b_s, mu_s, sig_s, gam_s = rep(b), rep(mu), rep(sig), rep(gam)
     e1, e2 = _draws(generator, B, n_samples, (tuple(b.shape[1:]), tuple(y.shape[1:])), b.device)
-    w_s, _ = conjugate_gradient(precision(sig_s), b_s + e1 + half(operator.adjoint(e2)) / (2 * sig_s), rep(w_mean),
-                                max_iter, tol, P_inv(None if inv is None else rep(inv)))
-    return mean, to_image(w_s, mu_s).reshape(B, n_samples, *mean.shape[1:]), stats
+    w_s, _ = conjugate_gradient(precision(sig_s, gam_s), b_s + e1 + half(operator.adjoint(e2), gam_s) / (2 * sig_s),
+                                rep(w_mean), max_iter, tol, P_inv(None if inv is None else rep(inv)))
+    return mean, to_image(w_s, mu_s, gam_s).reshape(B, n_samples, *mean.shape[1:]), stats
 
 
 def _draws(generator, B, S, shapes, device):
@@ -918,6 +935,16 @@ def _posterior_preconditioner(prior, operator, sig, shape, device):
     prior's channel basis and in Fourier, so P⁻¹ is exact and cheap. It only steers CG (the answer
     is the same); it cuts the iterations from thousands to tens when σ is small. sig: (B, 1, 1, 1).
     Returns g (B, C, H, W//2+1), or None when A changes the image's shape."""
+    gain = _centre_gain(operator, shape, device)
+    if gain is None:
+        return None
+    return 1 / (1 + prior.prior_variance(*shape[-2:])[None] * gain / (4 * sig ** 2))
+
+
+def _centre_gain(operator, shape, device):
+    """|ĥ(f)|² (B, 1, H, W//2+1) on the rFFT grid, h each image's PSF at the image centre (a point
+    source through the operator); a colour operator's channels averaged (the prior's filter mixes
+    channels). None when A changes the image's shape."""
     B, C, H, W = shape
     delta = torch.zeros(shape, dtype=torch.float64, device=device)
     delta[..., H // 2, W // 2] = 1
@@ -925,6 +952,76 @@ def _posterior_preconditioner(prior, operator, sig, shape, device):
     if psf.shape != delta.shape:
         return None
     psf = torch.roll(psf, (-(H // 2), -(W // 2)), (-2, -1))                    # centred at index 0
-    # |ĥ(f)|², (B, 1, H, W//2+1); a colour operator's channels averaged (the prior's filter mixes channels)
-    gain = (torch.fft.rfft2(psf).abs() ** 2).mean(1, keepdim=True)
-    return 1 / (1 + prior.prior_variance(H, W)[None] * gain / (4 * sig ** 2))
+    return (torch.fft.rfft2(psf).abs() ** 2).mean(1, keepdim=True)
+
+
+# The evidence search's box: the prior's scale γ, and σ_e as a multiple of the given σ_y.
+EVIDENCE_GAMMA = (1e-3, 1e2)
+EVIDENCE_SIGMA = (0.5, 10.0)
+
+
+def evidence_nll(prior, operator, y, gamma, sigma_e):
+    """−2 log p(y | γ, σ_e) + const per image (B,), for x₀ ~ N(μ, γΣ) and y = A((x₀ + 1)/2) + n,
+    n ~ N(0, σ_e² I), with A taken as the periodic convolution with its centre PSF h (as the
+    preconditioner takes it). Then in the prior's channel basis and orthonormal Fourier every
+    coefficient of the residual r = y − A((μ + 1)/2) is independent and zero-mean with variance
+        v_c(f) = γ λ_c s(f) |ĥ(f)|² / 4 + σ_e²        (the 1/4: x = (x₀ + 1)/2),
+    so −2 log p(y) = Σ_{c,f} w_f (log v_c(f) + |r̂_c(f)|² / v_c(f)), w_f = 2 on the rFFT's complex
+    columns and 1 on its real ones (column 0 and, for even W, W/2). gamma, sigma_e: (B,) or (G, B)
+    candidates (the result then (G, B)). None when A changes the image's shape."""
+    stats = _evidence_stats(prior, operator, y)
+    return None if stats is None else _nll(*stats, gamma, sigma_e)
+
+
+def _evidence_stats(prior, operator, y):
+    """(P, |r̂|², w) of evidence_nll: the prior's blurred variance γ = 1 (B, C, H, W//2+1), the
+    residual's power (B, C, H, W//2+1) and the column weights (W//2+1,)."""
+    y = y.to(torch.float64)
+    B, C, H, W = y.shape
+    gain = _centre_gain(operator, (B, prior.config.in_channels, H, W), y.device)
+    if gain is None or prior.config.in_channels != C:
+        return None
+    r = y - operator((prior.mu.view(1, -1, 1, 1).expand(B, C, H, W) + 1) / 2)
+    power = torch.fft.rfft2(prior._rotate(r, prior.Q.T), norm="ortho").abs() ** 2
+    w = torch.full((W // 2 + 1,), 2.0, dtype=torch.float64, device=y.device)
+    w[0] = 1
+    if W % 2 == 0:
+        w[-1] = 1
+    return prior.prior_variance(H, W)[None] * gain / 4, power, w
+
+
+def _nll(P, power, w, gamma, sigma_e):
+    gamma, sigma_e = torch.as_tensor(gamma, dtype=torch.float64), torch.as_tensor(sigma_e, dtype=torch.float64)
+    shape = torch.broadcast_shapes(gamma.shape, sigma_e.shape)
+    g, s = gamma.expand(shape).reshape(-1, P.shape[0]), sigma_e.expand(shape).reshape(-1, P.shape[0])
+    out = torch.stack([(((torch.log(v) + power / v) * w).sum((1, 2, 3)))
+                       for v in (gi.view(-1, 1, 1, 1) * P + si.view(-1, 1, 1, 1) ** 2 for gi, si in zip(g, s))])
+    return out.reshape(shape)
+
+
+def evidence_fit(prior, operator, y, sigma_y, points=17, zooms=3):
+    """(γ, σ_e), each (B,): the prior's scale and the noise level that maximise the evidence
+    p(y | γ, σ_e) of evidence_nll (type-II maximum likelihood, MacKay 1992; for a Gaussian prior
+    and a convolution, Wiener-filter hyperparameters by marginal likelihood). σ_e absorbs what
+    the noise σ_y alone does not explain: the model's own error (PSF grid, EigenPSF truncation),
+    quantisation, a low σ estimate; the prior's 1/f² spectrum, fitted once on three photos, is
+    rescaled to the image. A grid of points² in log space over EVIDENCE_GAMMA × σ_y·EVIDENCE_SIGMA,
+    then `zooms` finer grids around the best (each a quarter of the last one's span). Returns
+    None when A changes the image's shape (no centre PSF to take)."""
+    stats = _evidence_stats(prior, operator, y)
+    if stats is None:
+        return None
+    B = y.shape[0]
+    sig = torch.as_tensor(sigma_y, dtype=torch.float64, device=y.device).flatten().expand(B)
+    box = torch.log(torch.tensor([EVIDENCE_GAMMA, EVIDENCE_SIGMA], dtype=torch.float64, device=y.device)).T[..., None]
+    lo, hi = box[0].expand(2, B), box[1].expand(2, B)
+    for _ in range(zooms + 1):
+        t = torch.linspace(0, 1, points, dtype=torch.float64).view(-1, 1)
+        lg, ls = lo[0] + t * (hi[0] - lo[0]), lo[1] + t * (hi[1] - lo[1])            # (points, B) each
+        G, S = lg[:, None, :].expand(points, points, B), ls[None, :, :].expand(points, points, B)
+        nll = _nll(*stats, G.exp().reshape(-1, B), (S.exp() * sig).reshape(-1, B))  # (points², B)
+        best = nll.argmin(0)
+        centre = torch.stack([G.reshape(-1, B)[best, torch.arange(B)], S.reshape(-1, B)[best, torch.arange(B)]])
+        half = (hi - lo) / 8
+        lo, hi = torch.maximum(centre - half, box[0]), torch.minimum(centre + half, box[1])
+    return centre[0].exp(), centre[1].exp() * sig

@@ -318,12 +318,19 @@ def record_sampling(views, cfg, status, runtime, cg) -> None:
 
 
 def record_exact(views, exact) -> None:
-    """The exact posterior's solve, per image: CG iterations and the relative residual reached
-    (metrics.json `exact_posterior`), with a warning where the cap stopped it short of cg_tol."""
+    """The exact posterior's solve, per image: CG iterations and the relative residual reached, and
+    the prior's scale and noise level it used (metrics.json `exact_posterior`; an info line where
+    the evidence chose them), with a warning where the cap stopped it short of cg_tol."""
     for b, view in enumerate(views):
         its, res = exact["cg_iterations"][b], exact["relative_residual"][b]
+        gamma, sigma = exact["prior_scale"][b], exact["sigma_y"][b]
         view.metrics["exact_posterior"] = {"cg_iterations": its, "relative_residual": res, "cg_tol": exact["cg_tol"],
-                                           "converged": res <= exact["cg_tol"]}
+                                           "converged": res <= exact["cg_tol"], "evidence": exact["evidence"],
+                                           "prior_scale": gamma, "sigma_effective": sigma}
+        if exact["evidence"]:
+            log.info("%s: by maximum evidence, the prior's scale %.3g and the noise level %.4g (%.2f x sigma_y: the "
+                     "model's own error counts as noise; --set sampler.exact.evidence=false keeps both as given)",
+                     view.metrics["image"], gamma, sigma, sigma / max(view.metrics["sigma_y"], dps.SIGMA_Y_FLOOR))
         if res > exact["cg_tol"]:
             why = (f"stopped at its cap ({its} iterations; --set sampler.exact.cg_max_iter=N)"
                    if its >= exact["cg_max_iter"] else f"ended after {its} iterations (float rounding)")

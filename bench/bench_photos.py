@@ -136,9 +136,11 @@ def prepare_data(out, scale, install):
 # 2. Training, with snapshots at the marks
 # ----------------------------------------------------------------------------
 
-def train_size(folder, out, size, marks, quick, threads):
+def train_size(folder, out, size, marks, quick, threads, mark_steps=None):
     """Trains one model size on `threads` threads; saves out/<size>/model_<m>min at each mark (minutes of
-    training time, snapshots excluded) and out/<size>/snapshots.json (steps and losses at each)."""
+    training time, snapshots excluded) and out/<size>/snapshots.json (steps and losses at each).
+    mark_steps: the step counts at which to take the marks' snapshots instead (a run's step counts,
+    to retrain its snapshots on a machine busy with other work)."""
     torch.set_num_threads(threads)
     schema = config.load_config(config.DEFAULT_CONFIG)
     cfg = config.validate_config(config.with_defaults({}, schema), schema)
@@ -148,9 +150,11 @@ def train_size(folder, out, size, marks, quick, threads):
     run = os.path.join(out, size)
     os.makedirs(run, exist_ok=True)
     spent, rows = 0.0, []
-    for m in marks:
+    for i, m in enumerate(marks):
         t0 = time.time()
-        training.train(trainer, run, should_stop=lambda: spent + time.time() - t0 > 60 * m, progress=False)
+        stop = ((lambda: spent + time.time() - t0 > 60 * m) if mark_steps is None
+                else (lambda: trainer.step >= mark_steps[i]))   # noqa: B023 (called within this iteration)
+        training.train(trainer, run, should_stop=stop, progress=False)
         spent += time.time() - t0
         trainer.save_model(os.path.join(run, f"model_{m:g}min"))
         recent = [h[1] for h in trainer.history[-100:]]
@@ -162,11 +166,12 @@ def train_size(folder, out, size, marks, quick, threads):
         utils.write_json(os.path.join(run, "snapshots.json"), {"facts": facts, "snapshots": rows})
 
 
-def train_all(folder, out, sizes, marks, quick):
+def train_all(folder, out, sizes, marks, quick, mark_steps=None):
     """The sizes side by side, one process each with an equal share of the cores."""
     procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--stage", "train_one", "--size", s,
                                "--out", out, "--minutes", ",".join(f"{m:g}" for m in marks),
-                               "--threads", str(max(1, (os.cpu_count() or 1) // len(sizes)))] + (["--quick"] if quick else []))
+                               "--threads", str(max(1, (os.cpu_count() or 1) // len(sizes)))] + (["--quick"] if quick else [])
+                              + (["--mark_steps", ",".join(map(str, mark_steps))] if mark_steps else []))
              for s in sizes]
     if any(p.wait() for p in procs):
         sys.exit("error: a training process failed")
@@ -283,6 +288,18 @@ def jobs(held, sizes, marks, sigmas, samplers, curve_sigmas):
     return out
 
 
+def parse_marks(minutes, mark_steps):
+    """'5,15' and '' -> ([5.0, 15.0], None); with step counts ('352,1263'), one per mark, increasing."""
+    marks = [float(m) for m in minutes.split(",")]
+    if not mark_steps:
+        return marks, None
+    steps = [int(v) for v in mark_steps.split(",") if v.isdigit()]
+    if len(steps) != len(mark_steps.split(",")) or len(steps) != len(marks) or steps != sorted(set(steps)):
+        sys.exit(f"error: --mark_steps wants one increasing step count per mark of --minutes ({len(marks)}), "
+                 f"got {mark_steps!r}")
+    return marks, steps
+
+
 def parse_steps(text):
     """'diffpir=50,dps=200' -> {'diffpir': 50, ...} over SAMPLERS' defaults."""
     steps = dict(SAMPLERS)
@@ -304,7 +321,7 @@ def restore_all(out, held, args, marks):
     if why_not:
         print(f"LPIPS: {why_not}", flush=True)
     todo = jobs(held, args.sizes.split(","), marks, [float(s) for s in args.sigmas.split(",")],
-                args.samplers.split(","), [float(s) for s in args.curve_sigmas.split(",")])
+                args.samplers.split(","), [float(s) for s in args.curve_sigmas.split(",") if s])
     todo = [job for job in todo if not args.methods or job[2] in args.methods.split(",")][i_shard::n_shards]
     steps, deadline = parse_steps(args.steps), time.time() + 60 * args.deadline_min
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
@@ -399,7 +416,7 @@ def report(out, results, names, args, marks):
                ("Tikhonov, oracle α", "tikhonov_oracle", None), ("analytic (exact mean)", "exact", "analytic")]
     columns += [(f"{size} {s} ({last} min)", s, f"{size}/model_{last}min") for size in sizes
                 for s in args.samplers.split(",")]
-    curve_sigmas = [float(s) for s in args.curve_sigmas.split(",")]
+    curve_sigmas = [float(s) for s in args.curve_sigmas.split(",") if s]
     for sigma in [float(s) for s in args.sigmas.split(",")]:
         print(f"\n### σ = {sigma:g}: PSNR (dB) / SSIM of the posterior mean, {args.restore_size}² RGB centres\n")
         print(table(results, names, sigma, columns) + "\n")
@@ -411,7 +428,8 @@ def report(out, results, names, args, marks):
             for size in sizes:
                 row = [mean_of(results, names, sigma, "diffpir", f"{size}/model_{m:g}min") for m in marks]
                 print(f"  {size}: " + ", ".join(f"{m:g} min {p:.2f}" for m, p in zip(marks, row) if p is not None))
-    plot_curve(os.path.join(out, "curve.png"), results, names, sizes, marks, curve_sigmas)
+    if curve_sigmas:
+        plot_curve(os.path.join(out, "curve.png"), results, names, sizes, marks, curve_sigmas)
     plot_examples(os.path.join(out, "examples.png"), out, results, names, float(args.sigmas.split(",")[0]), columns)
 
 
@@ -472,13 +490,15 @@ def main():
     ap.add_argument("--size", default="tiny", help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--minutes", default="5,15,30,60", help="snapshot marks, minutes of training")
+    ap.add_argument("--mark_steps", default="", help="snapshot at these training steps, one per mark (a run's "
+                    "step counts, to retrain its snapshots on a busy machine), instead of after --minutes")
     ap.add_argument("--scale", type=int, default=192, help="shorter side of every photo after downscaling")
     ap.add_argument("--restore_size", type=int, default=128, help="side of the restored centre")
     ap.add_argument("--sigmas", default="0.01,0.003")
     ap.add_argument("--samplers", default="diffpir,daps,dps", help="the trained prior's samplers at the last mark")
     ap.add_argument("--samples", type=int, default=2, help="posterior samples per restoration (their mean is scored)")
     ap.add_argument("--steps", default="", help="sampler=N overrides of the steps, e.g. diffpir=50,dps=200")
-    ap.add_argument("--curve_sigmas", default="0.01", help="the σ at which the learning curve is restored")
+    ap.add_argument("--curve_sigmas", default="0.01", help="the σ at which the learning curve is restored (\"\": none)")
     ap.add_argument("--methods", default="", help="restore only these methods (e.g. richardson_lucy_oracle)")
     ap.add_argument("--workers", type=int, default=2, help="restoration processes, one thread each")
     ap.add_argument("--shard", default="0/1", help=argparse.SUPPRESS)
@@ -489,14 +509,14 @@ def main():
     if args.quick:
         args.minutes, args.samples, args.restore_size = "0.3,0.6", 2, 64
         args.steps = args.steps or ",".join(f"{k}={max(10, v // 20)}" for k, v in SAMPLERS.items())
-    marks = [float(m) for m in args.minutes.split(",")]
+    marks, mark_steps = parse_marks(args.minutes, args.mark_steps)
     folder, held = prepare_data(args.out, args.scale, not args.no_install)
     if args.quick:
         held = dict(list(held.items())[:2])
     if args.stage == "train_one":
-        return train_size(folder, args.out, args.size, marks, args.quick, args.threads)
+        return train_size(folder, args.out, args.size, marks, args.quick, args.threads, mark_steps)
     if args.stage in ("all", "train"):
-        train_all(folder, args.out, args.sizes.split(","), marks, args.quick)
+        train_all(folder, args.out, args.sizes.split(","), marks, args.quick, mark_steps)
     if args.stage == "restore_shard":
         torch.set_num_threads(1)
         return restore_all(args.out, held, args, marks)

@@ -54,3 +54,11 @@ def test_bad_steps_are_refused():
     assert bench_photos.parse_steps("dps=200")["dps"] == 200
     with pytest.raises(SystemExit, match="sampler=N"):
         bench_photos.parse_steps("ddim=20")
+
+
+def test_mark_steps_are_one_increasing_count_per_mark():
+    assert bench_photos.parse_marks("5,15", "") == ([5.0, 15.0], None)
+    assert bench_photos.parse_marks("5,15", "352,1263") == ([5.0, 15.0], [352, 1263])
+    for bad in ("352", "352,1263,2597", "1263,352", "352,x"):
+        with pytest.raises(SystemExit, match="--mark_steps"):
+            bench_photos.parse_marks("5,15", bad)

@@ -114,6 +114,7 @@ REAL = ["--blurred", "y.png", "--psf_grid", "g.npz"]
     (REAL + ["--model_id", "analytic", "--set", "sampler.diffpir.zeta=0.5"], "diffpir", 16),
     (REAL + ["--model_id", "analytic", "--sampler", "exact", "--num_samples", "8"], "exact", 8),   # exact draws
     (REAL + ["--model_id", "analytic", "--set", "sampler.exact.cg_tol=1e-8"], "exact", 1),   # the solve's own setting
+    (REAL + ["--model_id", "analytic", "--set", "sampler.exact.evidence=false"], "exact", 1),
     (REAL + ["--model_id", "some/model"], "diffpir", 1),                    # a learned prior has no closed form
     (["--image", "sample", "--model_id", "analytic"], "dps", 1),             # simulations keep config.yaml's
 ])

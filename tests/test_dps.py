@@ -511,11 +511,12 @@ def test_diffpir_near_exact_posterior_mean_and_beats_dps_at_a_tenth_of_the_steps
     assert 27.0 < psnr(default[0], ex) < psnr(solved[0], ex) and psnr(default[0], ex) > psnr(dps_mean[0], ex) + 1.0
 
 
-def dense_posterior(prior, eig, y, sigma, shape):
+def dense_posterior(prior, eig, y, sigma, shape, prior_scale=1.0):
     """(mean, covariance) of the analytic prior's posterior in [0, 1] image units, by dense linear
-    algebra on the operator's matrix taken column by column: independent of CG and of the adjoint."""
+    algebra on the operator's matrix taken column by column: independent of CG and of the adjoint.
+    prior_scale γ: the prior's covariance is γΣ."""
     A = dense_matrix(eig, shape) / 2                                       # x₀ in [−1, 1] -> y
-    S = dense_matrix(lambda v: prior.apply_covariance(v), shape)           # prior covariance Σ
+    S = prior_scale * dense_matrix(lambda v: prior.apply_covariance(v), shape)   # prior covariance γΣ
     post = torch.linalg.inv(torch.linalg.inv(S) + A.T @ A / sigma ** 2)
     mu = prior.mu.view(1, -1, 1, 1).expand(1, *shape).reshape(-1)
     half = torch.full((int(np.prod(shape)),), 0.5, dtype=torch.float64)
@@ -547,11 +548,19 @@ def test_exact_method_gives_each_image_its_dense_posterior_mean():
     y = torch.cat([op(x[b:b + 1]) for b, op in enumerate(ops)])
     sigmas = [0.05, 0.2]
     pipe = dps.EigenPSFDPSPipeline(prior, sched, physics.stack_operators(ops))
-    out, inter = pipe(y.float(), method="exact", options={"cg_tol": 1e-9}, sigma_y=sigmas)
+    out, inter = pipe(y.float(), method="exact", options={"cg_tol": 1e-9, "evidence": False}, sigma_y=sigmas)
     for b, op in enumerate(ops):
         post_mean, _ = dense_posterior(prior, op, y[b:b + 1], sigmas[b], (3, 6, 6))
         assert torch.allclose(out[b].double().reshape(-1), post_mean.clamp(0, 1).float().double(), atol=1e-5), b
     assert all(r <= 1e-9 for r in inter["exact"]["relative_residual"]) and min(inter["exact"]["cg_iterations"]) >= 1
+    assert inter["exact"]["prior_scale"] == [1.0, 1.0] and inter["exact"]["sigma_y"] == sigmas
+    # the default: each image's γ and σ_e by evidence, and then its dense posterior mean under them
+    out, inter = pipe(y.float(), method="exact", options={"cg_tol": 1e-9}, sigma_y=sigmas)
+    gammas, sigma_e = inter["exact"]["prior_scale"], inter["exact"]["sigma_y"]
+    assert inter["exact"]["evidence"] and gammas[0] != gammas[1] and sigma_e != sigmas
+    for b, op in enumerate(ops):
+        post_mean, _ = dense_posterior(prior, op, y[b:b + 1], sigma_e[b], (3, 6, 6), gammas[b])
+        assert torch.allclose(out[b].double().reshape(-1), post_mean.clamp(0, 1).float().double(), atol=1e-5), b
     with pytest.raises(ValueError, match="no closed-form|has none"):
         dps.EigenPSFDPSPipeline(tiny_unet(), tiny_scheduler(), ops[0])(y[:1].float(), method="exact", sigma_y=0.1)
 
@@ -575,6 +584,37 @@ def test_exact_posterior_preconditioner_cuts_the_iterations(monkeypatch, mode):
         assert torch.allclose(mean, plain, atol=1e-4)
 
 
+def stationary_system(H, k=9, width=1.5):
+    """The EigenPSF operator of one Gaussian PSF at every node with periodic boundary: a periodic
+    convolution, the operator evidence_nll's approximation takes A to be."""
+    r = torch.arange(k, dtype=torch.float64) - k // 2
+    psf = torch.exp(-(r[:, None] ** 2 + r[None, :] ** 2) / (2 * width ** 2))
+    grid = (psf / psf.sum()).expand(2, 2, k, k).contiguous()
+    pc = dict(kernel_size=k, grid_size=2, n_eigen_psfs=1, form="gather", boundary="circular")
+    return physics.build_operators(grid, H, H, pc)[0].double()
+
+
+def test_evidence_gives_back_the_prior_scale_and_noise_the_measurement_was_drawn_with():
+    """Two measurements drawn from the very model evidence_fit assumes: x₀ ~ N(μ, γΣ) (the analytic
+    prior's periodic draws rescaled), a periodic blur, noise σ_e, with σ_y given as half of σ_e (the
+    model error the fit is there to absorb). It returns each image's γ within 10% and σ_e within 3%
+    (measured at 128²: 0.197 for 0.2, 3.03 for 3; 0.0199 for 0.02, 0.0050 for 0.005), and the
+    negative log-evidence is smallest there among nearby values."""
+    H = 128
+    op = stationary_system(H)
+    prior, _ = priors.load_model("analytic")
+    gen = torch.Generator().manual_seed(0)
+    gamma, sigma_e = torch.tensor([0.2, 3.0], dtype=torch.float64), torch.tensor([0.02, 0.005], dtype=torch.float64)
+    x0, mu = prior.sample_prior((2, 3, H, H), generator=gen).double(), prior.mu.view(1, -1, 1, 1)
+    x = (mu + gamma.sqrt().view(2, 1, 1, 1) * (x0 - mu) + 1) / 2
+    y = op(x) + sigma_e.view(2, 1, 1, 1) * torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    g, s = dps.evidence_fit(prior, op, y, sigma_e / 2)
+    assert torch.allclose(g, gamma, rtol=0.1) and torch.allclose(s, sigma_e, rtol=0.03), (g, s)
+    at_fit = dps.evidence_nll(prior, op, y, g, s)
+    for fg, fs in ((1.3, 1), (1 / 1.3, 1), (1, 1.1), (1, 1 / 1.1)):
+        assert (dps.evidence_nll(prior, op, y, g * fg, s * fs) > at_fit).all(), (fg, fs)
+
+
 def test_exact_method_floors_sigma_like_diffpir():
     """σ_y = 0 (a noise-free simulation, or an estimate of 0 on a clean image) is floored at
     SIGMA_Y_FLOOR, as DiffPIR floors it: the same answer as at the floor, finite."""
@@ -594,7 +634,8 @@ def test_exact_method_draws_come_around_the_exact_mean():
     eig = small_system(6, 6, n=2)[0].double()
     y = eig(torch.full((1, 3, 6, 6), 0.5, dtype=torch.float64))
     out, _ = dps.EigenPSFDPSPipeline(prior, sched, eig)(y.float(), method="exact", num_samples=400, sigma_y=0.1,
-                                                        generator=torch.Generator().manual_seed(0))
+                                                        generator=torch.Generator().manual_seed(0),
+                                                        options={"evidence": False})
     post_mean, post_cov = dense_posterior(prior, eig, y, 0.1, (3, 6, 6))
     assert out["samples"].shape == (1, 400, 3, 6, 6)
     assert torch.allclose(out["mean"].double().reshape(-1), post_mean.clamp(0, 1), atol=1e-5)

@@ -269,11 +269,12 @@ def test_readme_real_data_command_restores_the_exact_posterior_mean(tmp_path, ca
     """The README's real-data command on a measurement of a photo the analytic prior was not fitted
     to (the astronaut), blurred by a per-pixel defocus field with real margins, noise 0.03, saved as
     a 16-bit TIFF, with a measured-style grid (node PSFs and their positions). With the analytic
-    prior and no sampler setting its result is that prior's exact posterior mean (one CG solve),
-    equal to an independent solve of the same model to 0.01 dB, with its residual in metrics.json,
-    and no worse than the blurred input minus 0.5 dB (one DPS sample, an old default, scored 5 dB
-    below the blurred input on such a measurement). Measured earlier: blurred 23.32, exact mean
-    24.27, DiffPIR's mean of 16 samples (the previous default) 24.19 dB."""
+    prior and no sampler setting its result is that prior's exact posterior mean (one CG solve) at
+    the prior's scale and noise level the evidence chose, both recorded in metrics.json with the
+    solve's residual, equal to an independent solve of that model to 0.01 dB, and no worse than the
+    blurred input minus 0.5 dB (one DPS sample, an old default, scored 5 dB below the blurred input
+    on such a measurement). Measured: blurred 23.32, exact mean 24.49 (γ 1.18, σ_e 1.22 σ_y; at the
+    prior and σ_y as given 24.27), DiffPIR's mean of 16 samples (the previous default) 24.19 dB."""
     import tifffile
     H, k, sigma = 64, 9, 0.03
     pc = dict(blur_mode="defocus", kernel_size=k, grid_size=4, n_eigen_psfs=10, defocus=dict(min_radius=1.0,
@@ -304,9 +305,14 @@ def test_readme_real_data_command_restores_the_exact_posterior_mean(tmp_path, ca
                                         tuple(torch.as_tensor(c) for c in coords))
     y_run = torch.from_numpy(np.load(run / "measurement.npy")).permute(2, 0, 1)[None].double()
     prior, _ = priors.load_model("analytic")
-    mean, _ = dps.gaussian_posterior(prior, eig.double(), y_run, m["sigma_y"], tol=1e-7)
+    ex = m["exact_posterior"]   # the prior's scale and the noise level the evidence chose, recorded
+    assert ex["evidence"] and ex["sigma_effective"] >= m["sigma_y"] / 2 and 1e-3 <= ex["prior_scale"] <= 1e2
+    mean, _ = dps.gaussian_posterior(prior, eig.double(), y_run, ex["sigma_effective"], tol=1e-7,
+                                     prior_scale=ex["prior_scale"])
     p_restored, p_exact = utils.psnr(clean, restored), utils.psnr(clean, utils.to_numpy(mean))
     p_blurred = utils.psnr(clean, utils.to_numpy(y_run))
+    print(f"blurred {p_blurred:.2f}, exact mean {p_restored:.2f} dB (γ {ex['prior_scale']:.3g}, σ_e/σ_y "
+          f"{ex['sigma_effective'] / m['sigma_y']:.2f})")
     assert abs(p_restored - p_exact) <= 0.01 and p_restored >= p_blurred - 0.5, (p_restored, p_exact, p_blurred)
 
 
